@@ -1,0 +1,44 @@
+"""vit_jax_ft: fine-tune pretrained ViT and ResNet image classifiers in JAX/Flax."""
+
+import setuptools
+
+# Pinned to a set that was installed and tested together on Python 3.11 (CPU).
+# Known breakages with newer or looser versions:
+# - clu 0.0.12 `metrics.Std.compute` calls `jnp.clip(a_min=...)`, removed in
+#   jax >= 0.10; vit_jax_ft uses only clu's metric writers and periodic
+#   actions, never `clu.metrics`.
+# - clu's metric writers import `tensorboard`, which tensorflow 2.21 no longer
+#   pulls in, so it is listed explicitly.
+# - tensorflow-datasets 4.9.10 needs `importlib_resources` without declaring it.
+# - `tensorflow-cpu` keeps TF (input pipelines only) off the GPU and small.
+INSTALL_REQUIRES = [
+    "absl-py>=2.1",
+    "clu==0.0.12",
+    "flax==0.12.8",
+    "importlib_resources>=6.0",
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "matplotlib>=3.8",
+    "ml-collections==1.1.0",
+    "numpy>=1.26,<3",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "pillow>=10.0",
+    "scikit-learn==1.9.1",
+    "tensorboard==2.21.0",
+    "tensorflow-cpu==2.21.0",
+    "tensorflow-datasets==4.9.10",
+]
+
+setuptools.setup(
+    name="vit_jax_ft",
+    version="0.1.0",
+    description=__doc__,
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["vit_jax_ft", "vit_jax_ft.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": ["pytest>=8.0", "pytest-xdist>=3.5"]},
+)
