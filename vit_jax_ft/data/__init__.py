@@ -1,0 +1,1 @@
+"""Dataset preparation: turning images into TFRecords with a dataset_info.json."""

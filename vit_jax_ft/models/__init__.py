@@ -1,0 +1,1 @@
+"""Flax image classifiers: ViT and ResNet families."""
