@@ -1,0 +1,277 @@
+"""ResNet family (v1 / v1.5) in Flax linen.
+
+The module is written so that pretrained weights from torchvision, timm,
+HuggingFace and Keras can be mapped onto it one tensor at a time:
+
+* The stem and every strided/3x3 convolution use *explicit symmetric* padding,
+  exactly like PyTorch. Flax's ``'SAME'`` padding pads ``(2, 3)`` for a 7x7
+  stride-2 conv on an even input (and ``(0, 1)`` for the 3x3 stride-2
+  max-pool), which shifts the sampling grid by one pixel and silently degrades
+  converted PyTorch weights.
+* ``variant`` selects where the stride of a bottleneck block sits: on the 3x3
+  conv ('v1.5', torchvision/timm/HF) or on the first 1x1 conv ('v1', the
+  original paper and ``tf.keras.applications.ResNet50``).
+* ``conv_bias`` and ``bn_epsilon`` cover the Keras flavour (biases on every
+  conv, ``epsilon=1.001e-5`` in keras.applications' ResNet50, ``1e-3`` for the
+  layer default).
+
+Parameter names (stable; converters rely on them)::
+
+  conv_init, bn_init                 torchvision conv1/bn1, Keras conv1_conv/bn
+  stage{i}_block{j}/                 i, j are 1-based:
+                                       torchvision layer{i}.{j-1}
+                                       timm        layer{i}.{j-1}
+                                       HF          encoder.stages.{i-1}.layers.{j-1}
+                                       Keras       conv{i+1}_block{j}
+    conv1, bn1, conv2, bn2           residual branch (bottleneck adds conv3/bn3)
+    [conv3, bn3]
+    [proj_conv, proj_bn]             shortcut projection, torchvision
+                                     ``downsample.0`` / ``downsample.1``,
+                                     Keras ``_0_conv`` / ``_0_bn``
+  head                               final Dense (torchvision ``fc``)
+
+Stages are 1-based to match torchvision's ``layer1..layer4``; blocks are
+1-based to match Keras' ``conv2_block1`` (torchvision indexes blocks from 0,
+so a converter subtracts one).
+
+BatchNorm running statistics live in the ``batch_stats`` collection.
+``bn_momentum`` follows the Flax convention ``ra = m * ra + (1 - m) * batch``,
+i.e. Flax momentum = 1 - PyTorch momentum (PyTorch default 0.1 -> 0.9). Note
+that Flax tracks the *biased* batch variance while PyTorch tracks the unbiased
+one; for ImageNet-sized feature maps the difference is negligible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+import functools
+import types
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# torchvision initializes convs with kaiming_normal_(mode='fan_out',
+# nonlinearity='relu'); we match it so that training from scratch behaves
+# like the reference implementations. Pretrained weights overwrite it anyway.
+_conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+# Explicit PyTorch-style padding for 3x3 convs (stride 1 or 2).
+_PAD_3x3 = ((1, 1), (1, 1))
+
+# name -> (block, stage_sizes). A read-only mapping of tuples, so callers cannot
+# mutate the table; use `resnet_preset` to get ResNet keyword arguments.
+RESNET_PRESETS: Mapping[str, tuple[str, tuple[int, ...]]] = (
+    types.MappingProxyType({
+        'resnet18': ('basic', (2, 2, 2, 2)),
+        'resnet34': ('basic', (3, 4, 6, 3)),
+        'resnet50': ('bottleneck', (3, 4, 6, 3)),
+        'resnet101': ('bottleneck', (3, 4, 23, 3)),
+    }))
+
+_VARIANTS = ('v1', 'v1.5')
+_HEAD_INITS = ('zeros', 'lecun_normal')
+
+
+def resnet_preset(name: str) -> dict[str, Any]:
+  """Returns ``ResNet`` keyword arguments for a named architecture.
+
+  Usage: ``ResNet(num_classes=1000, **resnet_preset('resnet50'))``.
+
+  Args:
+    name: one of 'resnet18', 'resnet34', 'resnet50', 'resnet101'.
+
+  Returns:
+    A fresh dict with keys ``block`` and ``stage_sizes``.
+
+  Raises:
+    ValueError: for an unknown name; the message lists the valid names.
+  """
+  if name not in RESNET_PRESETS:
+    raise ValueError(
+        f'Unknown ResNet preset {name!r}; valid names: '
+        f'{sorted(RESNET_PRESETS)}')
+  block, stage_sizes = RESNET_PRESETS[name]
+  return {'block': block, 'stage_sizes': stage_sizes}
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+  """PyTorch ``MaxPool2d(3, stride=2, padding=1)`` on NHWC inputs.
+
+  Padding is symmetric and uses -inf (flax's max_pool pads with the reduction's
+  init value), so padded positions never win the max.
+  """
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+class BasicBlock(nn.Module):
+  """ResNet-18/34 residual block: 3x3 -> 3x3, with optional projection.
+
+  The stride sits on the first 3x3 conv in every ResNet flavour, so ``variant``
+  does not apply here.
+  """
+
+  features: int
+  strides: int = 1
+  conv: Callable[..., nn.Module] = nn.Conv
+  norm: Callable[..., nn.Module] = nn.BatchNorm
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    # `train` is positional (not keyword-only) so that nn.remat can mark it
+    # static via static_argnums.
+    del train  # Already bound into `norm` by the parent (see ResNet).
+    s = (self.strides, self.strides)
+    residual = x
+    y = self.conv(self.features, (3, 3), s, padding=_PAD_3x3, name='conv1')(x)
+    y = nn.relu(self.norm(name='bn1')(y))
+    y = self.conv(self.features, (3, 3), padding=_PAD_3x3, name='conv2')(y)
+    y = self.norm(name='bn2')(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.features, (1, 1), s, name='proj_conv')(residual)
+      residual = self.norm(name='proj_bn')(residual)
+    return nn.relu(residual + y)
+
+
+class BottleneckBlock(nn.Module):
+  """ResNet-50/101 residual block: 1x1 -> 3x3 -> 1x1 (x4 channels)."""
+
+  features: int
+  strides: int = 1
+  variant: str = 'v1.5'
+  conv: Callable[..., nn.Module] = nn.Conv
+  norm: Callable[..., nn.Module] = nn.BatchNorm
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    del train  # Already bound into `norm` by the parent (see ResNet).
+    s = (self.strides, self.strides)
+    # v1 strides the first 1x1 conv, which simply drops 3/4 of the positions;
+    # v1.5 strides the 3x3 conv instead (slightly more FLOPs, ~+0.5% top-1).
+    s1, s2 = (s, (1, 1)) if self.variant == 'v1' else ((1, 1), s)
+    residual = x
+    y = self.conv(self.features, (1, 1), s1, name='conv1')(x)
+    y = nn.relu(self.norm(name='bn1')(y))
+    y = self.conv(self.features, (3, 3), s2, padding=_PAD_3x3, name='conv2')(y)
+    y = nn.relu(self.norm(name='bn2')(y))
+    y = self.conv(self.features * 4, (1, 1), name='conv3')(y)
+    y = self.norm(name='bn3')(y)
+    if residual.shape != y.shape:
+      residual = self.conv(
+          self.features * 4, (1, 1), s, name='proj_conv')(residual)
+      residual = self.norm(name='proj_bn')(residual)
+    return nn.relu(residual + y)
+
+
+class ResNet(nn.Module):
+  """ResNet v1 / v1.5 classifier operating on NHWC images.
+
+  Attributes:
+    num_classes: size of the classification head. 0 means no head: the model
+      returns the globally pooled features (float32, [B, C]).
+    stage_sizes: number of residual blocks per stage, e.g. (3, 4, 6, 3).
+    block: 'basic' (ResNet-18/34) or 'bottleneck' (ResNet-50/101/...).
+    variant: 'v1.5' (torchvision/timm/HF: stride on the bottleneck's 3x3 conv)
+      or 'v1' (original paper/Keras: stride on the first 1x1 conv). Only
+      affects bottleneck blocks.
+    conv_bias: add a bias to every conv (Keras ResNet50 has them; torchvision
+      does not, since the following BatchNorm makes them redundant).
+    bn_epsilon: BatchNorm epsilon (PyTorch 1e-5; Keras layer default 1e-3,
+      keras.applications ResNet50 uses 1.001e-5).
+    bn_momentum: BatchNorm running-average momentum in the Flax convention
+      (1 - PyTorch momentum).
+    width: channels of the stem and of the first stage's blocks; stage i
+      (0-based) uses ``width * 2**i``.
+    dtype: compute dtype. Parameters are always stored in float32; the
+      pooling and the head run in float32.
+    head_init: 'zeros' (common for fine-tuning) or 'lecun_normal' for the head
+      kernel.
+    head_bias_init: constant initial head bias (0 by default; e.g. -6.9 ~
+      log(1/1000) for sigmoid multi-label training).
+    remat: wrap each residual block in ``nn.remat`` to trade compute for
+      activation memory. Does not change parameter names or results.
+  """
+
+  num_classes: int
+  stage_sizes: Sequence[int]
+  block: str
+  variant: str = 'v1.5'
+  conv_bias: bool = False
+  bn_epsilon: float = 1e-5
+  bn_momentum: float = 0.9
+  width: int = 64
+  dtype: Any = jnp.float32
+  head_init: str = 'zeros'
+  head_bias_init: float = 0.0
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """Applies the network.
+
+    Args:
+      x: images, [B, H, W, C].
+      train: if True, BatchNorm uses batch statistics and updates the running
+        averages (call with ``mutable=['batch_stats']``); otherwise it uses the
+        stored running averages.
+
+    Returns:
+      float32 logits [B, num_classes], or pooled features [B, C] when
+      ``num_classes == 0``.
+
+    The stem output (after max-pool) is sown as ``intermediates/stem``.
+    """
+    if self.block == 'basic':
+      block_cls, block_kw = BasicBlock, {}
+    elif self.block == 'bottleneck':
+      block_cls, block_kw = BottleneckBlock, {'variant': self.variant}
+    else:
+      raise ValueError(
+          f"block must be 'basic' or 'bottleneck', got {self.block!r}")
+    if self.variant not in _VARIANTS:
+      raise ValueError(f'variant must be one of {_VARIANTS}, got '
+                       f'{self.variant!r}')
+    if self.head_init not in _HEAD_INITS:
+      raise ValueError(f'head_init must be one of {_HEAD_INITS}, got '
+                       f'{self.head_init!r}')
+    if self.remat:
+      # Arg 0 is `self`, 1 is `x`, 2 is `train` (a Python bool -> static).
+      block_cls = nn.remat(block_cls, static_argnums=(2,))
+
+    conv = functools.partial(
+        nn.Conv, use_bias=self.conv_bias, dtype=self.dtype,
+        param_dtype=jnp.float32, kernel_init=_conv_kernel_init)
+    norm = functools.partial(
+        nn.BatchNorm, use_running_average=not train,
+        momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
+        param_dtype=jnp.float32)
+
+    # Stem: 7x7/2 conv (pad 3) -> BN -> ReLU -> 3x3/2 max-pool (pad 1).
+    x = conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)),
+             name='conv_init')(x)
+    x = nn.relu(norm(name='bn_init')(x))
+    x = max_pool_3x3_s2(x)
+    self.sow('intermediates', 'stem', x)
+
+    for i, num_blocks in enumerate(self.stage_sizes):
+      for j in range(num_blocks):
+        # The first block of every stage but the first halves the resolution
+        # (the stem's max-pool already downsampled before stage 1).
+        strides = 2 if i > 0 and j == 0 else 1
+        x = block_cls(
+            features=self.width * 2**i, strides=strides, conv=conv, norm=norm,
+            name=f'stage{i + 1}_block{j + 1}', **block_kw)(x, train)
+
+    # Global average pooling in float32: summing 49+ bf16 values loses
+    # precision, and the head is tiny compared to the trunk.
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    if self.num_classes == 0:
+      return x
+
+    kernel_init = (nn.initializers.zeros if self.head_init == 'zeros'
+                   else nn.initializers.lecun_normal())
+    return nn.Dense(self.num_classes, dtype=jnp.float32,
+                    param_dtype=jnp.float32, kernel_init=kernel_init,
+                    bias_init=nn.initializers.constant(self.head_bias_init),
+                    name='head')(x)
