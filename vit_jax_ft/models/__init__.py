@@ -1,1 +1,68 @@
-"""Flax image classifiers: ViT and ResNet families."""
+"""Flax image classifiers: ViT and ResNet families, built from `config.model`."""
+
+from typing import Any
+
+import flax.linen as nn
+import ml_collections
+
+from vit_jax_ft.models import resnet
+from vit_jax_ft.models import vit
+
+_VIT_ARCH = ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim")
+
+
+def vit_architecture(model_config: ml_collections.ConfigDict) -> dict:
+  """The preset's ViT sizes with any non-None overrides from the config."""
+  name = model_config.name
+  if name == "vit":
+    missing = [k for k in _VIT_ARCH if model_config[k] is None]
+    if missing:
+      raise ValueError(f"model.name='vit' needs explicit sizes; set model.{missing[0]} "
+                       f"(missing: {', '.join(missing)}).")
+    arch = {}
+  else:
+    arch = dict(vit.VIT_PRESETS[name])
+  arch.update({k: model_config[k] for k in _VIT_ARCH if model_config[k] is not None})
+  return arch
+
+
+def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
+                 dtype: Any) -> nn.Module:
+  """Builds the classifier named by `model_config.name` with a fresh head."""
+  name = model_config.name
+  is_vit = name == "vit" or name in vit.VIT_PRESETS
+  if (is_vit or name in resnet.RESNET_PRESETS) and is_vit != ("patch_size" in model_config):
+    family = "ViT" if is_vit else "ResNet"
+    raise ValueError(
+        f"model.name={name!r} is a {family}, but config.model holds the fields of the other "
+        f"family; start from a {family} config (base_config.{family.lower()}_model_config).")
+  if is_vit:
+    return vit.VisionTransformer(
+        num_classes=num_classes,
+        **vit_architecture(model_config),
+        classifier=model_config.classifier,
+        representation_size=model_config.representation_size,
+        gelu_approximate=model_config.gelu_approximate,
+        layer_norm_eps=model_config.layer_norm_eps,
+        dropout_rate=model_config.dropout_rate,
+        attention_dropout_rate=model_config.attention_dropout_rate,
+        head_init=model_config.head_init,
+        head_bias_init=model_config.head_bias_init,
+        remat=model_config.remat,
+        dtype=dtype,
+    )
+  if name in resnet.RESNET_PRESETS:
+    return resnet.ResNet(
+        num_classes=num_classes,
+        **resnet.resnet_preset(name),
+        variant=model_config.variant,
+        conv_bias=model_config.conv_bias,
+        bn_epsilon=model_config.bn_epsilon,
+        bn_momentum=model_config.bn_momentum,
+        head_init=model_config.head_init,
+        head_bias_init=model_config.head_bias_init,
+        remat=model_config.remat,
+        dtype=dtype,
+    )
+  valid = sorted(vit.VIT_PRESETS) + ["vit"] + sorted(resnet.RESNET_PRESETS)
+  raise ValueError(f"Unknown model.name {name!r}; valid names: {', '.join(valid)}.")

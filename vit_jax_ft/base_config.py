@@ -1,0 +1,181 @@
+"""The base `ConfigDict` every experiment config starts from, with field docs.
+
+Experiment configs (files under `configs/`) call `get_base_config()` and then
+change existing fields. The returned config is locked: assigning a key that
+does not exist (a typo) raises at once instead of being silently ignored, and
+the train loop reads fields as attributes, never with `.get(key, default)`.
+"""
+
+from ml_collections import config_dict
+
+from vit_jax_ft.models import resnet as resnet_lib
+from vit_jax_ft.models import vit as vit_lib
+
+placeholder = config_dict.placeholder
+
+# One line per field; `tests/test_config.py` fails if a field has no entry
+# here. Model fields are listed under both families' names below.
+FIELD_DOCS = {
+    "seed": "Random seed for initialisation, dropout and the data order.",
+    "dtype": "Compute dtype: 'float32', 'bfloat16' or 'float16'. Parameters stay float32.",
+    "batch_size": "Global training batch size (split over devices and accumulation steps).",
+    "eval_batch_size": "Evaluation batch size; the last partial batch is padded and masked.",
+    "num_epochs": "Training length in epochs over the train split (or set total_steps).",
+    "total_steps": "Training length in optimizer steps (or set num_epochs).",
+    "log_every_steps": "Write averaged train metrics and print progress every N steps.",
+    "eval_every_steps": "Evaluate on the validation split every N steps (and at the end).",
+    "checkpoint_every_steps": "Save a checkpoint for resuming every N steps (and at the end).",
+    "keep_checkpoints": "How many of the most recent checkpoints to keep.",
+    "best_metric": "Validation metric that selects the kept best checkpoint, e.g. 'accuracy'.",
+    "best_mode": "'max' or 'min': whether a larger or smaller best_metric is better.",
+    "data.source": "'tfrecord' (a folder prepared by vit_jax_ft.data) or 'digits' (built-in demo).",
+    "data.dir": "Folder with dataset_info.json and TFRecords. For 'digits', defaults to WORKDIR/data.",
+    "data.help": "What to tell a user whose data.dir is missing (where to get the data).",
+    "data.image_size": "Side of the square model input in pixels.",
+    "data.train_split": "Name of the training split.",
+    "data.val_split": "Name of the split used for periodic evaluation and the best checkpoint.",
+    "data.test_split": "Name of the split evaluated once at the end ('' to skip).",
+    "data.shuffle_buffer": "Examples in the tf.data shuffle buffer.",
+    "data.normalization": "'imagenet' (mean/std), 'minus_one_to_one' or 'zero_one' input scaling.",
+    "data.crop": "Train crop: 'random_resized' (Inception-style) or 'none' (resize only).",
+    "data.crop_min_scale": "Smallest area fraction of the random-resized crop.",
+    "data.flip": "Random horizontal flips during training.",
+    "data.eval_crop_fraction": "Eval: resize to image_size / fraction, then centre-crop image_size.",
+    "model.name": "Architecture: " + ", ".join(list(vit_lib.VIT_PRESETS) + ["vit"]
+                                               + list(resnet_lib.RESNET_PRESETS)) + ".",
+    "model.patch_size": "ViT: override the preset's patch size (required for name='vit').",
+    "model.hidden_size": "ViT: override the preset's width (required for name='vit').",
+    "model.num_layers": "ViT: override the preset's depth (required for name='vit').",
+    "model.num_heads": "ViT: override the preset's attention heads (required for name='vit').",
+    "model.mlp_dim": "ViT: override the preset's MLP width (required for name='vit').",
+    "model.classifier": "ViT: 'token' (class token) or 'gap' (global average pool) head input.",
+    "model.representation_size": "ViT: size of a tanh pre-logits layer (i21k weights), or None.",
+    "model.gelu_approximate": "ViT: tanh GELU (vit_jax weights) instead of exact erf (HF, timm).",
+    "model.layer_norm_eps": "ViT: LayerNorm epsilon (1e-6 vit_jax and timm, 1e-12 HF).",
+    "model.dropout_rate": "ViT: dropout after attention and MLP.",
+    "model.attention_dropout_rate": "ViT: dropout on attention weights.",
+    "model.variant": "ResNet: 'v1.5' (stride on the 3x3 conv, torchvision) or 'v1' (Keras).",
+    "model.conv_bias": "ResNet: biases on every convolution (Keras ResNet50).",
+    "model.bn_epsilon": "ResNet: BatchNorm epsilon (1e-5 torchvision, 1e-3 Keras).",
+    "model.bn_momentum": "ResNet: BatchNorm running-average momentum, Flax convention (1 - torch).",
+    "model.head_init": "Classification head kernel init: 'zeros' or 'lecun_normal'.",
+    "model.head_bias_init": "Initial head bias (e.g. -6.9 for sigmoid multi-label).",
+    "model.remat": "Recompute blocks in the backward pass to save memory.",
+    "optimizer.lr": "Peak learning rate (reached at the end of warmup).",
+    "optimizer.min_lr_ratio": "Cosine decay floor as a fraction of the peak learning rate.",
+    "optimizer.warmup_steps": "Linear warmup steps; must be shorter than the run.",
+    "optimizer.b1": "AdamW beta1.",
+    "optimizer.b2": "AdamW beta2.",
+    "optimizer.eps": "AdamW epsilon.",
+    "optimizer.weight_decay": "AdamW decoupled weight decay (not applied to biases and norms).",
+    "optimizer.grad_clip_norm": "Clip gradients to this global norm (0 disables).",
+    "optimizer.accum_steps": "Split each batch into this many micro-batches (same result, less memory).",
+    "loss.name": "'ce', 'weighted_ce', 'focal', 'weighted_focal', 'sigmoid_bce' or 'sigmoid_focal'.",
+    "loss.label_smoothing": "Label smoothing for 'ce' and 'weighted_ce'.",
+    "loss.focal_gamma": "Focal loss focusing parameter gamma.",
+    "loss.focal_alpha": "Focal loss alpha (None: no alpha weighting).",
+}
+
+
+def vit_model_config(name: str = "vit_b16") -> config_dict.ConfigDict:
+  """Model config for a ViT preset (or name='vit' with explicit sizes)."""
+  if name != "vit" and name not in vit_lib.VIT_PRESETS:
+    raise ValueError(f"Unknown ViT {name!r}; choose from {sorted(vit_lib.VIT_PRESETS)} or 'vit'.")
+  return config_dict.ConfigDict(dict(
+      name=name,
+      patch_size=placeholder(int),
+      hidden_size=placeholder(int),
+      num_layers=placeholder(int),
+      num_heads=placeholder(int),
+      mlp_dim=placeholder(int),
+      classifier="token",
+      representation_size=placeholder(int),
+      gelu_approximate=True,
+      layer_norm_eps=1e-6,
+      dropout_rate=0.0,
+      attention_dropout_rate=0.0,
+      head_init="zeros",
+      head_bias_init=0.0,
+      remat=False,
+  ))
+
+
+def resnet_model_config(name: str = "resnet50") -> config_dict.ConfigDict:
+  """Model config for a ResNet preset (torchvision-style v1.5 by default)."""
+  if name not in resnet_lib.RESNET_PRESETS:
+    raise ValueError(f"Unknown ResNet {name!r}; choose from {sorted(resnet_lib.RESNET_PRESETS)}.")
+  return config_dict.ConfigDict(dict(
+      name=name,
+      variant="v1.5",
+      conv_bias=False,
+      bn_epsilon=1e-5,
+      bn_momentum=0.9,
+      head_init="zeros",
+      head_bias_init=0.0,
+      remat=False,
+  ))
+
+
+def get_base_config() -> config_dict.ConfigDict:
+  """Defaults shared by all experiments; see FIELD_DOCS for each field."""
+  c = config_dict.ConfigDict()
+  c.seed = 0
+  c.dtype = "float32"
+  c.batch_size = 16
+  c.eval_batch_size = 64
+  c.num_epochs = placeholder(float)
+  c.total_steps = placeholder(int)
+  c.log_every_steps = 10
+  c.eval_every_steps = 200
+  c.checkpoint_every_steps = 200
+  c.keep_checkpoints = 2
+  c.best_metric = "accuracy"
+  c.best_mode = "max"
+
+  c.data = config_dict.ConfigDict(dict(
+      source="tfrecord",
+      dir=placeholder(str),
+      help="",
+      image_size=224,
+      train_split="train",
+      val_split="val",
+      test_split="test",
+      shuffle_buffer=2048,
+      normalization="imagenet",
+      crop="random_resized",
+      crop_min_scale=0.08,
+      flip=True,
+      eval_crop_fraction=0.875,
+  ))
+  c.model = vit_model_config("vit_b16")
+  c.optimizer = config_dict.ConfigDict(dict(
+      lr=1e-4,
+      min_lr_ratio=0.0,
+      warmup_steps=0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.05,
+      grad_clip_norm=1.0,
+      accum_steps=1,
+  ))
+  c.loss = config_dict.ConfigDict(dict(
+      name="ce",
+      label_smoothing=0.0,
+      focal_gamma=2.0,
+      focal_alpha=placeholder(float),
+  ))
+  c.lock()
+  return c
+
+
+def flatten_keys(config: config_dict.ConfigDict, prefix: str = "") -> list[str]:
+  """All leaf keys of a config as dotted paths, e.g. 'optimizer.lr'."""
+  keys = []
+  for key, value in config.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, config_dict.ConfigDict):
+      keys.extend(flatten_keys(value, path + "."))
+    else:
+      keys.append(path)
+  return keys

@@ -1,0 +1,53 @@
+"""Orbax checkpoints: the last K for resuming, and the best by a validation metric.
+
+`WORKDIR/checkpoints` holds the full train state (parameters, optimizer state,
+batch statistics, RNG, step) of the most recent saves; the data position is a
+function of the step (see input_pipeline), so restoring the state is enough to
+resume exactly. `WORKDIR/checkpoints_best` holds one state, the best so far by
+`config.best_metric`, with its metrics.
+"""
+
+import os
+from typing import Any, Optional
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+
+def make_managers(workdir: str, config: ml_collections.ConfigDict):
+  """Returns (last, best) CheckpointManagers under `workdir`."""
+  last = ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+  metric = f"val_{config.best_metric}"
+  best = ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints_best"),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=1, create=True, best_fn=lambda m: m[metric],
+          best_mode=config.best_mode))
+  return last, best
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         metrics: Optional[dict] = None) -> None:
+  manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any,
+            step: Optional[int] = None) -> Any:
+  """Restores `step` (default: latest) into the structure of `abstract_state`."""
+  step = manager.latest_step() if step is None else step
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  except (ValueError, KeyError) as e:
+    raise ValueError(
+        f"Checkpoint {manager.directory}/{step} does not match the model built from the "
+        f"config (was the workdir used with another model or dataset?): {e}") from e
+
+
+def best_value(manager: ocp.CheckpointManager, metric: str) -> Optional[float]:
+  """The metric value of the kept best checkpoint, or None if there is none."""
+  step = manager.best_step()
+  if step is None:
+    return None
+  return manager.metrics(step)[f"val_{metric}"]

@@ -1,0 +1,83 @@
+"""Writing and describing prepared datasets: sharded TFRecords + dataset_info.json.
+
+A prepared dataset folder holds, per split, shards named
+`{split}-{i:05d}-of-{n:05d}.tfrecord` and one `dataset_info.json`. Every
+record has three features:
+  image: the encoded image bytes (PNG or JPEG),
+  label: int64 list of class indices (one for single-label data),
+  id:    the example's name (file name or id), for reports and leak checks.
+Shards and the info file are written under a temporary name and renamed when
+complete, so an interrupted run never leaves a dataset that looks whole.
+"""
+
+import json
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+INFO_FILE = "dataset_info.json"
+
+
+def _example(image: bytes, labels: Sequence[int], example_id: str) -> bytes:
+  feature = {
+      "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+      "label": tf.train.Feature(int64_list=tf.train.Int64List(value=list(labels))),
+      "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[example_id.encode()])),
+  }
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_split(out_dir: str, split: str, examples: Iterable[tuple[bytes, Sequence[int], str]],
+                num_shards: int) -> list[str]:
+  """Writes `(image_bytes, labels, id)` examples round-robin into shards.
+
+  Returns the shard file names (relative to `out_dir`).
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  names = [f"{split}-{i:05d}-of-{num_shards:05d}.tfrecord" for i in range(num_shards)]
+  tmp_paths = [os.path.join(out_dir, name + ".tmp") for name in names]
+  writers = [tf.io.TFRecordWriter(p) for p in tmp_paths]
+  try:
+    for i, (image, labels, example_id) in enumerate(examples):
+      writers[i % num_shards].write(_example(image, labels, example_id))
+  finally:
+    for w in writers:
+      w.close()
+  for tmp, name in zip(tmp_paths, names):
+    os.replace(tmp, os.path.join(out_dir, name))
+  return names
+
+
+def write_info(out_dir: str, info: dict) -> None:
+  """Atomically writes `dataset_info.json`; written last, it marks completion."""
+  path = os.path.join(out_dir, INFO_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(info, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def class_counts(labels: Iterable[Sequence[int]], num_classes: int) -> list[int]:
+  """Number of examples carrying each class."""
+  counts = np.zeros(num_classes, dtype=np.int64)
+  for ls in labels:
+    for label in ls:
+      counts[label] += 1
+  return counts.tolist()
+
+
+def read_info(data_dir: str, help_text: str = "") -> dict:
+  """Reads `dataset_info.json`, failing with a message that says what is missing."""
+  path = os.path.join(data_dir, INFO_FILE)
+  if not os.path.exists(path):
+    hint = f" {help_text}" if help_text else ""
+    raise FileNotFoundError(
+        f"No prepared dataset at {data_dir!r} ({INFO_FILE} not found). Point "
+        f"--config.data.dir at a prepared dataset folder (README: 'Your own data').{hint}")
+  with open(path) as f:
+    info = json.load(f)
+  for key in ("class_names", "multilabel", "splits"):
+    if key not in info:
+      raise ValueError(f"{path} has no {key!r} entry; re-run the preparation tool.")
+  return info

@@ -1,0 +1,101 @@
+r"""Fine-tune an image classifier: `python -m vit_jax_ft.main --config=C --workdir=D`.
+
+Any config field can be overridden, e.g. `--config.optimizer.lr=1e-4`.
+Rerunning the same command on the same workdir resumes from the last
+checkpoint. Results: WORKDIR/eval_results.json, TensorBoard event files,
+checkpoints/ and config.json.
+"""
+
+import os
+
+# TensorFlow only feeds data: keep it quiet and off the GPU. Set before any
+# import of TensorFlow (this is the program's entry point).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import difflib  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import logging as std_logging
+import runpy
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def unknown_override_keys(argv: list[str], config) -> list[tuple[str, list[str]]]:
+  """(key, closest valid keys) for every --config.KEY override not in `config`."""
+  from vit_jax_ft import base_config  # pylint: disable=g-import-not-at-top
+  valid = base_config.flatten_keys(config)
+  unknown = []
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    key = arg[len("--config."):].split("=", 1)[0]
+    if key not in valid:
+      unknown.append((key, difflib.get_close_matches(key, valid, n=3, cutoff=0.5)))
+  return unknown
+
+
+def _config_path(argv: list[str]) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Checks --config.KEY overrides against the config before absl parses them.
+
+  ml_collections would raise a traceback deep inside flag parsing; a user who
+  mistyped a key gets one line naming it and the closest valid keys instead.
+  """
+  path = _config_path(argv)
+  if path and os.path.exists(path):
+    config = runpy.run_path(path)["get_config"]()
+    for key, close in unknown_override_keys(argv, config):
+      hint = f"; did you mean {', '.join(close)}?" if close else ""
+      sys.exit(f"error: unknown config key '{key}' (in {path}){hint}")
+  elif path:
+    sys.exit(f"error: config file {path!r} does not exist")
+  return flags.FLAGS(argv)
+
+
+def _quiet_library_logs() -> None:
+  """Drops INFO lines from Orbax (dozens per save) and JAX's backend probing."""
+  noisy = ("/orbax/", "/jax/_src/xla_bridge.py")
+
+  def keep(record) -> bool:
+    return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in noisy)
+
+  # Orbax logs through absl, i.e. the standard library's 'absl' logger.
+  std_logging.getLogger("absl").addFilter(keep)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  _quiet_library_logs()
+  # Imported here so that --help and flag errors come back fast.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")
+  from vit_jax_ft import train  # pylint: disable=g-import-not-at-top
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    # Bad configs and data are the usual cause: one line, not a traceback.
+    # `--verbosity=1` logs the traceback too.
+    logging.debug("Traceback:", exc_info=True)
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,212 @@
+"""Vision Transformer (Dosovitskiy et al. 2020), pre-LayerNorm, in Flax linen.
+
+Parameter names follow google-research/vision_transformer (`vit_jax`) so its
+`.npz` checkpoints map one to one: `embedding`, `cls`,
+`Transformer/posembed_input/pos_embedding`, `Transformer/encoderblock_{i}/
+{LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3}`,
+`Transformer/encoder_norm`, `pre_logits`, `head`.
+
+The details that differ between weight sources are fields, not constants:
+`gelu_approximate` (vit_jax/big_vision weights were trained with Flax's tanh
+GELU; Hugging Face and timm use the exact erf form) and `layer_norm_eps`
+(1e-6 in vit_jax and timm, 1e-12 in Hugging Face's ViTConfig).
+"""
+
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Architecture of the published ViT sizes: (patch, hidden, layers, heads, mlp).
+VIT_PRESETS = {
+    "vit_ti16": dict(patch_size=16, hidden_size=192, num_layers=12, num_heads=3, mlp_dim=768),
+    "vit_s16": dict(patch_size=16, hidden_size=384, num_layers=12, num_heads=6, mlp_dim=1536),
+    "vit_b16": dict(patch_size=16, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072),
+    "vit_b32": dict(patch_size=32, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072),
+    "vit_l16": dict(patch_size=16, hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096),
+}
+
+
+class MlpBlock(nn.Module):
+  """Transformer MLP: Dense, GELU, dropout, Dense, dropout."""
+
+  mlp_dim: int
+  gelu_approximate: bool
+  dropout_rate: float
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    out_dim = x.shape[-1]
+    dense = functools.partial(
+        nn.Dense,
+        dtype=self.dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6),
+    )
+    x = dense(self.mlp_dim)(x)
+    x = nn.gelu(x, approximate=self.gelu_approximate)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = dense(out_dim)(x)
+    return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+
+  num_heads: int
+  mlp_dim: int
+  gelu_approximate: bool
+  layer_norm_eps: float
+  dropout_rate: float
+  attention_dropout_rate: float
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    # `train` is positional so nn.remat can mark it static.
+    # Names are spelled out so that they stay the vit_jax ones under nn.remat.
+    y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm_0")(x)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads,
+        dtype=self.dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        dropout_rate=self.attention_dropout_rate,
+        deterministic=not train,
+        name="MultiHeadDotProductAttention_1",
+    )(y, y)
+    y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    x = x + y
+    y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm_2")(x)
+    y = MlpBlock(
+        mlp_dim=self.mlp_dim,
+        gelu_approximate=self.gelu_approximate,
+        dropout_rate=self.dropout_rate,
+        dtype=self.dtype,
+        name="MlpBlock_3",
+    )(y, train=train)
+    return x + y
+
+
+class Transformer(nn.Module):
+  """Position embeddings, a stack of encoder blocks and the final LayerNorm."""
+
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  gelu_approximate: bool
+  layer_norm_eps: float
+  dropout_rate: float
+  attention_dropout_rate: float
+  remat: bool
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    x = AddPositionEmbs(name="posembed_input")(x)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    # `train` is a static argument (argnum 2 counting self) under remat.
+    block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat else Encoder1DBlock
+    for i in range(self.num_layers):
+      x = block_cls(
+          num_heads=self.num_heads,
+          mlp_dim=self.mlp_dim,
+          gelu_approximate=self.gelu_approximate,
+          layer_norm_eps=self.layer_norm_eps,
+          dropout_rate=self.dropout_rate,
+          attention_dropout_rate=self.attention_dropout_rate,
+          dtype=self.dtype,
+          name=f"encoderblock_{i}",
+      )(x, train)
+    return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="encoder_norm")(x)
+
+
+class AddPositionEmbs(nn.Module):
+  """Adds learned position embeddings (one per token, class token included)."""
+
+  @nn.compact
+  def __call__(self, x):
+    pos_embedding = self.param(
+        "pos_embedding", nn.initializers.normal(stddev=0.02), (1,) + x.shape[1:]
+    )
+    return x + pos_embedding.astype(x.dtype)
+
+
+class VisionTransformer(nn.Module):
+  """ViT classifier. `__call__` takes NHWC images and returns float32 logits.
+
+  Attributes:
+    num_classes: Size of the classification head; 0 returns pre-head features.
+    classifier: 'token' (class token) or 'gap' (global average pool).
+    representation_size: If set, a tanh `pre_logits` layer (i21k checkpoints).
+    head_init: 'zeros' (standard for fine-tuning) or 'lecun_normal'.
+    head_bias_init: Initial head bias, e.g. -6.9 for sigmoid multi-label.
+    dtype: Compute dtype; parameters are always float32.
+  """
+
+  num_classes: int
+  patch_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  classifier: str = "token"
+  representation_size: Optional[int] = None
+  gelu_approximate: bool = True
+  layer_norm_eps: float = 1e-6
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  head_init: str = "zeros"
+  head_bias_init: float = 0.0
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    if self.classifier not in ("token", "gap"):
+      raise ValueError(f"model.classifier must be 'token' or 'gap', got {self.classifier!r}")
+    x = images.astype(self.dtype)
+    p = self.patch_size
+    x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID",
+                dtype=self.dtype, name="embedding")(x)
+    b, h, w, c = x.shape
+    x = jnp.reshape(x, (b, h * w, c))
+    if self.classifier == "token":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
+      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
+    x = Transformer(
+        num_layers=self.num_layers,
+        num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim,
+        gelu_approximate=self.gelu_approximate,
+        layer_norm_eps=self.layer_norm_eps,
+        dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate,
+        remat=self.remat,
+        dtype=self.dtype,
+        name="Transformer",
+    )(x, train=train)
+    x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
+    if self.representation_size is not None:
+      x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(x))
+    if self.num_classes == 0:
+      return x.astype(jnp.float32)
+    logits = nn.Dense(
+        self.num_classes,
+        dtype=self.dtype,
+        kernel_init=_head_kernel_init(self.head_init),
+        bias_init=nn.initializers.constant(self.head_bias_init),
+        name="head",
+    )(x)
+    return logits.astype(jnp.float32)
+
+
+def _head_kernel_init(name: str):
+  if name == "zeros":
+    return nn.initializers.zeros
+  if name == "lecun_normal":
+    return nn.initializers.lecun_normal()
+  raise ValueError(f"model.head_init must be 'zeros' or 'lecun_normal', got {name!r}")

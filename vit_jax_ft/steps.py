@@ -1,0 +1,103 @@
+"""The train state and the pure, jittable train and eval steps."""
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from vit_jax_ft import metrics as metrics_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue exactly where it stopped."""
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any  # BatchNorm running statistics; {} for models without them.
+  opt_state: Any
+  rng: jax.Array
+
+
+def create_train_state(model, tx: optax.GradientTransformation, image_size: int,
+                       seed: int) -> TrainState:
+  """Initialises parameters (float32) and optimizer state."""
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
+  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  variables = jax.jit(lambda r: model.init(r, dummy, train=False))(init_rng)
+  params = variables["params"]
+  return TrainState(step=jnp.asarray(0, jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}),
+                    opt_state=tx.init(params), rng=train_rng)
+
+
+def _variables(params, batch_stats) -> dict:
+  return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+def _loss_and_grads(model, loss_fn, params, batch_stats, batch, rng):
+  """Mean loss over `batch`, its gradients, new BatchNorm stats and logits."""
+
+  def compute(p):
+    variables = _variables(p, batch_stats)
+    if batch_stats:
+      logits, mutated = model.apply(variables, batch["image"], train=True,
+                                    rngs={"dropout": rng}, mutable=["batch_stats"])
+      new_stats = mutated["batch_stats"]
+    else:
+      logits = model.apply(variables, batch["image"], train=True, rngs={"dropout": rng})
+      new_stats = batch_stats
+    return jnp.mean(loss_fn(logits, batch["targets"])), (new_stats, logits)
+
+  (loss, (new_stats, logits)), grads = jax.value_and_grad(compute, has_aux=True)(params)
+  return loss, grads, new_stats, logits
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTransformation,
+               loss_fn: Callable, accum_steps: int = 1) -> tuple[TrainState, dict]:
+  """One optimizer step on `batch`.
+
+  With accum_steps > 1 the batch is split into that many micro-batches whose
+  gradients are averaged before the single update: the same update as the
+  whole batch at once (BatchNorm statistics aside), with less activation
+  memory.
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+  if accum_steps == 1:
+    loss, grads, batch_stats, logits = _loss_and_grads(
+        model, loss_fn, state.params, state.batch_stats, batch, rng)
+    correct = jnp.argmax(logits, -1) == jnp.argmax(batch["targets"], -1)
+  else:
+    micro = jax.tree.map(lambda x: x.reshape((accum_steps, -1) + x.shape[1:]), batch)
+
+    def body(carry, xs):
+      grads_sum, loss_sum, stats = carry
+      mb, i = xs
+      loss, grads, stats, logits = _loss_and_grads(
+          model, loss_fn, state.params, stats, mb, jax.random.fold_in(rng, i))
+      correct = jnp.argmax(logits, -1) == jnp.argmax(mb["targets"], -1)
+      return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, stats), correct
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, loss, batch_stats), correct = jax.lax.scan(
+        body, (zeros, 0.0, state.batch_stats), (micro, jnp.arange(accum_steps)))
+    grads = jax.tree.map(lambda g: g / accum_steps, grads)
+    loss = loss / accum_steps
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            batch_stats=batch_stats, opt_state=opt_state)
+  # Accuracy is only meaningful for single-label targets; the loop drops it
+  # for multi-label data.
+  step_metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                  "accuracy": jnp.mean(correct.astype(jnp.float32))}
+  return new_state, step_metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, model, loss_fn: Callable,
+              multilabel: bool) -> dict:
+  """Sufficient statistics of one padded eval batch (see metrics.batch_stats)."""
+  logits = model.apply(_variables(state.params, state.batch_stats), batch["image"], train=False)
+  return metrics_lib.batch_stats(logits, batch["targets"], batch["mask"],
+                                 loss_fn(logits, batch["targets"]), multilabel=multilabel)

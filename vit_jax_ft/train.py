@@ -1,0 +1,192 @@
+"""The training loop: init or resume, train steps, periodic eval, checkpoints, metrics."""
+
+import functools
+import json
+import math
+import os
+import time
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vit_jax_ft import checkpoints
+from vit_jax_ft import input_pipeline
+from vit_jax_ft import losses
+from vit_jax_ft import metrics as metrics_lib
+from vit_jax_ft import models
+from vit_jax_ft import optim
+from vit_jax_ft import steps
+from vit_jax_ft.data import digits
+from vit_jax_ft.data import tfrecords
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def load_data_info(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, dict]:
+  """Returns (data_dir, dataset_info), preparing the built-in demo data if needed."""
+  if config.data.source == "digits":
+    data_dir = config.data.dir or os.path.join(workdir, "data")
+    return data_dir, digits.prepare_digits(data_dir, seed=config.seed)
+  if config.data.source != "tfrecord":
+    raise ValueError(f"data.source must be 'tfrecord' or 'digits', got {config.data.source!r}")
+  if not config.data.dir:
+    raise ValueError(f"config.data.dir is not set. {config.data.help}".strip())
+  return config.data.dir, tfrecords.read_info(config.data.dir, config.data.help)
+
+
+def total_train_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
+  """Steps from exactly one of config.total_steps and config.num_epochs."""
+  if (config.total_steps is None) == (config.num_epochs is None):
+    raise ValueError("Set exactly one of config.total_steps and config.num_epochs "
+                     f"(got total_steps={config.total_steps}, num_epochs={config.num_epochs}).")
+  if config.total_steps is not None:
+    return config.total_steps
+  return math.ceil(config.num_epochs * num_train / config.batch_size)
+
+
+def _check_config(config: ml_collections.ConfigDict, info: dict) -> None:
+  if config.dtype not in _DTYPES:
+    raise ValueError(f"config.dtype must be one of {sorted(_DTYPES)}, got {config.dtype!r}.")
+  if info["multilabel"] and not losses.is_multilabel_loss(config.loss.name):
+    raise ValueError(f"The dataset is multi-label but loss.name={config.loss.name!r} is a "
+                     "softmax loss; use 'sigmoid_bce' or 'sigmoid_focal'.")
+  n = jax.device_count()
+  if config.batch_size % (n * config.optimizer.accum_steps):
+    raise ValueError(f"batch_size={config.batch_size} must divide evenly over {n} devices x "
+                     f"optimizer.accum_steps={config.optimizer.accum_steps}.")
+  if config.eval_batch_size % n:
+    raise ValueError(f"eval_batch_size={config.eval_batch_size} must divide over {n} devices.")
+  if config.best_mode not in ("max", "min"):
+    raise ValueError(f"best_mode must be 'max' or 'min', got {config.best_mode!r}.")
+
+
+def _class_weights(config: ml_collections.ConfigDict, info: dict):
+  if not config.loss.name.startswith("weighted"):
+    return None
+  counts = info["splits"][config.data.train_split]["class_counts"]
+  return losses.compute_class_weights(np.asarray(counts))
+
+
+def evaluate(eval_fn, state, config, data_dir, info, split, sharding) -> dict:
+  """Exact metrics over a whole split (padded batches, masked)."""
+  total = None
+  for batch in input_pipeline.eval_iterator(config.data, data_dir, info, split,
+                                            batch_size=config.eval_batch_size):
+    batch = jax.make_array_from_process_local_data(sharding, batch)
+    total = metrics_lib.accumulate(total, eval_fn(state, batch))
+  return metrics_lib.summarize(total)
+
+
+def _log_train(writer, pending: list, step: int, images_per_sec: float, multilabel: bool):
+  """Writes averaged train metrics; aborts if the loss is not finite."""
+  means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+  if multilabel:
+    means.pop("accuracy")
+  if not math.isfinite(means["loss"]):
+    raise FloatingPointError(
+        f"Train loss is {means['loss']} at step {step}. Lower optimizer.lr, check the input "
+        "normalisation, or train in float32/bfloat16; the last checkpoint is still good.")
+  writer.write_scalars(step, {f"train_{k}": v for k, v in means.items()}
+                       | {"images_per_sec": images_per_sec})
+
+
+def _is_better(value: float, best, mode: str) -> bool:
+  return best is None or (value > best if mode == "max" else value < best)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) and evaluates; returns the final metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  data_dir, info = load_data_info(config, workdir)
+  _check_config(config, info)
+  multilabel = info["multilabel"]
+  total_steps = total_train_steps(config, info["splits"][config.data.train_split]["num_examples"])
+  schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
+  tx = optim.make_optimizer(config.optimizer, schedule)
+  model = models.create_model(config.model, len(info["class_names"]), _DTYPES[config.dtype])
+  loss_fn = losses.get_loss_fn(config.loss, _class_weights(config, info))
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = jax.device_put(
+      steps.create_train_state(model, tx, config.data.image_size, config.seed), replicated)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info("Model %s: %s parameters, %d classes, %d train steps.", config.model.name,
+               f"{num_params:,}", len(info["class_names"]), total_steps)
+
+  last_ckpt, best_ckpt = checkpoints.make_managers(workdir, config)
+  if last_ckpt.latest_step() is not None:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    state = checkpoints.restore(last_ckpt, abstract)
+    logging.info("Resumed from %s at step %d.", last_ckpt.directory, int(state.step))
+  best = checkpoints.best_value(best_ckpt, config.best_metric)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+  # Per-step scalars (the learning rate) go to TensorBoard only; the console
+  # sees the averaged metrics every log_every_steps.
+  tensorboard = (metric_writers.SummaryWriter(workdir) if jax.process_index() == 0
+                 else metric_writers.MultiWriter([]))
+  writer = metric_writers.MultiWriter([tensorboard, metric_writers.LoggingWriter()])
+  train_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, loss_fn=loss_fn,
+                                       accum_steps=config.optimizer.accum_steps),
+                     donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, loss_fn=loss_fn,
+                                      multilabel=multilabel))
+  run_eval = functools.partial(evaluate, eval_fn, config=config, data_dir=data_dir, info=info,
+                               sharding=data_sharding)
+
+  start = int(state.step)
+  train_iter = input_pipeline.train_iterator(config.data, data_dir, info,
+                                             batch_size=config.batch_size, seed=config.seed,
+                                             start_step=start)
+  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                              every_steps=config.log_every_steps)
+  pending, val_metrics, t0, t0_step = [], None, time.time(), start
+  for step in range(start + 1, total_steps + 1):
+    batch = jax.make_array_from_process_local_data(data_sharding, next(train_iter))
+    state, step_metrics = train_fn(state, batch)
+    pending.append(step_metrics)
+    tensorboard.write_scalars(step, {"learning_rate": float(schedule(step - 1))})
+    progress(step)
+    last = step == total_steps
+    if step % config.log_every_steps == 0 or last:
+      rate = (step - t0_step) * config.batch_size / (time.time() - t0)
+      _log_train(writer, pending, step, rate, multilabel)
+      pending, t0, t0_step = [], time.time(), step
+    if step % config.eval_every_steps == 0 or last:
+      val_metrics = run_eval(state, split=config.data.val_split)
+      writer.write_scalars(step, {f"val_{k}": v for k, v in val_metrics.items()})
+      value = val_metrics[config.best_metric]
+      if _is_better(value, best, config.best_mode):
+        best = value
+        checkpoints.save(best_ckpt, step, state, {f"val_{config.best_metric}": value})
+    if step % config.checkpoint_every_steps == 0 or last:
+      checkpoints.save(last_ckpt, step, state)
+  if start >= total_steps:
+    logging.info("Training already complete at step %d; evaluating only.", start)
+  last_ckpt.wait_until_finished()
+  best_ckpt.wait_until_finished()
+  writer.flush()
+  return _final_eval(run_eval, state, config, workdir, val_metrics)
+
+
+def _final_eval(run_eval, state, config, workdir, val_metrics) -> dict:
+  """Evaluates the final state on val and test; writes eval_results.json."""
+  if val_metrics is None:
+    val_metrics = run_eval(state, split=config.data.val_split)
+  results = {"step": int(state.step)} | {f"val_{k}": v for k, v in val_metrics.items()}
+  if config.data.test_split:
+    test_metrics = run_eval(state, split=config.data.test_split)
+    results |= {f"test_{k}": v for k, v in test_metrics.items()}
+  with open(os.path.join(workdir, "eval_results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  logging.info("Final metrics: %s", results)
+  return results
