@@ -71,7 +71,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def _quiet_library_logs() -> None:
   """Drops INFO lines from Orbax (dozens per save) and JAX's backend probing."""
-  noisy = ("/orbax/", "/jax/_src/xla_bridge.py")
+  std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
+  noisy = ("/orbax/",)
 
   def keep(record) -> bool:
     return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in noisy)

@@ -90,7 +90,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
                             batch_stats=batch_stats, opt_state=opt_state)
   # Accuracy is only meaningful for single-label targets; the loop drops it
   # for multi-label data.
-  step_metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+  step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                   "accuracy": jnp.mean(correct.astype(jnp.float32))}
   return new_state, step_metrics
 

@@ -1,0 +1,22 @@
+"""ViT-B/16 on ArtDL (Christian iconography in paintings, 10 imbalanced classes).
+
+224 px, batch 16, AdamW lr 1e-4 with cosine decay, as in the experiments this
+project grew from. Set --config.data.dir to a prepared ArtDL dataset.
+"""
+
+from vit_jax_ft import base_config
+
+ARTDL_HELP = (
+    "ArtDL: download the images and labels from https://artdl.org/ (10 Iconclass classes), "
+    "prepare them into TFRecords (README, 'Your own data') and pass "
+    "--config.data.dir=PREPARED_DIR.")
+
+
+def get_config():
+  config = base_config.get_base_config()
+  config.data.help = ARTDL_HELP
+  config.model = base_config.vit_model_config("vit_b16")
+  config.num_epochs = 10.0
+  config.optimizer.warmup_steps = 100
+  config.best_metric = "macro_f1"
+  return config

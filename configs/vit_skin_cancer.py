@@ -1,0 +1,23 @@
+"""ViT-B/16 on skin-lesion photos (ISIC 9 classes or HAM10000's 7), imbalanced.
+
+224 px, batch 16, AdamW lr 1e-4 with cosine decay, class-weighted
+cross-entropy. Set --config.data.dir to a prepared skin-lesion dataset.
+"""
+
+from vit_jax_ft import base_config
+
+SKIN_HELP = (
+    "Skin lesions: download the ISIC 2019 or HAM10000 images (https://challenge.isic-archive.com/ "
+    "or https://doi.org/10.7910/DVN/DBW86T), prepare them into TFRecords with a lesion-aware "
+    "split (README, 'Your own data') and pass --config.data.dir=PREPARED_DIR.")
+
+
+def get_config():
+  config = base_config.get_base_config()
+  config.data.help = SKIN_HELP
+  config.model = base_config.vit_model_config("vit_b16")
+  config.loss.name = "weighted_ce"
+  config.num_epochs = 10.0
+  config.optimizer.warmup_steps = 200
+  config.best_metric = "macro_f1"
+  return config

@@ -1,0 +1,84 @@
+"""Configs: the base is locked and documented; overrides and typos on the command line."""
+
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+from ml_collections import config_dict
+
+from vit_jax_ft import base_config
+from vit_jax_ft import main as main_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ["demo", "vit_artdl", "vit_skin_cancer", "resnet_artdl", "resnet_skin_cancer"]
+
+
+def load(name):
+  return runpy.run_path(os.path.join(REPO, "configs", f"{name}.py"))["get_config"]()
+
+
+def run_main(*args, timeout=300):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "vit_jax_ft.main", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_field_is_documented(name):
+  keys = base_config.flatten_keys(load(name))
+  assert [k for k in keys if k not in base_config.FIELD_DOCS] == []
+
+
+def test_base_config_is_locked_against_typos():
+  config = base_config.get_base_config()
+  with pytest.raises(AttributeError, match="lrr"):
+    config.optimizer.lrr = 1.0
+  with pytest.raises(AttributeError):
+    _ = config.optimizer.lrr
+
+
+def test_experiment_configs_use_the_paper_recipe():
+  for name, model in [("vit_artdl", "vit_b16"), ("vit_skin_cancer", "vit_b16"),
+                      ("resnet_artdl", "resnet50"), ("resnet_skin_cancer", "resnet50")]:
+    config = load(name)
+    assert (config.model.name, config.data.image_size, config.batch_size) == (model, 224, 16)
+    assert config.optimizer.lr == 1e-4 and config.data.dir is None
+
+
+def test_unknown_override_keys_suggest_closest():
+  config = load("demo")
+  unknown = main_lib.unknown_override_keys(
+      ["--config.optimizer.lrr=1", "--config.batch_size=8", "--config.optimzer.lr=2"], config)
+  assert [k for k, _ in unknown] == ["optimizer.lrr", "optimzer.lr"]
+  assert unknown[0][1][0] == "optimizer.lr" and unknown[1][1][0] == "optimizer.lr"
+
+
+def test_cli_typo_is_one_line_error_naming_key():
+  result = run_main("--config=configs/demo.py", "--workdir=/tmp/unused", "--config.optimizer.lrr=1")
+  assert result.returncode != 0
+  err = result.stderr.strip()
+  assert err.splitlines() == ["error: unknown config key 'optimizer.lrr' (in configs/demo.py); "
+                              "did you mean optimizer.lr, optimizer.b2, optimizer.b1?"]
+
+
+def test_cli_missing_data_names_dataset_and_how_to_get_it(tmp_path):
+  result = run_main("--config=configs/resnet_artdl.py", f"--workdir={tmp_path}")
+  assert result.returncode != 0
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: config.data.dir is not set.") and "ArtDL" in last
+  assert "Traceback" not in result.stderr
+
+
+def test_cli_overrides_reach_the_run(tmp_path):
+  result = run_main("--config=configs/demo.py", f"--workdir={tmp_path}",
+                    "--config.optimizer.warmup_steps=100000")
+  assert result.returncode != 0
+  assert "optimizer.warmup_steps=100000" in result.stderr.strip().splitlines()[-1]
+
+
+def test_model_family_switch_replaces_fields():
+  config = load("resnet_artdl")
+  assert "patch_size" not in config.model and config.model.variant == "v1.5"
+  assert isinstance(config.model, config_dict.ConfigDict)
