@@ -82,3 +82,12 @@ def test_model_family_switch_replaces_fields():
   config = load("resnet_artdl")
   assert "patch_size" not in config.model and config.model.variant == "v1.5"
   assert isinstance(config.model, config_dict.ConfigDict)
+
+
+def test_readme_config_reference_is_current():
+  with open(os.path.join(REPO, "README.md")) as f:
+    readme = f.read()
+  start = readme.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
+  end = readme.index("\n<!-- config-reference:end -->")
+  assert readme[start:end] == base_config.reference_table(), (
+      "README config reference is stale; paste the output of `python -m vit_jax_ft.base_config`")

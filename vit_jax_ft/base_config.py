@@ -17,7 +17,7 @@ placeholder = config_dict.placeholder
 # here. Model fields are listed under both families' names below.
 FIELD_DOCS = {
     "seed": "Random seed for initialisation, dropout and the data order.",
-    "dtype": "Compute dtype: 'float32', 'bfloat16' or 'float16'. Parameters stay float32.",
+    "dtype": "Compute dtype: 'float32' or 'bfloat16' (parameters stay float32).",
     "batch_size": "Global training batch size (split over devices and accumulation steps).",
     "eval_batch_size": "Evaluation batch size; the last partial batch is padded and masked.",
     "num_epochs": "Training length in epochs over the train split (or set total_steps).",
@@ -179,3 +179,27 @@ def flatten_keys(config: config_dict.ConfigDict, prefix: str = "") -> list[str]:
     else:
       keys.append(path)
   return keys
+
+
+def reference_table() -> str:
+  """Markdown table of every config field: default and meaning.
+
+  Model fields are listed for both families (ViT defaults from
+  vit_model_config(), ResNet ones from resnet_model_config()). The README
+  embeds this table; tests/test_config.py keeps the two in sync.
+  """
+  rows = []
+  defaults = {}
+  for config in (get_base_config(), config_dict.ConfigDict({"model": resnet_model_config()})):
+    for key in flatten_keys(config):
+      node = config
+      for part in key.split("."):
+        node = node[part]
+      defaults.setdefault(key, node)
+  for key, doc in FIELD_DOCS.items():
+    rows.append(f"| `{key}` | `{defaults[key]!r}` | {doc} |")
+  return "\n".join(["| field | default | meaning |", "| --- | --- | --- |"] + rows)
+
+
+if __name__ == "__main__":
+  print(reference_table())  # python -m vit_jax_ft.base_config > table for the README

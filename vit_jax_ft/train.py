@@ -143,6 +143,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run_eval = functools.partial(evaluate, eval_fn, config=config, data_dir=data_dir, info=info,
                                sharding=data_sharding)
 
+  try:
+    state, val_metrics = _train_loop(config, state, train_fn, run_eval, schedule, total_steps,
+                                     data_dir, info, (last_ckpt, best_ckpt, best),
+                                     (tensorboard, writer), data_sharding)
+  finally:
+    # Also on Ctrl-C or an error: let in-flight async saves finish cleanly.
+    last_ckpt.wait_until_finished()
+    best_ckpt.wait_until_finished()
+    writer.flush()
+  return _final_eval(run_eval, state, config, workdir, val_metrics)
+
+
+def _train_loop(config, state, train_fn, run_eval, schedule, total_steps, data_dir, info,
+                ckpts, writers, data_sharding):
+  """Steps from state.step to total_steps; returns (state, last val metrics or None)."""
+  last_ckpt, best_ckpt, best = ckpts
+  tensorboard, writer = writers
   start = int(state.step)
   train_iter = input_pipeline.train_iterator(config.data, data_dir, info,
                                              batch_size=config.batch_size, seed=config.seed,
@@ -159,7 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     last = step == total_steps
     if step % config.log_every_steps == 0 or last:
       rate = (step - t0_step) * config.batch_size / (time.time() - t0)
-      _log_train(writer, pending, step, rate, multilabel)
+      _log_train(writer, pending, step, rate, info["multilabel"])
       pending, t0, t0_step = [], time.time(), step
     if step % config.eval_every_steps == 0 or last:
       val_metrics = run_eval(state, split=config.data.val_split)
@@ -172,10 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       checkpoints.save(last_ckpt, step, state)
   if start >= total_steps:
     logging.info("Training already complete at step %d; evaluating only.", start)
-  last_ckpt.wait_until_finished()
-  best_ckpt.wait_until_finished()
-  writer.flush()
-  return _final_eval(run_eval, state, config, workdir, val_metrics)
+  return state, val_metrics
 
 
 def _final_eval(run_eval, state, config, workdir, val_metrics) -> dict:

@@ -91,6 +91,17 @@ class Encoder1DBlock(nn.Module):
     return x + y
 
 
+class AddPositionEmbs(nn.Module):
+  """Adds learned position embeddings (one per token, class token included)."""
+
+  @nn.compact
+  def __call__(self, x):
+    pos_embedding = self.param(
+        "pos_embedding", nn.initializers.normal(stddev=0.02), (1,) + x.shape[1:]
+    )
+    return x + pos_embedding.astype(x.dtype)
+
+
 class Transformer(nn.Module):
   """Position embeddings, a stack of encoder blocks and the final LayerNorm."""
 
@@ -122,17 +133,6 @@ class Transformer(nn.Module):
           name=f"encoderblock_{i}",
       )(x, train)
     return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="encoder_norm")(x)
-
-
-class AddPositionEmbs(nn.Module):
-  """Adds learned position embeddings (one per token, class token included)."""
-
-  @nn.compact
-  def __call__(self, x):
-    pos_embedding = self.param(
-        "pos_embedding", nn.initializers.normal(stddev=0.02), (1,) + x.shape[1:]
-    )
-    return x + pos_embedding.astype(x.dtype)
 
 
 class VisionTransformer(nn.Module):
