@@ -270,10 +270,6 @@ def test_multi_label_records_give_multi_hot_targets(tmp_path):
     np.testing.assert_array_equal(train_batch['targets'][row], np.isin(range(3), labels[i]))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'BUG: input_pipeline._parse builds targets with reduce_max over one_hot(labels); '
-    'for a record with no labels (an all-negative multi-label example) the max over '
-    'an empty axis is -inf, so the targets are [-inf, ...] instead of zeros.'))
 def test_multi_label_record_without_labels_gives_zero_targets(tmp_path):
   examples = [(_png(_coded_image(0, 0)), [], 'none'), (_png(_coded_image(1, 0)), [1], 'one')]
   info = _write_dataset(tmp_path, {'val': examples}, multilabel=True)

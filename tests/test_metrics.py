@@ -170,10 +170,6 @@ def test_multi_label_hand_example():
   assert out['loss'] == pytest.approx(1.0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'BUG: metrics.summarize averages multi-label macro-F1 only over classes with '
-    'tp + fp + fn > 0, but sklearn (whose conventions the docstring claims) averages '
-    'multi-label macro-F1 over all label columns, counting an absent class as 0.'))
 def test_multi_label_macro_f1_with_absent_class_matches_sklearn():
   truth, logits, targets, losses = _multi_label_data(seed=2)
   truth[:, 4] = 0

@@ -202,9 +202,6 @@ def test_weight_decay_on_kernels_not_on_biases_norms_or_pos_embedding():
   ratios = _weight_decay_deltas()
   checked = 0
   for path, ratio in ratios.items():
-    if path == 'cls' or ('/MultiHeadDotProductAttention_1/' in path
-                         and path.endswith('bias') and '/out/' not in path):
-      continue  # covered by the xfail tests below
     if _decay_check(path):
       np.testing.assert_allclose(ratio, 1.0, rtol=1e-3, err_msg=path)
     else:
@@ -222,9 +219,6 @@ def test_weight_decay_on_kernels_not_on_biases_norms_or_pos_embedding():
   assert checked >= 20
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'BUG: optim._decay_mask decays every leaf with ndim > 1, and Flax attention '
-    'query/key/value biases have shape (num_heads, head_dim), so they get weight decay.'))
 def test_no_weight_decay_on_attention_biases():
   ratios = _weight_decay_deltas()
   for proj in ('query', 'key', 'value'):
@@ -233,9 +227,6 @@ def test_no_weight_decay_on_attention_biases():
     np.testing.assert_allclose(ratios[path], 0.0, atol=1e-3, err_msg=path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'BUG: optim._decay_mask decays the class token (shape (1, 1, D), ndim 3) although '
-    'its comment says the class token is excluded, as in timm/big_vision.'))
 def test_no_weight_decay_on_cls_token():
   ratios = _weight_decay_deltas()
   np.testing.assert_allclose(ratios['cls'], 0.0, atol=1e-3)

@@ -36,7 +36,7 @@ FIELD_DOCS = {
     "data.val_split": "Name of the split used for periodic evaluation and the best checkpoint.",
     "data.test_split": "Name of the split evaluated once at the end ('' to skip).",
     "data.shuffle_buffer": "Examples in the tf.data shuffle buffer.",
-    "data.normalization": "'imagenet' (mean/std), 'minus_one_to_one' or 'zero_one' input scaling.",
+    "data.normalization": "Input scaling: 'imagenet' (mean/std), 'minus_one_to_one', 'zero_one' or 'caffe_bgr' (Keras).",
     "data.crop": "Train crop: 'random_resized' (Inception-style) or 'none' (resize only).",
     "data.crop_min_scale": "Smallest area fraction of the random-resized crop.",
     "data.flip": "Random horizontal flips during training.",

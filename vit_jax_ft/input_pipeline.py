@@ -21,6 +21,8 @@ from vit_jax_ft.data import tfrecords
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
+_CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)  # Keras Applications ResNet50.
+NORMALIZATIONS = ("imagenet", "minus_one_to_one", "zero_one", "caffe_bgr")
 _FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
     "label": tf.io.VarLenFeature(tf.int64),
@@ -47,15 +49,17 @@ def normalize(image: tf.Tensor, mode: str) -> tf.Tensor:
     return image / 127.5 - 1.0
   if mode == "zero_one":
     return image / 255.0
-  raise ValueError(f"data.normalization must be 'imagenet', 'minus_one_to_one' or "
-                   f"'zero_one', got {mode!r}")
+  if mode == "caffe_bgr":
+    return image[..., ::-1] - _CAFFE_BGR_MEAN
+  raise ValueError(f"data.normalization must be one of {NORMALIZATIONS}, got {mode!r}")
 
 
 def _parse(record, num_classes: int):
   ex = tf.io.parse_single_example(record, _FEATURES)
   labels = tf.sparse.to_dense(ex["label"])
-  # Multi-hot targets; for single-label data this is one-hot.
-  targets = tf.reduce_max(tf.one_hot(labels, num_classes, dtype=tf.float32), axis=0)
+  # Multi-hot targets (one-hot for single-label data; all zeros for a
+  # multi-label example without labels, where reduce_max would give -inf).
+  targets = tf.minimum(tf.reduce_sum(tf.one_hot(labels, num_classes, dtype=tf.float32), 0), 1.0)
   return ex["image"], targets
 
 

@@ -48,8 +48,9 @@ def _f1(tp, fp, fn):
 def summarize(total: dict) -> dict:
   """Metrics from accumulated statistics, with sklearn's conventions.
 
-  Macro averages run over the classes that occur in the labels or the
-  predictions (sklearn's default label set); an undefined F1 counts as 0.
+  Single-label macro averages run over the classes that occur in the labels
+  or the predictions (sklearn's default label set); multi-label ones over all
+  label columns (sklearn's multi-label behaviour). An undefined F1 counts as 0.
   """
   count = total["count"]
   out = {"loss": float(total["loss_sum"] / max(count, 1)), "num_examples": int(count)}
@@ -63,8 +64,7 @@ def summarize(total: dict) -> dict:
     out["macro_f1"] = float(_f1(tp, fp, fn)[present].mean()) if present.any() else 0.0
   else:
     tp, fp, fn = total["tp"], total["fp"], total["fn"]
-    present = (tp + fp + fn) > 0
     out["micro_f1"] = float(_f1(tp.sum(), fp.sum(), fn.sum()))
-    out["macro_f1"] = float(_f1(tp, fp, fn)[present].mean()) if present.any() else 0.0
+    out["macro_f1"] = float(_f1(tp, fp, fn).mean())
     out["exact_match"] = float(total["exact"] / max(count, 1))
   return out

@@ -53,10 +53,11 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
 
 
 def _decay_mask(params):
-  # Weight decay on matrices and convolution kernels only, not on biases,
-  # norm scales, position embeddings or the class token (as timm/big_vision).
+  # Weight decay on Dense/Conv kernels only: not on biases (attention biases
+  # are 2-D, so a rank rule would catch them), norm scales, position
+  # embeddings or the class token (as timm and big_vision).
   return jax.tree_util.tree_map_with_path(
-      lambda path, p: p.ndim > 1 and "pos_embedding" not in str(path), params)
+      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
 def make_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule):
