@@ -17,7 +17,9 @@ placeholder = config_dict.placeholder
 # here. Model fields are listed under both families' names below.
 FIELD_DOCS = {
     "seed": "Random seed for initialisation, dropout and the data order.",
-    "dtype": "Compute dtype: 'float32' or 'bfloat16' (parameters stay float32).",
+    "dtype": "Compute dtype: 'float32', 'bfloat16' or 'float16' (with loss scaling); params stay float32.",
+    "loss_scale_init": "float16 only: initial dynamic loss scale.",
+    "loss_scale_period": "float16 only: double the loss scale after this many finite steps.",
     "batch_size": "Global training batch size (split over devices and accumulation steps).",
     "eval_batch_size": "Evaluation batch size; the last partial batch is padded and masked.",
     "num_epochs": "Training length in epochs over the train split (or set total_steps).",
@@ -121,6 +123,8 @@ def get_base_config() -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.seed = 0
   c.dtype = "float32"
+  c.loss_scale_init = 2.0**15
+  c.loss_scale_period = 2000
   c.batch_size = 16
   c.eval_batch_size = 64
   c.num_epochs = placeholder(float)

@@ -19,10 +19,30 @@ class TrainState:
   batch_stats: Any  # BatchNorm running statistics; {} for models without them.
   opt_state: Any
   rng: jax.Array
+  # Dynamic loss scaling for float16 (constant 1 otherwise): the current scale
+  # and the number of finite steps since it last changed.
+  loss_scale: jax.Array
+  good_steps: jax.Array
+
+
+@flax.struct.dataclass
+class LossScaling:
+  """float16 dynamic loss scaling: double after `period` finite steps, halve on overflow."""
+
+  enabled: bool = flax.struct.field(pytree_node=False, default=False)
+  period: int = flax.struct.field(pytree_node=False, default=2000)
+
+  def update(self, state: TrainState, finite: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """New (loss_scale, good_steps) after a step whose gradients were `finite`."""
+    grow = finite & (state.good_steps + 1 >= self.period)
+    scale = jnp.where(finite, jnp.where(grow, state.loss_scale * 2.0, state.loss_scale),
+                      jnp.maximum(state.loss_scale / 2.0, 1.0))
+    good = jnp.where(finite & ~grow, state.good_steps + 1, 0)
+    return scale, good.astype(jnp.int32)
 
 
 def create_train_state(model, tx: optax.GradientTransformation, image_size: int,
-                       seed: int) -> TrainState:
+                       seed: int, init_loss_scale: float = 1.0) -> TrainState:
   """Initialises parameters (float32) and optimizer state."""
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
   dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
@@ -30,15 +50,21 @@ def create_train_state(model, tx: optax.GradientTransformation, image_size: int,
   params = variables["params"]
   return TrainState(step=jnp.asarray(0, jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}),
-                    opt_state=tx.init(params), rng=train_rng)
+                    opt_state=tx.init(params), rng=train_rng,
+                    loss_scale=jnp.asarray(init_loss_scale, jnp.float32),
+                    good_steps=jnp.asarray(0, jnp.int32))
 
 
 def _variables(params, batch_stats) -> dict:
   return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def _loss_and_grads(model, loss_fn, params, batch_stats, batch, rng):
-  """Mean loss over `batch`, its gradients, new BatchNorm stats and logits."""
+def _loss_and_grads(model, loss_fn, params, batch_stats, batch, rng, scale=1.0):
+  """Mean loss over `batch`, its gradients, new BatchNorm stats and logits.
+
+  The gradients are of `loss * scale` (loss scaling keeps small float16
+  gradients from flushing to zero); the caller divides them by `scale`.
+  """
 
   def compute(p):
     variables = _variables(p, batch_stats)
@@ -49,25 +75,29 @@ def _loss_and_grads(model, loss_fn, params, batch_stats, batch, rng):
     else:
       logits = model.apply(variables, batch["image"], train=True, rngs={"dropout": rng})
       new_stats = batch_stats
-    return jnp.mean(loss_fn(logits, batch["targets"])), (new_stats, logits)
+    loss = jnp.mean(loss_fn(logits, batch["targets"]))
+    return loss * scale, (loss, new_stats, logits)
 
-  (loss, (new_stats, logits)), grads = jax.value_and_grad(compute, has_aux=True)(params)
+  (_, (loss, new_stats, logits)), grads = jax.value_and_grad(compute, has_aux=True)(params)
   return loss, grads, new_stats, logits
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTransformation,
-               loss_fn: Callable, accum_steps: int = 1) -> tuple[TrainState, dict]:
+               loss_fn: Callable, accum_steps: int = 1,
+               scaling: LossScaling = LossScaling()) -> tuple[TrainState, dict]:
   """One optimizer step on `batch`.
 
   With accum_steps > 1 the batch is split into that many micro-batches whose
   gradients are averaged before the single update: the same update as the
   whole batch at once (BatchNorm statistics aside), with less activation
-  memory.
+  memory. With loss scaling enabled, a step whose gradients are not finite
+  changes nothing but the scale (it is skipped and reported as such).
   """
   rng = jax.random.fold_in(state.rng, state.step)
+  scale = state.loss_scale
   if accum_steps == 1:
     loss, grads, batch_stats, logits = _loss_and_grads(
-        model, loss_fn, state.params, state.batch_stats, batch, rng)
+        model, loss_fn, state.params, state.batch_stats, batch, rng, scale)
     correct = jnp.argmax(logits, -1) == jnp.argmax(batch["targets"], -1)
   else:
     micro = jax.tree.map(lambda x: x.reshape((accum_steps, -1) + x.shape[1:]), batch)
@@ -76,15 +106,16 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
       grads_sum, loss_sum, stats = carry
       mb, i = xs
       loss, grads, stats, logits = _loss_and_grads(
-          model, loss_fn, state.params, stats, mb, jax.random.fold_in(rng, i))
+          model, loss_fn, state.params, stats, mb, jax.random.fold_in(rng, i), scale)
       correct = jnp.argmax(logits, -1) == jnp.argmax(mb["targets"], -1)
       return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, stats), correct
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (grads, loss, batch_stats), correct = jax.lax.scan(
         body, (zeros, 0.0, state.batch_stats), (micro, jnp.arange(accum_steps)))
-    grads = jax.tree.map(lambda g: g / accum_steps, grads)
     loss = loss / accum_steps
+    scale = scale * accum_steps
+  grads = jax.tree.map(lambda g: g / scale, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             batch_stats=batch_stats, opt_state=opt_state)
@@ -92,6 +123,14 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
   # for multi-label data.
   step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                   "accuracy": jnp.mean(correct.astype(jnp.float32))}
+  if scaling.enabled:
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    loss_scale, good_steps = scaling.update(state, finite)
+    # Skip the update: keep the old parameters, optimizer and BatchNorm state.
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    new_state = new_state.replace(step=state.step + 1, loss_scale=loss_scale,
+                                  good_steps=good_steps)
+    step_metrics |= {"loss_scale": loss_scale, "skipped": 1.0 - finite.astype(jnp.float32)}
   return new_state, step_metrics
 
 

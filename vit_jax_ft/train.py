@@ -25,7 +25,7 @@ from vit_jax_ft import steps
 from vit_jax_ft.data import digits
 from vit_jax_ft.data import tfrecords
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def load_data_info(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, dict]:
@@ -84,11 +84,20 @@ def evaluate(eval_fn, state, config, data_dir, info, split, sharding) -> dict:
 
 
 def _log_train(writer, pending: list, step: int, images_per_sec: float, multilabel: bool):
-  """Writes averaged train metrics; aborts if the loss is not finite."""
-  means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+  """Writes averaged train metrics; aborts if the loss is not finite.
+
+  With float16 loss scaling, skipped (overflowed) steps are counted but left
+  out of the averages; only a window in which every step was skipped aborts.
+  """
+  pending = jax.device_get(pending)
+  used = [m for m in pending if not m.get("skipped", 0.0)] or pending
+  means = {k: float(np.mean([m[k] for m in used])) for k in pending[0]}
+  if "skipped" in means:
+    means["skipped"] = float(sum(m["skipped"] for m in pending))
+    means["loss_scale"] = float(pending[-1]["loss_scale"])
   if multilabel:
     means.pop("accuracy")
-  if not math.isfinite(means["loss"]):
+  if not math.isfinite(means["loss"]) or means.get("skipped", 0) == len(pending):
     raise FloatingPointError(
         f"Train loss is {means['loss']} at step {step}. Lower optimizer.lr, check the input "
         "normalisation, or train in float32/bfloat16; the last checkpoint is still good.")
@@ -115,8 +124,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  float16 = config.dtype == "float16"
   state = jax.device_put(
-      steps.create_train_state(model, tx, config.data.image_size, config.seed), replicated)
+      steps.create_train_state(model, tx, config.data.image_size, config.seed,
+                               config.loss_scale_init if float16 else 1.0), replicated)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("Model %s: %s parameters, %d classes, %d train steps.", config.model.name,
                f"{num_params:,}", len(info["class_names"]), total_steps)
@@ -135,8 +146,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tensorboard = (metric_writers.SummaryWriter(workdir) if jax.process_index() == 0
                  else metric_writers.MultiWriter([]))
   writer = metric_writers.MultiWriter([tensorboard, metric_writers.LoggingWriter()])
+  scaling = steps.LossScaling(enabled=float16, period=config.loss_scale_period)
   train_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, loss_fn=loss_fn,
-                                       accum_steps=config.optimizer.accum_steps),
+                                       accum_steps=config.optimizer.accum_steps,
+                                       scaling=scaling),
                      donate_argnums=0)
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, loss_fn=loss_fn,
                                       multilabel=multilabel))
