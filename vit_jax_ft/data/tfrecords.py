@@ -12,6 +12,7 @@ complete, so an interrupted run never leaves a dataset that looks whole.
 
 import json
 import os
+import re
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -81,3 +82,29 @@ def read_info(data_dir: str, help_text: str = "") -> dict:
     if key not in info:
       raise ValueError(f"{path} has no {key!r} entry; re-run the preparation tool.")
   return info
+
+
+_DATASET_FILE = re.compile(r"^(dataset_info\.json|[\w.]+-\d{5}-of-\d{5}\.tfrecord)(\.tmp)?$")
+
+
+def dataset_files(out_dir: str) -> list[str]:
+  """Names of the files in `out_dir` that belong to a prepared dataset.
+
+  That is `dataset_info.json`, shards and their temporaries (left by an
+  interrupted run); other files are not ours and are never listed.
+  """
+  if not os.path.isdir(out_dir):
+    return []
+  return sorted(n for n in os.listdir(out_dir) if _DATASET_FILE.match(n))
+
+
+def remove_dataset(out_dir: str) -> list[str]:
+  """Deletes the files `dataset_files` lists; returns their names.
+
+  `dataset_info.json` goes first: if this is interrupted, what is left can
+  no longer pass for a complete dataset.
+  """
+  names = dataset_files(out_dir)
+  for name in sorted(names, key=lambda n: not n.startswith(INFO_FILE)):
+    os.remove(os.path.join(out_dir, name))
+  return names

@@ -1,0 +1,293 @@
+"""Building a prepared dataset from a source: the steps behind `prepare`.
+
+1. Read the source (folder tree or label table) into records; check labels.
+2. Check every file on all cores: sha256, full decode, what conversion it needs.
+3. Apply --bad_files to unreadable and missing files.
+4. Assign splits (given ones kept, val/test carved stratified by label, groups
+   and identical contents kept together).
+5. Report byte-identical files and apply --duplicates.
+6. Write shards per split (fine JPEGs byte-for-byte, the rest converted), the
+   class histograms, and `dataset_info.json` last.
+Nothing is written before step 6, so a run that fails a check leaves an
+existing dataset untouched.
+"""
+
+import collections
+import dataclasses
+import functools
+import math
+import os
+from typing import Optional
+
+from absl import logging
+import numpy as np
+
+from vit_jax_ft.data import duplicates
+from vit_jax_ft.data import images
+from vit_jax_ft.data import parallel
+from vit_jax_ft.data import report
+from vit_jax_ft.data import sources
+from vit_jax_ft.data import splits as splits_lib
+from vit_jax_ft.data import tfrecords
+
+BAD_FILE_POLICIES = ("skip", "fail")
+_SHARD_BYTES = 128 * 2**20  # Aim for shards of about this size.
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """Everything `build` needs; the CLI flags map one to one onto these."""
+  source: str
+  out_dir: str
+  table: sources.TableOptions = sources.TableOptions()
+  class_names: Optional[str] = None     # 'a,b,c' or a file with one name per line.
+  val_fraction: float = 0.1
+  test_fraction: Optional[float] = None  # None: 0.1 if the source has no splits, else 0.
+  seed: int = 0
+  image: images.ImageOptions = images.ImageOptions()
+  bad_files: str = "skip"
+  duplicates: str = "report"
+  num_shards: int = 0                   # 0: about 128 MiB per shard.
+  num_workers: int = dataclasses.field(default_factory=parallel.default_workers)
+  overwrite: bool = False
+  log_every: int = 1000
+
+
+@dataclasses.dataclass
+class _Item:
+  """A record whose file passed the checks."""
+  record: sources.Record
+  check: images.ImageResult
+  labels: list[int]
+  split: str = ""
+
+
+def _validate(opts: Options) -> None:
+  if not 0 < opts.val_fraction < 1:
+    raise ValueError(f"--val_fraction must be in (0, 1) (the train loop needs a val split), "
+                     f"got {opts.val_fraction}.")
+  if opts.test_fraction is not None and not 0 <= opts.test_fraction < 1:
+    raise ValueError(f"--test_fraction must be in [0, 1), got {opts.test_fraction}.")
+  if opts.bad_files not in BAD_FILE_POLICIES:
+    raise ValueError(f"--bad_files must be one of {BAD_FILE_POLICIES}, got {opts.bad_files!r}.")
+  if opts.duplicates not in duplicates.POLICIES:
+    raise ValueError(f"--duplicates must be one of {duplicates.POLICIES}, got {opts.duplicates!r}.")
+  if opts.image.image_format not in ("auto", "jpeg", "png"):
+    raise ValueError(f"--image_format must be auto, jpeg or png, got {opts.image.image_format!r}.")
+  if opts.image.max_side is not None and opts.image.max_side < 1:
+    raise ValueError(f"--max_side must be positive, got {opts.image.max_side}.")
+  if not os.path.exists(opts.source):
+    raise FileNotFoundError(f"--source {opts.source!r} does not exist.")
+
+
+def check_out_dir(out_dir: str, overwrite: bool) -> None:
+  """Refuses to touch an existing prepared dataset (or an interrupted one) unless `overwrite`."""
+  found = tfrecords.dataset_files(out_dir)
+  if found and not overwrite:
+    what = ("a prepared dataset" if tfrecords.INFO_FILE in found
+            else f"the leftovers of an interrupted run ({len(found)} shard files)")
+    raise FileExistsError(f"--out {out_dir!r} already holds {what}; pass --overwrite to "
+                          "replace it or choose another --out.")
+
+
+def read_source(opts: Options) -> sources.Source:
+  """Reads --source: a folder tree, or a .csv/.json label table."""
+  if os.path.isdir(opts.source):
+    return sources.read_folder(opts.source)
+  if opts.source.lower().endswith((".csv", ".json")):
+    return sources.read_table(opts.source, opts.table)
+  raise ValueError(f"--source {opts.source!r} must be a folder of class folders or a "
+                   ".csv/.json label table.")
+
+
+def dataset_name(source: str) -> str:
+  """The folder's name, or for a label table the name of the folder it is in."""
+  path = os.path.abspath(source)
+  return os.path.basename(path if os.path.isdir(path) else os.path.dirname(path))
+
+
+def _class_names(source: sources.Source, spec: Optional[str]) -> list[str]:
+  explicit = sources.read_class_names(spec)
+  if explicit is None:
+    return source.class_names
+  sources.check_labels(source.records, explicit)
+  return explicit
+
+
+def _enforce_bad_files(skipped: list[dict], policy: str) -> None:
+  """Raises for --bad_files=fail if `skipped` holds missing or unreadable files."""
+  bad = [s for s in skipped if s["kind"] in ("missing", "unreadable")]
+  if bad and policy == "fail":
+    listing = "; ".join(f"{s['file']}: {s['reason']}" for s in bad[:10])
+    raise ValueError(f"{len(bad)} files cannot be used (--bad_files=fail): {listing}"
+                     f"{' ...' if len(bad) > 10 else ''}")
+
+
+def check_files(source: sources.Source, class_names: list[str], opts: Options,
+                pool) -> tuple[list[_Item], list[dict]]:
+  """Checks every file (in parallel); returns the usable items and the skipped files.
+
+  Missing files (listed by a table) and unreadable ones are skipped, or with
+  --bad_files=fail raise an error naming them (missing ones before any image
+  is opened). Non-image files in class folders are always just listed.
+  """
+  skipped = [dict(s, kind="missing" if s["reason"].startswith("missing") else "ignored")
+             for s in source.skipped]
+  _enforce_bad_files(skipped, opts.bad_files)
+  check = functools.partial(images.process_image, options=opts.image, encode=False)
+  results = parallel.ordered_map(check, [r.path for r in source.records], pool=pool,
+                                 num_workers=opts.num_workers, what="Checking",
+                                 log_every=opts.log_every)
+  index = {name: i for i, name in enumerate(class_names)}
+  items = []
+  for record, result in zip(source.records, results):
+    if result.error:
+      skipped.append(dict(file=record.example_id, reason=result.error, kind="unreadable"))
+    else:
+      items.append(_Item(record, result, [index[l] for l in record.labels]))
+  _enforce_bad_files(skipped, opts.bad_files)
+  if not items:
+    raise ValueError(f"None of the {len(source.records)} files of {opts.source} is usable, "
+                     f"e.g. {skipped[0]['file']}: {skipped[0]['reason']}")
+  return items, skipped
+
+
+def assign_splits(items: list[_Item], opts: Options) -> None:
+  """Sets `item.split`: given splits kept, missing val (and test) carved out of train."""
+  given = [it.record.split for it in items]
+  test_fraction = opts.test_fraction
+  if test_fraction is None:
+    test_fraction = 0.1 if all(s is None for s in given) else 0.0
+  # Identical contents and source groups (e.g. lesion_id) travel together.
+  keys = [[("sha256", it.check.sha256)] + ([("group", it.record.group)] if it.record.group else [])
+          for it in items]
+  planned = splits_lib.plan_splits([it.labels for it in items], given, keys,
+                                   val_fraction=opts.val_fraction, test_fraction=test_fraction,
+                                   seed=opts.seed)
+  for it, split in zip(items, planned):
+    it.split = split
+
+
+def apply_duplicates(items: list[_Item], class_names: list[str],
+                     policy: str) -> tuple[list[_Item], dict]:
+  """Finds byte-identical files among `items`; returns the items kept and the report."""
+  ids = [it.record.example_id for it in items]
+  repeated = [i for i, c in collections.Counter(ids).items() if c > 1]
+  if repeated:
+    raise ValueError(f"Example ids must be unique; {repeated[:3]} appear more than once.")
+  found = duplicates.find_duplicates(
+      ids, [it.check.sha256 for it in items],
+      [[class_names[l] for l in it.labels] for it in items], [it.split for it in items])
+  drops = duplicates.check_policy(found, policy)
+  found.update(policy=policy, dropped=[dict(file=f, reason=r) for f, r in sorted(drops.items())])
+  logging.info("Duplicates: %s.", duplicates.summary(found))
+  return [it for it in items if it.record.example_id not in drops], found
+
+
+def _num_shards(items: list[_Item], requested: int) -> int:
+  if requested > 0:
+    return min(requested, len(items))
+  # Estimated stored bytes: resized images shrink with their pixel count.
+  estimate = sum(it.check.num_bytes * min(1.0, math.prod(it.check.stored_size) /
+                                          max(1, math.prod(it.check.size))) for it in items)
+  return max(1, min(len(items), math.ceil(estimate / _SHARD_BYTES)))
+
+
+def write_split(split: str, items: list[_Item], opts: Options, pool) -> dict:
+  """Writes one split's shards (converting images on all cores); returns its info entry."""
+  # A fixed, seeded order mixes the classes: records are read in order within a
+  # shard, and a shuffle buffer smaller than the split cannot undo class runs.
+  order = np.random.default_rng([opts.seed, splits_lib.SPLITS.index(split)]).permutation(len(items))
+  items = [items[i] for i in order]
+  encode = functools.partial(images.process_image, options=opts.image, encode=True)
+  results = parallel.ordered_map(encode, [it.record.path for it in items], pool=pool,
+                                 num_workers=opts.num_workers, what=f"Writing {split}",
+                                 log_every=opts.log_every)
+  stored_bytes = []
+
+  def examples():
+    for it, result in zip(items, results):
+      if result.error or result.sha256 != it.check.sha256:
+        raise RuntimeError(f"{it.record.path} changed while it was being prepared "
+                           f"({result.error or 'different content'}); run again.")
+      stored_bytes.append(len(result.data))
+      yield result.data, it.labels, it.record.example_id
+
+  files = tfrecords.write_split(opts.out_dir, split, examples(), _num_shards(items, opts.num_shards))
+  return dict(num_examples=len(items), files=files, num_bytes=int(sum(stored_bytes)),
+              stored_image_size=report.size_stats([it.check.stored_size for it in items]))
+
+
+def _conversions(items: list[_Item]) -> dict:
+  counts = collections.Counter(c for it in items for c in it.check.conversions)
+  counts["stored as is"] = sum(not it.check.conversions for it in items)
+  return dict(sorted(counts.items()))
+
+
+def _write(items: list[_Item], class_names: list[str], opts: Options, pool) -> tuple[dict, dict]:
+  """Writes all splits and their histograms; returns (splits info, histogram files)."""
+  if opts.overwrite and tfrecords.remove_dataset(opts.out_dir):
+    logging.info("Removed the previous dataset in %s (--overwrite).", opts.out_dir)
+  os.makedirs(opts.out_dir, exist_ok=True)
+  split_info, histograms = {}, {}
+  for split in splits_lib.SPLITS:
+    members = [it for it in items if it.split == split]
+    if not members:
+      continue
+    counts = tfrecords.class_counts([it.labels for it in members], len(class_names))
+    split_info[split] = dict(write_split(split, members, opts, pool), class_counts=counts)
+    histograms[split] = f"class_histogram_{split}.png"
+    report.save_histogram(os.path.join(opts.out_dir, histograms[split]), class_names, counts,
+                          f"{dataset_name(opts.source)}: {split} "
+                          f"({len(members)} examples)")
+  return split_info, histograms
+
+
+def _source_info(source: sources.Source) -> dict:
+  given = collections.Counter(r.split for r in source.records if r.split)
+  return dict(source.info, num_files=len(source.records), given_splits=dict(sorted(given.items())))
+
+
+def _options_info(opts: Options) -> dict:
+  """The options as JSON, with absolute paths (the run can be repeated from anywhere)."""
+  info = dataclasses.asdict(opts)
+  info["source"], info["out_dir"] = os.path.abspath(opts.source), os.path.abspath(opts.out_dir)
+  if opts.table.image_dir:
+    info["table"]["image_dir"] = os.path.abspath(opts.table.image_dir)
+  return info
+
+
+def build(opts: Options) -> dict:
+  """Prepares `opts.source` into `opts.out_dir`; returns the dataset info written."""
+  _validate(opts)
+  check_out_dir(opts.out_dir, opts.overwrite)
+  source = read_source(opts)
+  class_names = _class_names(source, opts.class_names)
+  logging.info("Source %s: %d files, %d classes%s.", opts.source, len(source.records),
+               len(class_names), " (multi-label)" if source.multilabel else "")
+  pool = parallel.make_pool(min(opts.num_workers, max(1, len(source.records) // 16)))
+  try:
+    items, skipped = check_files(source, class_names, opts, pool)
+    assign_splits(items, opts)
+    items, found = apply_duplicates(items, class_names, opts.duplicates)
+    skipped += [dict(d, kind="duplicate") for d in found["dropped"]]
+    split_info, histograms = _write(items, class_names, opts, pool)
+  finally:
+    if pool is not None:
+      pool.shutdown(cancel_futures=True)
+  train_counts = split_info["train"]["class_counts"]
+  info = dict(
+      name=dataset_name(opts.source), class_names=class_names,
+      multilabel=source.multilabel, splits=split_info,
+      class_weights=report.class_weights(train_counts),
+      imbalance_ratio=report.imbalance_ratio(train_counts),
+      image_sizes=dict(original=report.size_stats([it.check.size for it in items]),
+                       stored=report.size_stats([it.check.stored_size for it in items])),
+      conversions=_conversions(items), source=_source_info(source), options=_options_info(opts),
+      duplicates=found, skipped=skipped,
+      group_leaks=splits_lib.groups_across_splits([it.record.group for it in items],
+                                                  [it.split for it in items]),
+      histograms=histograms, tool="vit_jax_ft.data.prepare")
+  tfrecords.write_info(opts.out_dir, info)
+  report.log_summary(info, opts.out_dir)
+  return info

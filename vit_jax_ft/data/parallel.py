@@ -1,0 +1,66 @@
+"""Mapping a function over many files on all cores, in order, with progress logs."""
+
+import concurrent.futures
+import multiprocessing
+import os
+import time
+from typing import Callable, Iterator, Optional, Sequence, TypeVar
+
+from absl import logging
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Below this many items a process pool costs more than it saves.
+_MIN_ITEMS_FOR_POOL = 64
+
+
+def default_workers() -> int:
+  """The cores this process may run on."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # Not on Linux.
+    return os.cpu_count() or 1
+
+
+def make_pool(num_workers: int) -> Optional[concurrent.futures.Executor]:
+  """A process pool, or None for `num_workers` <= 1 (run in this process).
+
+  'spawn' starts clean interpreters: forking this process would copy
+  TensorFlow's and JAX's threads and state, which is not fork-safe. The
+  workers only import PIL, numpy and `vit_jax_ft.data.images`.
+  """
+  if num_workers <= 1:
+    return None
+  return concurrent.futures.ProcessPoolExecutor(
+      max_workers=num_workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _eta(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else (
+      f"{seconds // 60}m{seconds % 60:02d}s")
+
+
+def ordered_map(fn: Callable[[T], R], items: Sequence[T], *, pool, num_workers: int, what: str,
+                log_every: int = 1000) -> Iterator[R]:
+  """Yields fn(item) for every item, in order, logging progress every `log_every` items.
+
+  Uses `pool` (from `make_pool`) when there are enough items to be worth it.
+  """
+  total = len(items)
+  if pool is not None and total >= _MIN_ITEMS_FOR_POOL:
+    # Small chunks keep the order of results flowing (the writer consumes them
+    # as they come); 8 chunks per worker balance uneven image sizes.
+    chunksize = max(1, min(32, total // (8 * max(num_workers, 1))))
+    results = pool.map(fn, items, chunksize=chunksize)
+  else:
+    results = map(fn, items)
+  start = time.monotonic()
+  for done, result in enumerate(results, 1):
+    yield result
+    if done % log_every == 0 or done == total:
+      elapsed = max(time.monotonic() - start, 1e-9)
+      rate = done / elapsed
+      logging.info("%s: %d/%d files (%.0f files/s, ETA %s)", what, done, total, rate,
+                   _eta((total - done) / rate))

@@ -1,0 +1,115 @@
+r"""Prepare image data for training: `python -m vit_jax_ft.data.prepare --source=S --out=D`.
+
+--source is one of
+  * a folder of class folders, `<class>/*.jpg`, or with split folders,
+    `Train/<class>/*.jpg`, `Test/<class>/*.jpg` (class names may contain spaces);
+  * a CSV or JSON label table with a path column (relative to --image_dir,
+    default: the table's folder) or an id column (matched to file names under
+    --image_dir), a label column (--multilabel: space-separated labels), and
+    optionally split and group columns (e.g. HAM10000's lesion_id).
+
+--out receives sharded TFRecords per split, class histograms and
+dataset_info.json (written last: a folder without it is not a dataset). The
+tool always writes train and val splits (val carved out of train when the
+source has none) and test when the source has one or --test_fraction asks.
+Example:
+
+  python -m vit_jax_ft.data.prepare --source=data/isic_skin_9cls \
+      --out=data/isic_prepared --val_fraction=0.05 --max_side=512
+"""
+
+import os
+
+# TensorFlow is only used to write TFRecords here; keep it quiet. Set before
+# anything imports it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import sys  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
+from absl import app
+from absl import flags
+
+_SOURCE = flags.DEFINE_string("source", None, "Folder of class folders, or a .csv/.json table.")
+_OUT = flags.DEFINE_string("out", None, "Output folder for the prepared dataset.")
+_IMAGE_DIR = flags.DEFINE_string("image_dir", None,
+                                 "Folder the table's paths/ids refer to (default: its folder).")
+_PATH_COLUMN = flags.DEFINE_string("path_column", None,
+                                   "Table column with file paths (default: auto, e.g. 'file').")
+_ID_COLUMN = flags.DEFINE_string("id_column", None,
+                                 "Table column with image ids matched to file names "
+                                 "(default: auto, e.g. 'image_id'), used without a path column.")
+_LABEL_COLUMN = flags.DEFINE_string("label_column", None, "Table label column (default: auto).")
+_SPLIT_COLUMN = flags.DEFINE_string("split_column", None,
+                                    "Table column with train/val/test (default: 'split' if "
+                                    "present; '' to ignore it).")
+_GROUP_COLUMN = flags.DEFINE_string("group_column", None,
+                                    "Table column whose values never span two splits, e.g. "
+                                    "lesion_id (default: auto; '' for none).")
+_MULTILABEL = flags.DEFINE_bool("multilabel", False, "Labels are separator-separated lists.")
+_LABEL_SEP = flags.DEFINE_string("label_sep", None, "Multi-label separator (default: whitespace).")
+_CLASS_NAMES = flags.DEFINE_string("class_names", None,
+                                   "Explicit class list and order: 'a,b,c' or a file with one "
+                                   "name per line. Other labels are an error.")
+_VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.1,
+                                   "Val share of all examples, or of train when the source "
+                                   "has splits but no val.")
+_TEST_FRACTION = flags.DEFINE_float("test_fraction", None,
+                                    "Test share (default: 0.1 when the source has no splits, "
+                                    "else no test is carved).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the split and of the record order.")
+_MAX_SIDE = flags.DEFINE_integer("max_side", None, "Shrink larger images to this longest side.")
+_IMAGE_FORMAT = flags.DEFINE_enum("image_format", "auto", ["auto", "jpeg", "png"],
+                                  "Format of re-encoded images; auto: JPEG for JPEG sources, "
+                                  "PNG for lossless ones.")
+_JPEG_QUALITY = flags.DEFINE_integer("jpeg_quality", 95, "Quality of re-encoded JPEGs.")
+_BAD_FILES = flags.DEFINE_enum("bad_files", "skip", ["skip", "fail"],
+                               "Unreadable or missing files: skip (listed in the report) or fail.")
+_DUPLICATES = flags.DEFINE_enum("duplicates", "report", ["report", "drop", "fail"],
+                                "Byte-identical files: report, drop (label conflicts: all "
+                                "copies; else all but one), or fail.")
+_NUM_SHARDS = flags.DEFINE_integer("num_shards", 0, "Shards per split (0: ~128 MiB each).")
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", 0, "Processes (0: all cores).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a prepared dataset in --out.")
+_LOG_EVERY = flags.DEFINE_integer("log_every", 1000, "Log progress every N files.")
+flags.mark_flags_as_required(["source", "out"])
+
+
+def options_from_flags():
+  """The flags as `builder.Options`."""
+  # pylint: disable=g-import-not-at-top
+  from vit_jax_ft.data import builder
+  from vit_jax_ft.data import images
+  from vit_jax_ft.data import parallel
+  from vit_jax_ft.data import sources
+  columns = sources.TableColumns(path=_PATH_COLUMN.value, id=_ID_COLUMN.value,
+                                 label=_LABEL_COLUMN.value, split=_SPLIT_COLUMN.value,
+                                 group=_GROUP_COLUMN.value)
+  return builder.Options(
+      source=_SOURCE.value, out_dir=_OUT.value,
+      table=sources.TableOptions(image_dir=_IMAGE_DIR.value, columns=columns,
+                                 multilabel=_MULTILABEL.value, label_sep=_LABEL_SEP.value),
+      class_names=_CLASS_NAMES.value, val_fraction=_VAL_FRACTION.value,
+      test_fraction=_TEST_FRACTION.value, seed=_SEED.value,
+      image=images.ImageOptions(max_side=_MAX_SIDE.value, image_format=_IMAGE_FORMAT.value,
+                                jpeg_quality=_JPEG_QUALITY.value),
+      bad_files=_BAD_FILES.value, duplicates=_DUPLICATES.value, num_shards=_NUM_SHARDS.value,
+      num_workers=_NUM_WORKERS.value or parallel.default_workers(),
+      overwrite=_OVERWRITE.value, log_every=_LOG_EVERY.value)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Imported here, not at the top: worker processes re-import this module, and
+  # they need neither TensorFlow nor JAX.
+  from vit_jax_ft.data import builder  # pylint: disable=g-import-not-at-top
+  try:
+    builder.build(options_from_flags())
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    # Bad data and flags are the usual cause: one line that names the file.
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

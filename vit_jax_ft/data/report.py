@@ -1,0 +1,97 @@
+"""Statistics, plots and the printed summary of a prepared dataset."""
+
+import os
+from typing import Optional, Sequence
+
+from absl import logging
+from matplotlib.backends import backend_agg
+from matplotlib import figure
+import numpy as np
+
+from vit_jax_ft import losses
+
+
+def class_weights(counts: Sequence[int]) -> list[Optional[float]]:
+  """sklearn 'balanced' weights N / (C * n_c) over the classes present in `counts`.
+
+  A class without train examples has no defined weight: None (JSON null).
+  """
+  counts = np.asarray(counts, dtype=np.int64)
+  present = counts > 0
+  weights = [None] * len(counts)
+  if present.any():
+    for i, w in zip(np.flatnonzero(present), losses.compute_class_weights(counts[present])):
+      weights[i] = round(float(w), 6)
+  return weights
+
+
+def imbalance_ratio(counts: Sequence[int]) -> Optional[float]:
+  """Largest over smallest non-zero class count (None without examples)."""
+  nonzero = [c for c in counts if c > 0]
+  return round(max(nonzero) / min(nonzero), 3) if nonzero else None
+
+
+def _stats(values: Sequence[int]) -> dict:
+  v = np.asarray(values, dtype=np.float64)
+  return dict(min=int(v.min()), max=int(v.max()), mean=round(float(v.mean()), 1),
+              median=float(np.median(v)))
+
+
+def size_stats(sizes: Sequence[tuple[int, int]]) -> dict:
+  """{count, width: {min, max, mean, median}, height: {...}} of (width, height) sizes."""
+  if not sizes:
+    return dict(count=0)
+  widths, heights = zip(*sizes)
+  return dict(count=len(sizes), width=_stats(widths), height=_stats(heights))
+
+
+def save_histogram(path: str, class_names: Sequence[str], counts: Sequence[int],
+                   title: str) -> None:
+  """A horizontal bar chart of examples per class (readable with long class names)."""
+  height = 1.0 + 0.3 * len(class_names)
+  fig = figure.Figure(figsize=(7, height))
+  backend_agg.FigureCanvasAgg(fig)  # Renders without a display (no pyplot state).
+  ax = fig.subplots()
+  y = np.arange(len(class_names))
+  ax.barh(y, counts, color="tab:blue")
+  ax.set_yticks(y, labels=list(class_names))
+  ax.invert_yaxis()  # First class at the top, as in the class list.
+  for yi, c in zip(y, counts):
+    ax.text(c, yi, f" {c}", va="center", fontsize=8)
+  ax.margins(x=0.12)  # Room for the count labels.
+  ax.set_xlabel("examples")
+  ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def log_summary(info: dict, out_dir: str) -> None:
+  """Logs what was written and what needs a look: imbalance, duplicates, skipped files."""
+  splits = info["splits"]
+  logging.info("Prepared %s in %s: %s examples, %d classes%s.", info["name"], out_dir,
+               {s: v["num_examples"] for s, v in splits.items()}, len(info["class_names"]),
+               " (multi-label)" if info["multilabel"] else "")
+  logging.info("Train class counts: %s; imbalance ratio (largest/smallest class) %s.",
+               dict(zip(info["class_names"], splits["train"]["class_counts"])),
+               info["imbalance_ratio"])
+  empty = [n for n, c in zip(info["class_names"], splits["train"]["class_counts"]) if not c]
+  if empty:
+    logging.warning("Classes without train examples (no class weight): %s", empty)
+  dup = info["duplicates"]
+  logging.info("Duplicates: %d files, %d distinct contents, %d identical pairs (%d within a "
+               "class, %d label conflicts, %d across splits); policy %r dropped %d files.",
+               dup["num_files"], dup["num_distinct"], dup["pairs"]["total"],
+               dup["pairs"]["within_class"], dup["pairs"]["label_conflict"],
+               dup["pairs"]["cross_split"], dup["policy"], len(dup["dropped"]))
+  if info["group_leaks"]:
+    logging.warning("%d groups span several splits as the source gives them: %s",
+                    len(info["group_leaks"]), list(info["group_leaks"])[:5])
+  by_reason = {}
+  for s in info["skipped"]:
+    by_reason.setdefault(s["reason"].split(" (")[0].split(":")[0], []).append(s["file"])
+  for reason, files in sorted(by_reason.items()):
+    logging.warning("Skipped %d files (%s): %s%s", len(files), reason, files[:5],
+                    " ..." if len(files) > 5 else "")
+  if info["conversions"]:
+    logging.info("Converted on the way in: %s", info["conversions"])
+  logging.info("Wrote %s", os.path.join(out_dir, "dataset_info.json"))
