@@ -1,0 +1,137 @@
+"""What architecture a converted parameter tree (or a model instance) is.
+
+Shapes say nearly everything: a ViT's patch size, width, depth, heads and MLP
+width, a ResNet's block type, stage sizes and width. Options that shapes do
+not show (GELU form, LayerNorm/BatchNorm epsilon, where a ResNet strides) come
+from the checkpoint's own config or the source's known defaults, and are
+reported separately as `model_options`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from vit_jax_ft.models import resnet as resnet_lib
+from vit_jax_ft.models import vit as vit_lib
+from vit_jax_ft.pretrained import conversion
+
+_VIT_FIELDS = ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim")
+
+
+def vit_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  """ViT architecture from a tree in our (vit_jax) layout."""
+  try:
+    kernel = params["embedding"]["kernel"]
+    blocks = params["Transformer"]
+    block0 = blocks["encoderblock_0"]
+    query = block0["MultiHeadDotProductAttention_1"]["query"]["kernel"]
+    mlp = block0["MlpBlock_3"]["Dense_0"]["kernel"]
+    posemb = blocks["posembed_input"]["pos_embedding"]
+  except KeyError as e:
+    raise conversion.ConversionError(f"Not a complete ViT parameter tree: missing {e}.") from e
+  arch = {
+      "family": "vit",
+      "patch_size": int(kernel.shape[0]),
+      "hidden_size": int(kernel.shape[-1]),
+      "num_layers": sum(1 for k in blocks if re.fullmatch(r"encoderblock_\d+", k)),
+      "num_heads": int(query.shape[1]),
+      "mlp_dim": int(mlp.shape[-1]),
+      "classifier": "token" if "cls" in params else "gap",
+  }
+  arch["name"] = _vit_preset_name(arch)
+  num_tokens = posemb.shape[1] - (1 if arch["classifier"] == "token" else 0)
+  grid = math.isqrt(num_tokens)
+  arch["image_size"] = grid * arch["patch_size"] if grid * grid == num_tokens else None
+  if "pre_logits" in params:
+    arch["representation_size"] = int(params["pre_logits"]["kernel"].shape[-1])
+  return arch
+
+
+def resnet_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  """ResNet architecture from a tree in our layout."""
+  if "conv_init" not in params:
+    raise conversion.ConversionError("Not a ResNet parameter tree: no conv_init.")
+  stage_sizes = []
+  for i in range(1, 10):
+    n = sum(1 for k in params if re.fullmatch(rf"stage{i}_block\d+", k))
+    if not n:
+      break
+    stage_sizes.append(n)
+  block = "bottleneck" if "conv3" in params.get("stage1_block1", {}) else "basic"
+  arch = {
+      "family": "resnet",
+      "block": block,
+      "stage_sizes": stage_sizes,
+      "width": int(params["conv_init"]["kernel"].shape[-1]),
+  }
+  arch["name"] = next((name for name, (b, sizes) in resnet_lib.RESNET_PRESETS.items()
+                       if b == block and list(sizes) == stage_sizes and arch["width"] == 64),
+                      "resnet")
+  return arch
+
+
+def from_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  return vit_from_params(params) if "embedding" in params else resnet_from_params(params)
+
+
+def _vit_preset_name(arch: Mapping[str, Any]) -> str:
+  for name, preset in vit_lib.VIT_PRESETS.items():
+    if all(preset[k] == arch[k] for k in _VIT_FIELDS):
+      return name
+  return "vit"
+
+
+def num_classes_of(params: Mapping[str, Any]) -> int:
+  """Size of the checkpoint's classification head (0 when it has none)."""
+  head = params.get("head")
+  return int(head["kernel"].shape[-1]) if head else 0
+
+
+def from_model(model: Any) -> dict[str, Any]:
+  """Architecture of one of our Flax model instances."""
+  if isinstance(model, vit_lib.VisionTransformer):
+    arch = {"family": "vit", **{k: getattr(model, k) for k in _VIT_FIELDS},
+            "classifier": model.classifier}
+    arch["name"] = _vit_preset_name(arch)
+    return arch
+  if isinstance(model, resnet_lib.ResNet):
+    return {"family": "resnet", "block": model.block, "stage_sizes": list(model.stage_sizes),
+            "width": model.width,
+            "name": next((n for n, (b, s) in resnet_lib.RESNET_PRESETS.items()
+                          if b == model.block and tuple(s) == tuple(model.stage_sizes)
+                          and model.width == 64), "resnet")}
+  raise TypeError(f"Unsupported model type {type(model).__name__}")
+
+
+def describe(arch: Mapping[str, Any]) -> str:
+  if arch["family"] == "vit":
+    sizes = ", ".join(f"{k}={arch[k]}" for k in _VIT_FIELDS + ("classifier",))
+  else:
+    sizes = f"block={arch['block']}, stage_sizes={list(arch['stage_sizes'])}, width={arch['width']}"
+  return f"{arch['name']} ({sizes})"
+
+
+def mismatches(weights: Mapping[str, Any], model: Mapping[str, Any]) -> list[str]:
+  """Differences between two architectures, each naming the config field to set."""
+  if weights["family"] != model["family"]:
+    return [f"the weights are a {weights['family']} ({describe(weights)}) but the model is a "
+            f"{model['family']}: set model.name={weights['name']!r}"]
+  keys = (_VIT_FIELDS + ("classifier",) if weights["family"] == "vit"
+          else ("block", "stage_sizes", "width"))
+  out = []
+  for k in keys:
+    if list(_as_list(weights[k])) != list(_as_list(model[k])):
+      if weights["family"] == "vit" and (weights["name"] == "vit" or k == "classifier"):
+        field, value = f"model.{k}", weights[k]
+      else:
+        field, value = "model.name", weights["name"]
+      out.append(f"{k}: weights have {weights[k]!r}, model has {model[k]!r} "
+                 f"(set {field}={value!r})")
+  return out
+
+
+def _as_list(x):
+  return x if isinstance(x, (list, tuple)) else [x]

@@ -1,0 +1,210 @@
+"""Hugging Face `transformers` ViT and ResNet folders (config.json + weights).
+
+Handles ViTModel / ViTForImageClassification and ResNetModel /
+ResNetForImageClassification, in the names `save_pretrained` writes (and the
+renamed in-memory names of transformers 5: `layers.{i}.attention.q_proj`).
+`config.json` gives the options our model needs: HF ViTs use exact GELU and
+LayerNorm epsilon 1e-12 unless it says otherwise; ResNets stride the 3x3 conv
+(v1.5) unless `downsample_in_bottleneck`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from vit_jax_ft.pretrained import conversion
+from vit_jax_ft.pretrained import hub
+from vit_jax_ft.pretrained import tensor_files
+
+Target = conversion.Target
+
+# HF activation names -> our `gelu_approximate`.
+_GELU_APPROXIMATE = {"gelu": False, "gelu_python": False, "gelu_new": True,
+                     "gelu_pytorch_tanh": True, "gelu_fast": True}
+
+_LAYER = r"(?:encoder\.layer|layers)\.(\d+)\."
+_BLOCK = "params/Transformer/encoderblock_{}/"
+_NORM = {"weight": "scale", "bias": "bias"}
+_DENSE = {"weight": "kernel", "bias": "bias"}
+
+
+def _dense(path: str, kind: str) -> Target:
+  return Target(f"{path}/{_DENSE[kind]}", conversion.torch_dense if kind == "weight" else None)
+
+
+def vit_rules(num_heads: int) -> tuple[conversion.Rule, ...]:
+  """Name rules for HF ViT (without the `vit.` prefix)."""
+  att_in, att_out = conversion.attention_in(num_heads), conversion.attention_out(num_heads)
+  qkv = {"query": "query", "key": "key", "value": "value", "q_proj": "query",
+         "k_proj": "key", "v_proj": "value"}
+  return (
+      (r"embeddings\.cls_token", lambda m: Target("params/cls")),
+      (r"embeddings\.position_embeddings",
+       lambda m: Target("params/Transformer/posembed_input/pos_embedding")),
+      (r"embeddings\.patch_embeddings\.projection\.weight",
+       lambda m: Target("params/embedding/kernel", conversion.torch_conv)),
+      (r"embeddings\.patch_embeddings\.projection\.bias", lambda m: Target("params/embedding/bias")),
+      (_LAYER + r"layernorm_(before|after)\.(weight|bias)",
+       lambda m: Target(_BLOCK.format(m[1]) + ("LayerNorm_0" if m[2] == "before" else "LayerNorm_2")
+                        + "/" + _NORM[m[3]])),
+      (_LAYER + r"attention\.(?:attention\.)?(query|key|value|[qkv]_proj)\.(weight|bias)",
+       lambda m: Target(_BLOCK.format(m[1]) + f"MultiHeadDotProductAttention_1/{qkv[m[2]]}/"
+                        + _DENSE[m[3]], att_in)),
+      (_LAYER + r"attention\.(?:output\.dense|o_proj)\.(weight|bias)",
+       lambda m: Target(_BLOCK.format(m[1]) + "MultiHeadDotProductAttention_1/out/" + _DENSE[m[2]],
+                        att_out)),
+      (_LAYER + r"(?:intermediate\.dense|mlp\.fc1)\.(weight|bias)",
+       lambda m: _dense(_BLOCK.format(m[1]) + "MlpBlock_3/Dense_0", m[2])),
+      (_LAYER + r"(?:output\.dense|mlp\.fc2)\.(weight|bias)",
+       lambda m: _dense(_BLOCK.format(m[1]) + "MlpBlock_3/Dense_1", m[2])),
+      (r"layernorm\.(weight|bias)",
+       lambda m: Target("params/Transformer/encoder_norm/" + _NORM[m[1]])),
+      (r"pooler\.dense\.(weight|bias)", lambda m: _dense("params/pre_logits", m[1])),
+      (r"classifier\.(weight|bias)", lambda m: _dense("params/head", m[1])),
+  )
+
+
+def _resnet_block(m) -> str:
+  return f"stage{int(m[1]) + 1}_block{int(m[2]) + 1}"
+
+
+_RESNET_BLOCK = r"encoder\.stages\.(\d+)\.layers\.(\d+)\."
+_BN_KINDS = r"(weight|bias|running_mean|running_var)"
+
+RESNET_RULES: tuple[conversion.Rule, ...] = (
+    (r"embedder\.embedder\.convolution\.weight",
+     lambda m: Target("params/conv_init/kernel", conversion.torch_conv)),
+    (r"embedder\.embedder\.normalization\." + _BN_KINDS,
+     lambda m: conversion.torch_batchnorm("bn_init", m[1])),
+    (_RESNET_BLOCK + r"shortcut\.convolution\.weight",
+     lambda m: Target(f"params/{_resnet_block(m)}/proj_conv/kernel", conversion.torch_conv)),
+    (_RESNET_BLOCK + r"shortcut\.normalization\." + _BN_KINDS,
+     lambda m: conversion.torch_batchnorm(f"{_resnet_block(m)}/proj_bn", m[3])),
+    (_RESNET_BLOCK + r"layer\.(\d)\.convolution\.weight",
+     lambda m: Target(f"params/{_resnet_block(m)}/conv{int(m[3]) + 1}/kernel",
+                      conversion.torch_conv)),
+    (_RESNET_BLOCK + r"layer\.(\d)\.normalization\." + _BN_KINDS,
+     lambda m: conversion.torch_batchnorm(f"{_resnet_block(m)}/bn{int(m[3]) + 1}", m[4])),
+    (r"classifier\.1\.(weight|bias)", lambda m: _dense("params/head", m[1])),
+)
+_RESNET_IGNORE = (r".*num_batches_tracked",)
+
+
+def is_transformers_folder(folder: str) -> bool:
+  config = read_config(folder)
+  return config is not None and "model_type" in config
+
+
+def read_config(folder: str) -> dict[str, Any] | None:
+  path = os.path.join(folder, "config.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def normalization_from_mean_std(mean, std, default: str) -> str:
+  """Our normalization name for a preprocessing mean/std on [0, 1] pixels."""
+  if mean is None or std is None:
+    return default
+  mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+  known = {
+      "minus_one_to_one": ([0.5] * 3, [0.5] * 3),
+      "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+      "zero_one": ([0.0] * 3, [1.0] * 3),
+  }
+  for name, (m, s) in known.items():
+    if np.allclose(mean, m, atol=2e-3) and np.allclose(std, s, atol=2e-3):
+      return name
+  raise conversion.ConversionError(
+      f"The weights expect inputs normalised with mean={mean.tolist()} std={std.tolist()}, "
+      f"which is none of {list(known)}; the input pipeline cannot feed them.")
+
+
+def _preprocessing_normalization(folder: str, default: str) -> str:
+  path = os.path.join(folder, "preprocessor_config.json")
+  if not os.path.isfile(path):
+    return default
+  with open(path) as f:
+    pre = json.load(f)
+  if pre.get("do_normalize") is False:
+    return "zero_one"
+  return normalization_from_mean_std(pre.get("image_mean"), pre.get("image_std"), default)
+
+
+def convert_folder(folder: str, *, source: str, strict: bool = True) -> conversion.Converted:
+  """Converts a transformers ViT/ResNet folder."""
+  config = read_config(folder) or {}
+  tensors = hub.read_folder_weights(folder)
+  model_type = config.get("model_type") or _guess_model_type(tensors)
+  if model_type == "vit":
+    return convert_vit(tensors, config, source=source, strict=strict,
+                       normalization=_preprocessing_normalization(folder, "minus_one_to_one"))
+  if model_type == "resnet":
+    return convert_resnet(tensors, config, source=source, strict=strict,
+                          normalization=_preprocessing_normalization(folder, "imagenet"))
+  raise conversion.ConversionError(
+      f"{folder}: model_type {model_type!r} is not supported (only 'vit' and 'resnet').")
+
+
+def _guess_model_type(tensors: tensor_files.TensorFile) -> str | None:
+  if any("patch_embeddings" in k for k in tensors):
+    return "vit"
+  if any("embedder.embedder" in k for k in tensors):
+    return "resnet"
+  return None
+
+
+def convert_vit(tensors: tensor_files.TensorFile, config: Mapping[str, Any], *, source: str,
+                strict: bool, normalization: str) -> conversion.Converted:
+  """HF ViT weights (+ config.json, ViTConfig defaults where it is silent)."""
+  act = config.get("hidden_act", "gelu")
+  if act not in _GELU_APPROXIMATE:
+    raise conversion.ConversionError(f"{tensors.path}: hidden_act={act!r} is not supported "
+                                     f"(one of {sorted(_GELU_APPROXIMATE)}).")
+  tensors = conversion.strip_prefix(tensors, ("vit.",))
+  hidden = tensors.shape("embeddings.cls_token")[-1]
+  num_heads = int(config.get("num_attention_heads", _default_heads(hidden)))
+  params, _, unused = conversion.apply_rules(tensors, vit_rules(num_heads))
+  conversion.check_unused(unused, tensors.path, strict)
+  return conversion.make_converted(
+      params, {}, source=source, fmt="huggingface", normalization=normalization,
+      model_options={"gelu_approximate": _GELU_APPROXIMATE[act],
+                     "layer_norm_eps": float(config.get("layer_norm_eps", 1e-12))},
+      unused=unused, image_size=config.get("image_size"), class_names=_class_names(config, params))
+
+
+def _default_heads(hidden: int) -> int:
+  # Without config.json: the published sizes (hidden / 64 heads for all of them).
+  return max(1, hidden // 64)
+
+
+def convert_resnet(tensors: tensor_files.TensorFile, config: Mapping[str, Any], *, source: str,
+                   strict: bool, normalization: str) -> conversion.Converted:
+  """HF ResNet weights (+ config.json)."""
+  if config.get("downsample_in_first_stage"):
+    raise conversion.ConversionError(
+        f"{tensors.path}: downsample_in_first_stage=True ResNets are not supported.")
+  if config.get("hidden_act", "relu") != "relu":
+    raise conversion.ConversionError(f"{tensors.path}: hidden_act must be relu.")
+  tensors = conversion.strip_prefix(tensors, ("resnet.",))
+  params, batch_stats, unused = conversion.apply_rules(tensors, RESNET_RULES, _RESNET_IGNORE)
+  conversion.check_unused(unused, tensors.path, strict)
+  variant = "v1" if config.get("downsample_in_bottleneck") else "v1.5"
+  return conversion.make_converted(
+      params, batch_stats, source=source, fmt="huggingface", normalization=normalization,
+      model_options={"variant": variant, "conv_bias": False, "bn_epsilon": 1e-5},
+      unused=unused, class_names=_class_names(config, params))
+
+
+def _class_names(config: Mapping[str, Any], params: Mapping[str, Any]) -> list[str] | None:
+  id2label = config.get("id2label")
+  head = params.get("head")
+  if not id2label or not head or len(id2label) != head["kernel"].shape[-1]:
+    return None
+  return [id2label[str(i)] for i in range(len(id2label))]

@@ -1,0 +1,153 @@
+"""Recognising a pretrained-weights source and converting it with the right module.
+
+A source is a file, a folder or a Hugging Face Hub id; its format is read from
+what it is, never from a flag:
+
+| source | format |
+| --- | --- |
+| folder with `metadata.json` + `state/` | already converted (storage.py) |
+| folder with `config.json` holding `model_type` | Hugging Face transformers |
+| folder with `config.json` holding `architecture` | timm Hub folder |
+| folder with `model.json`, or a `model.json` file | Keras TF.js layers model |
+| `*.npz` | vit_jax / big_vision ViT |
+| `*.safetensors`, `*.bin`, `*.pth`, `*.pt` | HF, timm or torchvision, by tensor names |
+| `*.h5`, `*.hdf5` | Keras HDF5 |
+| `owner/name` that is not a path | Hugging Face Hub id (downloaded) |
+"""
+
+from __future__ import annotations
+
+import os
+
+from vit_jax_ft.pretrained import architecture
+from vit_jax_ft.pretrained import conversion
+from vit_jax_ft.pretrained import hub
+from vit_jax_ft.pretrained import huggingface
+from vit_jax_ft.pretrained import keras
+from vit_jax_ft.pretrained import storage
+from vit_jax_ft.pretrained import tensor_files
+from vit_jax_ft.pretrained import timm
+from vit_jax_ft.pretrained import torchvision
+from vit_jax_ft.pretrained import vit_jax_npz
+
+_TORCH_EXTS = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+
+
+def detect_format(source: str) -> str:
+  """The format name of a source (see the table in the module docstring)."""
+  if os.path.isdir(source):
+    if storage.is_converted(source):
+      return "converted"
+    if os.path.isfile(os.path.join(source, "model.json")):
+      return "keras_tfjs"
+    if huggingface.is_transformers_folder(source):
+      return "huggingface"
+    if timm.is_timm_folder(source):
+      return "timm_folder"
+    raise conversion.ConversionError(
+        f"Cannot tell what {source} holds: expected config.json (Hugging Face / timm), "
+        f"model.json (TF.js) or a converted checkpoint; found {sorted(os.listdir(source))[:12]}")
+  if os.path.isfile(source):
+    ext = os.path.splitext(source)[1].lower()
+    if os.path.basename(source) == "model.json":
+      return "keras_tfjs"
+    if ext == ".npz":
+      return "npz"
+    if ext in _TORCH_EXTS:
+      return "state_dict"
+    if ext in (".h5", ".hdf5"):
+      return "keras_h5"
+    raise conversion.ConversionError(
+        f"Unknown checkpoint file type {ext!r}: {source} (expected .npz, .safetensors, .bin, "
+        ".pth, .h5 or model.json)")
+  if hub.looks_like_hub_id(source):
+    return "hub"
+  raise tensor_files.CheckpointFileError(f"Pretrained weights not found: {source} is neither a "
+                                         "file, a folder nor a Hugging Face Hub id.")
+
+
+def convert(source: str, *, strict: bool = True, normalization: str | None = None,
+            model_name: str | None = None) -> conversion.Converted:
+  """Converts any supported source to our layout.
+
+  Args:
+    source: path or Hub id.
+    strict: refuse checkpoints with tensors our model has no place for.
+    normalization: override the input normalisation recorded in the metadata
+      (for bare state dicts whose preprocessing the file does not say).
+    model_name: if set (e.g. 'vit_b16'), the checkpoint's architecture must be it.
+
+  Returns:
+    The converted weights and metadata (`source` is the given string).
+  """
+  fmt = detect_format(source)
+  if fmt == "converted":
+    converted = storage.load(source)
+  elif fmt == "hub":
+    converted = _convert_folder(hub.download(source), source, strict)
+  elif os.path.isdir(source) and fmt != "keras_tfjs":
+    converted = _convert_folder(source, source, strict)
+  else:
+    converted = _convert_file(source, fmt, strict)
+  if normalization is not None:
+    if normalization not in conversion.NORMALIZATIONS:
+      raise ValueError(f"normalization must be one of {conversion.NORMALIZATIONS}, "
+                       f"got {normalization!r}")
+    converted.metadata["normalization"] = normalization
+  if model_name is not None:
+    check_model_name(converted.metadata, model_name)
+  return converted
+
+
+def _convert_folder(folder: str, source: str, strict: bool) -> conversion.Converted:
+  if huggingface.is_transformers_folder(folder):
+    return huggingface.convert_folder(folder, source=source, strict=strict)
+  if timm.is_timm_folder(folder):
+    return timm.convert_folder(folder, source=source, strict=strict)
+  if os.path.isfile(os.path.join(folder, "model.json")):
+    return keras.convert_tfjs(os.path.join(folder, "model.json"), source=source, strict=strict)
+  raise conversion.ConversionError(f"{folder} has no config.json or model.json.")
+
+
+def _convert_file(path: str, fmt: str, strict: bool) -> conversion.Converted:
+  if fmt == "keras_tfjs":
+    model_json = path if os.path.isfile(path) else os.path.join(path, "model.json")
+    return keras.convert_tfjs(model_json, source=path, strict=strict)
+  if fmt == "keras_h5":
+    return keras.convert_h5(path, source=path, strict=strict)
+  tensors = tensor_files.read_tensor_file(path)
+  if fmt == "npz":
+    return vit_jax_npz.convert(tensors, source=path, strict=strict)
+  return convert_state_dict(tensors, source=path, strict=strict)
+
+
+def convert_state_dict(tensors: tensor_files.TensorFile, *, source: str, strict: bool
+                       ) -> conversion.Converted:
+  """A bare PyTorch-style state dict: HF, timm or torchvision, told by its names."""
+  names = set(tensors)
+  if any(n.split(".")[0] in ("vit", "resnet", "embeddings", "embedder") for n in names):
+    config = _sibling_config(tensors.path)
+    if any("patch_embeddings" in n for n in names):
+      return huggingface.convert_vit(tensors, config, source=source, strict=strict,
+                                     normalization="minus_one_to_one")
+    return huggingface.convert_resnet(tensors, config, source=source, strict=strict,
+                                      normalization="imagenet")
+  if timm.is_vit_state_dict(conversion.strip_prefix(tensors, ("model.",))):
+    return timm.convert_state_dict(tensors, source=source, strict=strict)
+  if torchvision.is_resnet_state_dict(names):
+    return torchvision.convert(tensors, source=source, strict=strict)
+  raise conversion.ConversionError(
+      f"{tensors.path}: not a ViT or ResNet state dict in a known layout (HF, timm, torchvision); "
+      f"found e.g. {sorted(names)[:6]}")
+
+
+def _sibling_config(path: str) -> dict:
+  return huggingface.read_config(os.path.dirname(os.path.abspath(path))) or {}
+
+
+def check_model_name(metadata: dict, model_name: str) -> None:
+  """Raises if the converted architecture is not the requested preset."""
+  arch = metadata["architecture"]
+  if arch["name"] != model_name:
+    raise conversion.ConversionError(
+        f"--model={model_name} was requested but the checkpoint is {architecture.describe(arch)}.")
