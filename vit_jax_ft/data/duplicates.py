@@ -66,7 +66,9 @@ def files_to_drop(report: dict) -> dict[str, str]:
         others = ", ".join(f"{g} {m}" for g, m in zip(files, labels) if g != f)
         drops[f] = f"label conflict: labelled {ls}, identical to {others}"
       continue
-    keep = min(range(len(files)), key=lambda i: (_KEEP_ORDER.get(splits[i], 3), files[i]))
+    # Shortest name next: copies tend to carry suffixes, like 'x(1).jpg'.
+    keep = min(range(len(files)),
+               key=lambda i: (_KEEP_ORDER.get(splits[i], 3), len(files[i]), files[i]))
     for i, f in enumerate(files):
       if i != keep:
         drops[f] = f"duplicate of {files[keep]}"
