@@ -101,8 +101,17 @@ def _eval_preprocess(image_bytes, cfg: ml_collections.ConfigDict) -> tf.Tensor:
 
 
 def train_iterator(cfg: ml_collections.ConfigDict, data_dir: str, info: dict, *,
-                   batch_size: int, seed: int, start_step: int = 0) -> Iterator[dict]:
-  """Endless iterator of numpy train batches {'image', 'targets'} from `start_step`."""
+                   batch_size: int, seed: int, start_step: int = 0, process_index: int = 0,
+                   process_count: int = 1) -> Iterator[dict]:
+  """Endless iterator of numpy train batches {'image', 'targets'} from `start_step`.
+
+  `batch_size` is global. With several processes, each builds the same global
+  stream and keeps every process_count-th example, so process p's batches
+  are its slice of the global batches (every process reads all records; fine
+  for datasets of this size, and it keeps resuming exact).
+  """
+  if batch_size % process_count:
+    raise ValueError(f"batch_size={batch_size} must divide over {process_count} processes.")
   files = _split_files(data_dir, info, cfg.train_split)
   num_examples = info["splits"][cfg.train_split]["num_examples"]
   num_classes = len(info["class_names"])
@@ -118,6 +127,7 @@ def train_iterator(cfg: ml_collections.ConfigDict, data_dir: str, info: dict, *,
     return ds.enumerate().map(lambda i, rec: (tf.stack([e, i]), rec))
 
   ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch).skip(skip)
+  ds = ds.shard(process_count, process_index)
 
   def preprocess(epoch_and_index, record):
     image_bytes, targets = _parse(record, num_classes)
@@ -128,26 +138,42 @@ def train_iterator(cfg: ml_collections.ConfigDict, data_dir: str, info: dict, *,
     return {"image": tf.cast(image, tf.float32), "targets": targets}
 
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  ds = ds.batch(batch_size // process_count, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return ds.as_numpy_iterator()
 
 
 def eval_iterator(cfg: ml_collections.ConfigDict, data_dir: str, info: dict, split: str, *,
-                  batch_size: int) -> Iterator[dict]:
-  """One pass over `split` in order: {'image', 'targets', 'mask'}, padded to batch_size."""
+                  batch_size: int, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict]:
+  """One pass over `split` in order: {'image', 'targets', 'mask'}, padded to batch_size.
+
+  `batch_size` is global; each process yields the same number of batches of
+  batch_size / process_count (all-padding batches where its share runs out),
+  so that collective eval steps stay in lockstep.
+  """
   files = _split_files(data_dir, info, split)
   num_classes = len(info["class_names"])
+  local_batch = batch_size // process_count
+  per_process = -(-info["splits"][split]["num_examples"] // process_count)
+  num_batches = -(-per_process // local_batch)
 
   def preprocess(record):
     image_bytes, targets = _parse(record, num_classes)
     image = normalize(_eval_preprocess(image_bytes, cfg), cfg.normalization)
     return {"image": tf.cast(image, tf.float32), "targets": targets}
 
-  ds = tf.data.TFRecordDataset(files).map(
+  ds = tf.data.TFRecordDataset(files).shard(process_count, process_index).map(
       preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+  ds = ds.batch(local_batch).prefetch(tf.data.AUTOTUNE)
+  yielded = 0
   for batch in ds.as_numpy_iterator():
-    yield pad_batch(batch, batch_size)
+    yield pad_batch(batch, local_batch)
+    yielded += 1
+  size = cfg.image_size
+  empty = {"image": np.zeros((0, size, size, 3), np.float32),
+           "targets": np.zeros((0, num_classes), np.float32)}
+  for _ in range(num_batches - yielded):
+    yield pad_batch(empty, local_batch)
 
 
 def pad_batch(batch: dict, batch_size: int) -> dict:

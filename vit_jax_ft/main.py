@@ -81,6 +81,26 @@ def _quiet_library_logs() -> None:
   std_logging.getLogger("absl").addFilter(keep)
 
 
+def _maybe_initialize_distributed() -> None:
+  """Joins a multi-host job when the environment describes one.
+
+  Either set JAX_COORDINATOR_ADDRESS (host:port of process 0),
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host, or run under SLURM
+  with several tasks (JAX reads the SLURM variables itself).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize(
+        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+        process_id=int(os.environ["JAX_PROCESS_ID"]))
+  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()
+  if jax.process_count() > 1:
+    logging.info("Process %d of %d; %d local / %d global devices.", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -88,6 +108,7 @@ def main(argv):
   # Imported here so that --help and flag errors come back fast.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
+  _maybe_initialize_distributed()
   from vit_jax_ft import train  # pylint: disable=g-import-not-at-top
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -11,6 +11,7 @@ from clu import metric_writers
 from clu import periodic_actions
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -32,6 +33,9 @@ def load_data_info(config: ml_collections.ConfigDict, workdir: str) -> tuple[str
   """Returns (data_dir, dataset_info), preparing the built-in demo data if needed."""
   if config.data.source == "digits":
     data_dir = config.data.dir or os.path.join(workdir, "data")
+    if jax.process_index() == 0:  # One writer on a shared filesystem.
+      digits.prepare_digits(data_dir, seed=config.seed)
+    multihost_utils.sync_global_devices("digits prepared")
     return data_dir, digits.prepare_digits(data_dir, seed=config.seed)
   if config.data.source != "tfrecord":
     raise ValueError(f"data.source must be 'tfrecord' or 'digits', got {config.data.source!r}")
@@ -77,7 +81,9 @@ def evaluate(eval_fn, state, config, data_dir, info, split, sharding) -> dict:
   """Exact metrics over a whole split (padded batches, masked)."""
   total = None
   for batch in input_pipeline.eval_iterator(config.data, data_dir, info, split,
-                                            batch_size=config.eval_batch_size):
+                                            batch_size=config.eval_batch_size,
+                                            process_index=jax.process_index(),
+                                            process_count=jax.process_count()):
     batch = jax.make_array_from_process_local_data(sharding, batch)
     total = metrics_lib.accumulate(total, eval_fn(state, batch))
   return metrics_lib.summarize(total)
@@ -138,8 +144,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = checkpoints.restore(last_ckpt, abstract)
     logging.info("Resumed from %s at step %d.", last_ckpt.directory, int(state.step))
   best = checkpoints.best_value(best_ckpt, config.best_metric)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
   # Per-step scalars (the learning rate) go to TensorBoard only; the console
   # sees the averaged metrics every log_every_steps.
@@ -176,7 +183,9 @@ def _train_loop(config, state, train_fn, run_eval, schedule, total_steps, data_d
   start = int(state.step)
   train_iter = input_pipeline.train_iterator(config.data, data_dir, info,
                                              batch_size=config.batch_size, seed=config.seed,
-                                             start_step=start)
+                                             start_step=start,
+                                             process_index=jax.process_index(),
+                                             process_count=jax.process_count())
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                               every_steps=config.log_every_steps)
   pending, val_metrics, t0, t0_step = [], None, time.time(), start
@@ -213,7 +222,8 @@ def _final_eval(run_eval, state, config, workdir, val_metrics) -> dict:
   if config.data.test_split:
     test_metrics = run_eval(state, split=config.data.test_split)
     results |= {f"test_{k}": v for k, v in test_metrics.items()}
-  with open(os.path.join(workdir, "eval_results.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval_results.json"), "w") as f:
+      json.dump(results, f, indent=2)
   logging.info("Final metrics: %s", results)
   return results
