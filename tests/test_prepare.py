@@ -146,6 +146,10 @@ def test_exif_rotation_is_applied(tmp_path):
   assert rgb.shape == (40, 20, 3) and result.size == (20, 40)
   assert np.abs(rgb[2, 10] - [255, 0, 0]).max() < 40     # Left half is now on top.
   assert np.abs(rgb[37, 10] - [0, 0, 255]).max() < 40
+  # Rotation and shrinking together (the JPEG is decoded at reduced scale first).
+  result, rgb = _stored(tmp_path / "r.jpg", max_side=20)
+  assert rgb.shape == (20, 10, 3) and result.stored_size == (10, 20)
+  assert rgb[1, 5, 0] > 200 and rgb[18, 5, 2] > 200
 
 
 def test_large_images_shrink_and_fine_jpegs_are_kept_byte_for_byte(tmp_path):
@@ -198,6 +202,11 @@ def test_explicit_class_list_sets_order_and_rejects_other_labels(tmp_path):
   assert info["class_weights"][2] is None
   with pytest.raises(ValueError, match=r"cat/000\.jpg: label 'cat' is not in the class list"):
     builder.build(options(src, tmp_path / "out2", class_names="dog,bird"))
+  names_file = tmp_path / "classes.txt"
+  names_file.write_text("# one per line\ncat\nwild dog\n\n")
+  assert sources.read_class_names(str(names_file)) == ["cat", "wild dog"]
+  with pytest.raises(ValueError, match=r"dog/000\.jpg: label 'dog'"):
+    builder.build(options(src, tmp_path / "out2", class_names=str(names_file)))
   table = tmp_path / "labels.csv"
   table.write_text("file,label\ncat/000.jpg,cat\ncat/001.jpg,lion\n")
   with pytest.raises(ValueError, match=r"labels.csv line 3 \(cat/001.jpg\): label 'lion'"):
@@ -225,6 +234,28 @@ def test_multilabel_csv(tmp_path):
   names = info["class_names"]
   assert {i: tuple(sorted(names[k] for k in l)) for i, l in written.items()} == {
       i: tuple(sorted(l)) for i, l in by_id.items()}
+
+
+def test_json_tables(tmp_path):
+  save(tmp_path / "a.jpg")
+  save(tmp_path / "b.png", fmt="PNG")
+  (tmp_path / "list.json").write_text(
+      '[{"image_id": "a", "dx": "nv", "split": "Train"}, {"image_id": "b", "dx": "mel", '
+      '"split": "TEST", "extra": 1}]')
+  source = sources.read_table(str(tmp_path / "list.json"))
+  assert [(r.example_id, r.labels, r.split) for r in source.records] == [
+      ("a", ("nv",), "train"), ("b", ("mel",), "test")]
+  (tmp_path / "partial.json").write_text(
+      '[{"image_id": "a", "dx": "nv"}, {"image_id": "b", "dx": "mel", "split": "test"}]')
+  with pytest.raises(ValueError, match=r"partial.json item 0 \(a\): unknown split ''"):
+    sources.read_table(str(tmp_path / "partial.json"))
+  (tmp_path / "map.json").write_text('{"a.jpg": ["x", "y"], "b.png": ["y"]}')
+  source = sources.read_table(str(tmp_path / "map.json"), sources.TableOptions(multilabel=True))
+  assert {r.example_id: r.labels for r in source.records} == {"a.jpg": ("x", "y"),
+                                                              "b.png": ("y",)}
+  (tmp_path / "bad.json").write_text('[{"file": "a.jpg"}]')
+  with pytest.raises(ValueError, match="cannot tell which column holds the label"):
+    sources.read_table(str(tmp_path / "bad.json"))
 
 
 def test_single_label_csv_with_conflicting_rows_fails(tmp_path):
@@ -411,5 +442,7 @@ def test_bad_options_name_the_flag(tmp_path):
     builder.build(options(src, tmp_path / "o", val_fraction=0.0))
   with pytest.raises(ValueError, match="--duplicates"):
     builder.build(options(src, tmp_path / "o", duplicates="ignore"))
+  with pytest.raises(ValueError, match="--out .* is inside the --source folder"):
+    builder.build(options(src, src / "prepared"))
   with pytest.raises(FileNotFoundError, match="--source"):
     builder.build(dataclasses.replace(options(src, tmp_path / "o"), source=str(tmp_path / "no")))

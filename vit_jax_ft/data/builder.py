@@ -78,6 +78,11 @@ def _validate(opts: Options) -> None:
     raise ValueError(f"--max_side must be positive, got {opts.image.max_side}.")
   if not os.path.exists(opts.source):
     raise FileNotFoundError(f"--source {opts.source!r} does not exist.")
+  source, out = os.path.realpath(opts.source), os.path.realpath(opts.out_dir)
+  if os.path.isdir(source) and os.path.commonpath([source, out]) == source:
+    # The next run would read the output folder as a class of images.
+    raise ValueError(f"--out {opts.out_dir!r} is inside the --source folder {opts.source!r}; "
+                     "choose a folder outside it.")
 
 
 def check_out_dir(out_dir: str, overwrite: bool) -> None:
@@ -131,8 +136,7 @@ def check_files(source: sources.Source, class_names: list[str], opts: Options,
   --bad_files=fail raise an error naming them (missing ones before any image
   is opened). Non-image files in class folders are always just listed.
   """
-  skipped = [dict(s, kind="missing" if s["reason"].startswith("missing") else "ignored")
-             for s in source.skipped]
+  skipped = list(source.skipped)
   _enforce_bad_files(skipped, opts.bad_files)
   check = functools.partial(images.process_image, options=opts.image, encode=False)
   results = parallel.ordered_map(check, [r.path for r in source.records], pool=pool,

@@ -74,9 +74,11 @@ def log_summary(info: dict, out_dir: str) -> None:
   logging.info("Train class counts: %s; imbalance ratio (largest/smallest class) %s.",
                dict(zip(info["class_names"], splits["train"]["class_counts"])),
                info["imbalance_ratio"])
-  empty = [n for n, c in zip(info["class_names"], splits["train"]["class_counts"]) if not c]
-  if empty:
-    logging.warning("Classes without train examples (no class weight): %s", empty)
+  for split, entry in splits.items():
+    empty = [n for n, c in zip(info["class_names"], entry["class_counts"]) if not c]
+    if empty:
+      logging.warning("Classes without %s examples%s: %s", split,
+                      " (no class weight)" if split == "train" else "", empty)
   dup = info["duplicates"]
   logging.info("Duplicates: %d files, %d distinct contents, %d identical pairs (%d within a "
                "class, %d label conflicts, %d across splits); policy %r dropped %d files.",
@@ -86,12 +88,12 @@ def log_summary(info: dict, out_dir: str) -> None:
   if info["group_leaks"]:
     logging.warning("%d groups span several splits as the source gives them: %s",
                     len(info["group_leaks"]), list(info["group_leaks"])[:5])
-  by_reason = {}
+  by_kind = {}
   for s in info["skipped"]:
-    by_reason.setdefault(s["reason"].split(" (")[0].split(":")[0], []).append(s["file"])
-  for reason, files in sorted(by_reason.items()):
-    logging.warning("Skipped %d files (%s): %s%s", len(files), reason, files[:5],
-                    " ..." if len(files) > 5 else "")
+    by_kind.setdefault(s["kind"], []).append(f"{s['file']} ({s['reason']})")
+  for kind, files in sorted(by_kind.items()):
+    logging.warning("Skipped %d %s files (all listed in dataset_info.json 'skipped'): %s%s",
+                    len(files), kind, "; ".join(files[:5]), " ..." if len(files) > 5 else "")
   if info["conversions"]:
     logging.info("Converted on the way in: %s", info["conversions"])
   logging.info("Wrote %s", os.path.join(out_dir, "dataset_info.json"))

@@ -51,7 +51,7 @@ class Source:
   """Everything a reader found."""
   records: list[Record]
   class_names: list[str]      # Classes seen (folder names or labels), sorted.
-  skipped: list[dict]         # {'file', 'reason'}: missing and non-image files.
+  skipped: list[dict]         # {'file', 'reason', 'kind'}: 'missing' or 'ignored' (not images).
   info: dict                  # Describes the source, for dataset_info.json.
   multilabel: bool = False
 
@@ -86,14 +86,15 @@ def _class_folder_records(root: str, prefix: str, split: Optional[str],
   for entry in sorted(os.scandir(base), key=lambda e: e.name):
     if entry.is_file():
       skipped.append(dict(file=os.path.join(prefix, entry.name),
-                          reason="not inside a class folder"))
+                          reason="not inside a class folder", kind="ignored"))
   records = []
   for name in classes:
     for rel in _walk_files(os.path.join(base, name)):
       rel_id = os.path.join(prefix, name, rel).replace(os.sep, "/")
       if not images.is_image_name(rel):
         ext = os.path.splitext(rel)[1] or "none"
-        skipped.append(dict(file=rel_id, reason=f"not an image file name (extension {ext!r})"))
+        skipped.append(dict(file=rel_id, reason=f"not an image file name (extension {ext!r})",
+                            kind="ignored"))
         continue
       records.append(Record(path=os.path.join(base, name, rel), labels=(name,),
                             example_id=rel_id, origin=rel_id, split=split))
@@ -259,7 +260,7 @@ class TableOptions:
 def _row_record(origin: str, row: dict, cols: TableColumns, opts: TableOptions, image_dir: str,
                 index: Optional[_FileIndex]) -> tuple[Record, bool]:
   """(record, whether its file exists) for one table row."""
-  key = row.get(cols.path or cols.id, "")
+  key = row.get(cols.path or cols.id) or ""
   if not key:
     raise ValueError(f"{origin}: empty {cols.path or cols.id!r} column.")
   where = f"{origin} ({key})"
@@ -269,10 +270,12 @@ def _row_record(origin: str, row: dict, cols: TableColumns, opts: TableOptions, 
   else:
     path = index.find(key, where) or os.path.join(image_dir, key)
     exists = os.path.isfile(path)
-  split = normalize_split(row[cols.split], where) if cols.split else None
-  return Record(path=path, example_id=key, origin=where, split=split,
-                labels=_parse_labels(row[cols.label], opts.multilabel, opts.label_sep, where),
-                group=(row[cols.group] or None) if cols.group else None), exists
+  # .get: JSON objects need not all have every key; a missing value is an error below.
+  split = normalize_split(row.get(cols.split) or "", where) if cols.split else None
+  labels = _parse_labels(row.get(cols.label) or "", opts.multilabel, opts.label_sep, where)
+  group = (row.get(cols.group) or None) if cols.group else None
+  return Record(path=path, example_id=key, origin=where, split=split, labels=labels,
+                group=group), exists
 
 
 def read_table(table: str, opts: TableOptions = TableOptions()) -> Source:
@@ -286,7 +289,8 @@ def read_table(table: str, opts: TableOptions = TableOptions()) -> Source:
   if not rows:
     raise ValueError(f"{table}: the table has no rows.")
   name = os.path.basename(table)
-  cols = _resolve_columns(list(rows[0][1]), opts.columns, name)
+  # All keys of all rows: JSON objects need not share the same keys.
+  cols = _resolve_columns(list(dict.fromkeys(k for _, r in rows for k in r)), opts.columns, name)
   image_dir = opts.image_dir or os.path.dirname(os.path.abspath(table))
   if not os.path.isdir(image_dir):
     raise ValueError(f"image folder {image_dir!r} (for {name}) does not exist.")
@@ -297,7 +301,7 @@ def read_table(table: str, opts: TableOptions = TableOptions()) -> Source:
     if exists:
       records.append(record)
     else:
-      skipped.append(dict(file=record.example_id,
+      skipped.append(dict(file=record.example_id, kind="missing",
                           reason=f"missing: listed in {record.origin} but not found in {image_dir}"))
   if not records:
     raise ValueError(f"{name}: none of its {len(rows)} files exist under {image_dir!r} (e.g. "
