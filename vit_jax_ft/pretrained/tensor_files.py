@@ -276,3 +276,28 @@ def read_tensor_file(path: str) -> TensorFile:
   if ext == ".npz":
     return read_npz(path)
   raise CheckpointFileError(f"Unknown checkpoint file type {ext!r}: {path}")
+
+
+_NUMPY_TO_SAFETENSORS = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(path: str, arrays: Mapping[str, np.ndarray],
+                      metadata: Mapping[str, str] | None = None) -> None:
+  """Writes a `.safetensors` file (the format `transformers` loads), numpy only."""
+  header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+  offset = 0
+  arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+  for name in sorted(arrays):
+    value = arrays[name]
+    header[name] = {"dtype": _NUMPY_TO_SAFETENSORS[value.dtype], "shape": list(value.shape),
+                    "data_offsets": [offset, offset + value.nbytes]}
+    offset += value.nbytes
+  encoded = json.dumps(header, separators=(",", ":")).encode()
+  encoded += b" " * (-len(encoded) % 8)  # Data starts 8-byte aligned.
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(encoded)))
+    f.write(encoded)
+    for name in sorted(arrays):
+      f.write(arrays[name].tobytes())
+  os.replace(tmp, path)

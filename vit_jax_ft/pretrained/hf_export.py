@@ -1,0 +1,225 @@
+"""Exporting a fine-tuned run as a Hugging Face transformers folder.
+
+A workdir holds `config.json` (the run's config), `checkpoints/<step>` (Orbax
+TrainState) and, for class names, `dataset_info.json` under `config.data.dir`
+or `WORKDIR/data`. The export writes `config.json` (ViTConfig or
+ResNetConfig, class names as `id2label`), `model.safetensors` and
+`preprocessor_config.json`, loadable with
+`ViTForImageClassification.from_pretrained` /
+`ResNetForImageClassification.from_pretrained`. Neither torch nor
+transformers is needed to write it.
+
+What HF's classes cannot express is refused rather than approximated: ViTs
+with 'gap' pooling or a pre-logits layer, ResNets with conv biases (Keras) or a
+BatchNorm epsilon other than 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from absl import logging
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vit_jax_ft import models
+from vit_jax_ft.models import resnet as resnet_lib
+from vit_jax_ft.models import vit as vit_lib
+from vit_jax_ft.pretrained import tensor_files
+
+_MEAN_STD = {
+    "minus_one_to_one": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+    "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    "zero_one": ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0]),
+}
+
+
+class ExportError(ValueError):
+  """The run cannot be expressed in the requested format."""
+
+
+def read_run(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict,
+                                                             dict, int]:
+  """(config, params, batch_stats, step) of a workdir's latest (or given) checkpoint."""
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{config_path} not found: is {workdir} a training workdir?")
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  with ocp.CheckpointManager(ckpt_dir) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {ckpt_dir}.")
+    # No target: the TrainState comes back as a dict of its fields.
+    state = manager.restore(step, args=ocp.args.StandardRestore())
+  return config, _as_numpy(state["params"]), _as_numpy(state.get("batch_stats") or {}), step
+
+
+def _as_numpy(tree: Mapping) -> dict:
+  return {k: _as_numpy(v) if isinstance(v, Mapping) else np.asarray(v) for k, v in tree.items()}
+
+
+def class_names(config: ml_collections.ConfigDict, workdir: str, num_classes: int) -> list[str]:
+  """Class names from the run's dataset_info.json (LABEL_i when it cannot be found)."""
+  data_dir = config.data.get("dir") or os.path.join(workdir, "data")
+  path = os.path.join(data_dir, "dataset_info.json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      names = json.load(f).get("class_names")
+    if names and len(names) == num_classes:
+      return list(names)
+    logging.warning("%s has %s class names for a %d-class head; using LABEL_i.", path,
+                    len(names or []), num_classes)
+  else:
+    logging.warning("No dataset_info.json at %s; class names will be LABEL_i.", path)
+  return [f"LABEL_{i}" for i in range(num_classes)]
+
+
+def vit_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Our ViT params -> ViTForImageClassification tensor names (torch layouts)."""
+  out = {
+      "vit.embeddings.cls_token": params["cls"],
+      "vit.embeddings.position_embeddings": params["Transformer"]["posembed_input"]["pos_embedding"],
+      "vit.embeddings.patch_embeddings.projection.weight":
+          np.transpose(params["embedding"]["kernel"], (3, 2, 0, 1)),
+      "vit.embeddings.patch_embeddings.projection.bias": params["embedding"]["bias"],
+      "vit.layernorm.weight": params["Transformer"]["encoder_norm"]["scale"],
+      "vit.layernorm.bias": params["Transformer"]["encoder_norm"]["bias"],
+      "classifier.weight": params["head"]["kernel"].T,
+      "classifier.bias": params["head"]["bias"],
+  }
+  i = 0
+  while f"encoderblock_{i}" in params["Transformer"]:
+    block = params["Transformer"][f"encoderblock_{i}"]
+    pre = f"vit.encoder.layer.{i}."
+    att = block["MultiHeadDotProductAttention_1"]
+    for ours, theirs in (("query", "query"), ("key", "key"), ("value", "value")):
+      kernel = att[ours]["kernel"]
+      out[pre + f"attention.attention.{theirs}.weight"] = kernel.reshape(kernel.shape[0], -1).T
+      out[pre + f"attention.attention.{theirs}.bias"] = att[ours]["bias"].reshape(-1)
+    kernel = att["out"]["kernel"]
+    out[pre + "attention.output.dense.weight"] = kernel.reshape(-1, kernel.shape[-1]).T
+    out[pre + "attention.output.dense.bias"] = att["out"]["bias"]
+    for ours, theirs in (("LayerNorm_0", "layernorm_before"), ("LayerNorm_2", "layernorm_after")):
+      out[pre + f"{theirs}.weight"] = block[ours]["scale"]
+      out[pre + f"{theirs}.bias"] = block[ours]["bias"]
+    for ours, theirs in (("Dense_0", "intermediate.dense"), ("Dense_1", "output.dense")):
+      out[pre + f"{theirs}.weight"] = block["MlpBlock_3"][ours]["kernel"].T
+      out[pre + f"{theirs}.bias"] = block["MlpBlock_3"][ours]["bias"]
+    i += 1
+  return out
+
+
+def _bn(out: dict, prefix: str, params: Mapping, stats: Mapping) -> None:
+  out[prefix + "weight"], out[prefix + "bias"] = params["scale"], params["bias"]
+  out[prefix + "running_mean"], out[prefix + "running_var"] = stats["mean"], stats["var"]
+  out[prefix + "num_batches_tracked"] = np.zeros((), np.int64)
+
+
+def resnet_state_dict(params: Mapping[str, Any], batch_stats: Mapping[str, Any]
+                      ) -> dict[str, np.ndarray]:
+  """Our ResNet params -> ResNetForImageClassification tensor names."""
+  conv = lambda k: np.transpose(k, (3, 2, 0, 1))
+  out = {"resnet.embedder.embedder.convolution.weight": conv(params["conv_init"]["kernel"]),
+         "classifier.1.weight": params["head"]["kernel"].T,
+         "classifier.1.bias": params["head"]["bias"]}
+  _bn(out, "resnet.embedder.embedder.normalization.", params["bn_init"], batch_stats["bn_init"])
+  for name, block in params.items():
+    if not name.startswith("stage"):
+      continue
+    stage, index = (int(x) for x in name[len("stage"):].split("_block"))
+    pre = f"resnet.encoder.stages.{stage - 1}.layers.{index - 1}."
+    stats = batch_stats[name]
+    for k in range(1, 4):
+      if f"conv{k}" in block:
+        out[pre + f"layer.{k - 1}.convolution.weight"] = conv(block[f"conv{k}"]["kernel"])
+        _bn(out, pre + f"layer.{k - 1}.normalization.", block[f"bn{k}"], stats[f"bn{k}"])
+    if "proj_conv" in block:
+      out[pre + "shortcut.convolution.weight"] = conv(block["proj_conv"]["kernel"])
+      _bn(out, pre + "shortcut.normalization.", block["proj_bn"], stats["proj_bn"])
+  return out
+
+
+def vit_config(model: vit_lib.VisionTransformer, image_size: int) -> dict[str, Any]:
+  if model.classifier != "token" or model.representation_size is not None:
+    raise ExportError("Hugging Face ViTForImageClassification classifies the class token with "
+                      "no pre-logits layer; this model has classifier="
+                      f"{model.classifier!r}, representation_size={model.representation_size}.")
+  return {
+      "architectures": ["ViTForImageClassification"], "model_type": "vit",
+      "hidden_size": model.hidden_size, "num_hidden_layers": model.num_layers,
+      "num_attention_heads": model.num_heads, "intermediate_size": model.mlp_dim,
+      "hidden_act": "gelu_pytorch_tanh" if model.gelu_approximate else "gelu",
+      "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+      "layer_norm_eps": model.layer_norm_eps, "image_size": image_size,
+      "patch_size": model.patch_size, "num_channels": 3, "qkv_bias": True,
+      "encoder_stride": model.patch_size, "initializer_range": 0.02,
+  }
+
+
+def resnet_config(model: resnet_lib.ResNet) -> dict[str, Any]:
+  if model.conv_bias or not np.isclose(model.bn_epsilon, 1e-5, rtol=1e-9, atol=0):
+    raise ExportError(
+        "Hugging Face ResNet has no conv biases and BatchNorm epsilon 1e-5; this model has "
+        f"conv_bias={model.conv_bias}, bn_epsilon={model.bn_epsilon} (Keras-style weights).")
+  expansion = 4 if model.block == "bottleneck" else 1
+  return {
+      "architectures": ["ResNetForImageClassification"], "model_type": "resnet",
+      "num_channels": 3, "embedding_size": model.width,
+      "hidden_sizes": [model.width * 2**i * expansion for i in range(len(model.stage_sizes))],
+      "depths": list(model.stage_sizes), "layer_type": model.block, "hidden_act": "relu",
+      "downsample_in_first_stage": False, "downsample_in_bottleneck": model.variant == "v1",
+  }
+
+
+def _preprocessor_config(normalization: str, image_size: int, is_vit: bool) -> dict | None:
+  if normalization not in _MEAN_STD:
+    return None
+  mean, std = _MEAN_STD[normalization]
+  return {"image_processor_type": "ViTImageProcessor" if is_vit else "ConvNextImageProcessor",
+          "do_resize": True, "size": ({"height": image_size, "width": image_size} if is_vit
+                                      else {"shortest_edge": image_size}),
+          "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+          "image_mean": mean, "image_std": std}
+
+
+def export_huggingface(workdir: str, out_dir: str, *, step: int | None = None) -> str:
+  """Writes the run's fine-tuned model as a transformers folder; returns out_dir."""
+  config, params, batch_stats, step = read_run(workdir, step)
+  num_classes = int(params["head"]["kernel"].shape[-1])
+  model = models.create_model(config.model, num_classes, jnp.float32)
+  image_size = int(config.data.image_size)
+  if isinstance(model, vit_lib.VisionTransformer):
+    hf_config, state = vit_config(model, image_size), vit_state_dict(params)
+  else:
+    hf_config, state = resnet_config(model), resnet_state_dict(params, batch_stats)
+  names = class_names(config, workdir, num_classes)
+  hf_config.update({
+      "id2label": {str(i): n for i, n in enumerate(names)},
+      "label2id": {n: i for i, n in enumerate(names)},
+      "torch_dtype": "float32",
+  })
+  if config.loss.name.startswith("sigmoid"):
+    hf_config["problem_type"] = "multi_label_classification"
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=2)
+  tensor_files.write_safetensors(
+      os.path.join(out_dir, "model.safetensors"),
+      {k: np.asarray(v, np.int64 if k.endswith("num_batches_tracked") else np.float32)
+       for k, v in state.items()})
+  pre = _preprocessor_config(config.data.normalization, image_size, "patch_size" in config.model)
+  if pre is None:
+    logging.warning("No preprocessor_config.json: normalization %r has no mean/std form.",
+                    config.data.normalization)
+  else:
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+      json.dump(pre, f, indent=2)
+  logging.info("Exported %s step %d (%d classes) to %s", workdir, step, num_classes, out_dir)
+  return out_dir
