@@ -339,7 +339,8 @@ def test_group_split_never_leaks():
 def test_identical_content_joins_groups_and_val_always_exists():
   # Items 0 and 1 share a lesion, 1 and 2 share content: all three stay together.
   keys = [["L1", "h0"], ["L1", "h1"], ["L2", "h1"], ["L3", "h3"]]
-  assert splits.connected_groups(keys) == [0, 0, 0, 1]
+  assert splits.connected_groups(keys) == ["'L1'", "'L1'", "'L1'", "'L3'"]
+  assert splits.connected_groups(keys[::-1]) == ["'L3'", "'L1'", "'L1'", "'L1'"]
   # Two train examples of which one must become val: a val split always exists.
   planned = splits.plan_splits([[0], [1], [0]], ["train", "train", "test"], [[1], [2], [3]],
                                val_fraction=0.05, test_fraction=0.0, seed=0)

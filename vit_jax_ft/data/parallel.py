@@ -58,9 +58,10 @@ def ordered_map(fn: Callable[[T], R], items: Sequence[T], *, pool, num_workers: 
     results = map(fn, items)
   start = time.monotonic()
   for done, result in enumerate(results, 1):
-    yield result
+    # Log before yielding: a consumer that zips may never resume us after the last item.
     if done % log_every == 0 or done == total:
       elapsed = max(time.monotonic() - start, 1e-9)
       rate = done / elapsed
       logging.info("%s: %d/%d files (%.0f files/s, ETA %s)", what, done, total, rate,
                    _eta((total - done) / rate))
+    yield result

@@ -15,11 +15,14 @@ import numpy as np
 SPLITS = ("train", "val", "test")
 
 
-def connected_groups(keys: Sequence[Sequence[Hashable]]) -> list[int]:
-  """Component index per item, where items sharing any key are connected.
+def connected_groups(keys: Sequence[Sequence[Hashable]]) -> list[str]:
+  """Group name per item, where items sharing any key are in one group.
 
   E.g. keys [['lesion:A', 'sha:1'], ['lesion:B', 'sha:1'], ['lesion:C']] puts
-  the first two items in one group (same content) and the third alone.
+  the first two items in one group (same content) and the third alone. A
+  group is named by its smallest key (as repr), so the names, and the split
+  that depends on them, do not depend on the order of the items. An item
+  without keys is a group of its own.
   """
   parent = list(range(len(keys)))
 
@@ -34,9 +37,12 @@ def connected_groups(keys: Sequence[Sequence[Hashable]]) -> list[int]:
     for key in item_keys:
       j = owner.setdefault(key, i)
       parent[root(i)] = root(j)
-  roots = [root(i) for i in range(len(keys))]
-  relabel = {r: n for n, r in enumerate(dict.fromkeys(roots))}
-  return [relabel[r] for r in roots]
+  names = {}
+  for i, item_keys in enumerate(keys):
+    for key in item_keys:
+      r = root(i)
+      names[r] = min(names.get(r, repr(key)), repr(key))
+  return [names.get(root(i), f"item {i}") for i in range(len(keys))]
 
 
 def _allocate(sizes: Sequence[int], target: int, rng: np.random.Generator) -> list[int]:
