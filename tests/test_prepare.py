@@ -82,16 +82,22 @@ def test_bad_files_are_skipped_with_reasons_or_fail(tmp_path):
   (src / "cat" / "empty.jpg").write_bytes(b"")
   (src / "dog" / "notes.jpg").write_bytes(b"this is not an image at all\n" * 10)
   (src / "dog" / "readme.txt").write_text("hello")
+  png = io.BytesIO()
+  Image.open(io.BytesIO(good)).save(png, format="PNG")
+  png = bytearray(png.getvalue())
+  png[len(png) // 2: len(png) // 2 + 40] = b"\xff" * 40  # Garbage inside the pixel data.
+  (src / "dog" / "corrupt.png").write_bytes(bytes(png))
   info = builder.build(options(src, tmp_path / "out"))
   reasons = {s["file"]: s["reason"] for s in info["skipped"]}
   assert reasons.keys() == {"cat/truncated.jpg", "cat/empty.jpg", "dog/notes.jpg",
-                            "dog/readme.txt"}
+                            "dog/readme.txt", "dog/corrupt.png"}
+  assert reasons["dog/corrupt.png"].startswith("corrupt or unsupported image (OSError")
   assert "truncated" in reasons["cat/truncated.jpg"]
   assert reasons["cat/empty.jpg"] == "empty file (0 bytes)"
   assert reasons["dog/notes.jpg"].startswith("not an image")
   assert "extension '.txt'" in reasons["dog/readme.txt"]
   assert sum(s["num_examples"] for s in info["splits"].values()) == 6
-  with pytest.raises(ValueError, match=r"3 files cannot be used.*cat/(empty|truncated)\.jpg"):
+  with pytest.raises(ValueError, match=r"4 files cannot be used.*cat/(empty|truncated)\.jpg"):
     builder.build(options(src, tmp_path / "out2", bad_files="fail"))
   assert not os.path.exists(tmp_path / "out2" / tfrecords.INFO_FILE)
 
@@ -153,10 +159,11 @@ def test_exif_rotation_is_applied(tmp_path):
 
 
 def test_large_images_shrink_and_fine_jpegs_are_kept_byte_for_byte(tmp_path):
-  big = save(tmp_path / "big.jpg", size=(400, 300))
+  big = save(tmp_path / "painting.jpg", size=(4000, 3000))
   result, rgb = _stored(big, max_side=100)
-  assert rgb.shape == (75, 100, 3) and result.size == (400, 300)
+  assert rgb.shape == (75, 100, 3) and result.size == (4000, 3000)
   assert result.stored_size == (100, 75) and "resized" in result.conversions
+  assert np.abs(rgb - [200, 30, 30]).max() < 10
   small = save(tmp_path / "small.jpg", size=(80, 60))
   result = images.process_image(str(small), images.ImageOptions(max_side=100), encode=True)
   assert result.conversions == () and result.data == small.read_bytes()

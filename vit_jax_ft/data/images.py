@@ -179,7 +179,7 @@ def process_image(path: str, options: ImageOptions, encode: bool = False) -> Ima
     if "truncated" in message:
       message = f"truncated image ({message})"
     else:
-      message = f"cannot decode or convert ({type(e).__name__}: {message})"
+      message = f"corrupt or unsupported image ({type(e).__name__}: {message})"
     return ImageResult(path=path, sha256=hashlib.sha256(data).hexdigest(), num_bytes=len(data),
                        error=message)
 
