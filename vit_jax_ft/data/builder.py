@@ -185,7 +185,13 @@ def apply_duplicates(items: list[_Item], class_names: list[str],
   drops = duplicates.check_policy(found, policy)
   found.update(policy=policy, dropped=[dict(file=f, reason=r) for f, r in sorted(drops.items())])
   logging.info("Duplicates: %s.", duplicates.summary(found))
-  return [it for it in items if it.record.example_id not in drops], found
+  kept = [it for it in items if it.record.example_id not in drops]
+  for split in ("train", "val"):
+    # The train loop needs both; dropping can empty a small one.
+    if not any(it.split == split for it in kept):
+      raise ValueError(f"No {split!r} examples are left after --duplicates={policy} dropped "
+                       f"{len(drops)} files; use --duplicates=report or a larger --val_fraction.")
+  return kept, found
 
 
 def _num_shards(items: list[_Item], requested: int) -> int:
