@@ -136,7 +136,9 @@ def read_npz(path: str) -> TensorFile:
       # Reading the member header gives the shape without loading the data.
       with npz.zip.open(name + ".npy") as member:
         version = np.lib.format.read_magic(member)
-        shape, _, _ = np.lib.format._read_array_header(member, version)  # pylint: disable=protected-access
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, _ = read_header(member)
       shapes[name] = tuple(shape)
   except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
     raise CheckpointFileError(f"{path} is not a readable .npz file (truncated or "
