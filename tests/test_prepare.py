@@ -365,6 +365,7 @@ def test_duplicate_categories():
   assert found["num_distinct"] == 4 and found["num_groups"] == 4
   # h1: within class; h2: conflict; h3: conflict across splits; h4: 3 pairs, 2 cross.
   assert found["pairs"] == dict(total=6, within_class=4, label_conflict=2, cross_split=3)
+  assert found["conflicts_by_labels"] == {"a | b": 2}
   drops = duplicates.files_to_drop(found)
   assert set(drops) == {"a1copy", "a2", "b2", "a3", "b3", "a4b", "a4c"}
   assert drops["a4c"] == "duplicate of a4"  # The val copy is kept, the train copy goes.

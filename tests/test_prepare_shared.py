@@ -60,7 +60,8 @@ def test_isic_duplicates_leaks_and_training(shared_data, tmp_path):
                          f"--out={out}", "--val_fraction=0.05", "--num_workers=2"],
                         capture_output=True, text=True, env=env, cwd=REPO, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "159 identical pairs (4 within a class, 155 label conflicts, 18 across splits)" in proc.stderr
+  assert ("2359 files, 2200 distinct contents, 159 duplicate pairs: 4 within a class, 155 label "
+          "conflicts, 18 across splits") in proc.stderr
   info = tfrecords.read_info(str(out))
   dup = info["duplicates"]
   assert (dup["num_files"], dup["num_distinct"], dup["num_groups"]) == (2359, 2200, 159)
@@ -69,6 +70,8 @@ def test_isic_duplicates_leaks_and_training(shared_data, tmp_path):
                                   for g in dup["groups"] if "label_conflict" in g["kinds"])
   assert conflicts == {frozenset({"melanoma", "seborrheic keratosis"}): 78,
                        frozenset({"actinic keratosis", "nevus"}): 77}
+  assert dup["conflicts_by_labels"] == {"melanoma | seborrheic keratosis": 78,
+                                        "actinic keratosis | nevus": 77}
   within = [g["files"] for g in dup["groups"] if g["kinds"] == ["within_class"]]
   assert sum(any(f.endswith("(1).jpg") for f in files) for files in within) == 2
   assert len(info["class_names"]) == 9 and "basal cell carcinoma" in info["class_names"]
@@ -92,6 +95,9 @@ def test_isic_drop_policy(shared_data, tmp_path):
   assert len(info["duplicates"]["dropped"]) == 314
   assert sum(s["num_examples"] for s in info["splits"].values()) == 2359 - 314
   assert info["conversions"]["resized"] == 2045
+  # 78 of the 80 seborrheic keratosis images are also labelled melanoma: 2 remain.
+  sk = info["class_names"].index("seborrheic keratosis")
+  assert sum(v["class_counts"][sk] for v in info["splits"].values()) == 2
 
 
 def test_ham10000_metadata_lesion_groups(shared_data, tmp_path):

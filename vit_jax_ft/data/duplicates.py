@@ -10,6 +10,7 @@ cross splits:
 Counts are in pairs, so a file present three times counts as three pairs.
 """
 
+import collections
 import itertools
 from typing import Optional, Sequence
 
@@ -23,9 +24,11 @@ def find_duplicates(ids: Sequence[str], hashes: Sequence[str],
   """Report of identical contents among the files (see the module docstring).
 
   Returns {num_files, num_distinct, num_groups, pairs: {total, within_class,
-  label_conflict, cross_split}, groups: [{sha256, files, labels, splits, kinds}]}.
+  label_conflict, cross_split}, conflicts_by_labels: {'a | b': pairs},
+  groups: [{sha256, files, labels, splits, kinds}]}.
   """
   by_hash = {}
+  conflicts = collections.Counter()
   for i, digest in enumerate(hashes):
     by_hash.setdefault(digest, []).append(i)
   pairs = dict(total=0, within_class=0, label_conflict=0, cross_split=0)
@@ -37,6 +40,8 @@ def find_duplicates(ids: Sequence[str], hashes: Sequence[str],
     kinds = set()
     for i, j in itertools.combinations(members, 2):
       kind = "within_class" if sorted(labels[i]) == sorted(labels[j]) else "label_conflict"
+      if kind == "label_conflict":
+        conflicts[" | ".join(sorted("+".join(sorted(labels[k])) for k in (i, j)))] += 1
       pairs["total"] += 1
       pairs[kind] += 1
       kinds.add(kind)
@@ -48,7 +53,7 @@ def find_duplicates(ids: Sequence[str], hashes: Sequence[str],
                        splits=[splits[i] for i in members], kinds=sorted(kinds)))
   groups.sort(key=lambda g: g["files"][0])
   return dict(num_files=len(ids), num_distinct=len(by_hash), num_groups=len(groups),
-              pairs=pairs, groups=groups)
+              pairs=pairs, conflicts_by_labels=dict(conflicts.most_common()), groups=groups)
 
 
 def files_to_drop(report: dict) -> dict[str, str]:
@@ -98,5 +103,9 @@ def _describe(report: dict) -> str:
 
 def summary(report: dict) -> str:
   """One line for the log."""
-  return (f"{report['num_files']} files, {report['num_distinct']} distinct contents, "
+  line = (f"{report['num_files']} files, {report['num_distinct']} distinct contents, "
           f"{report['pairs']['total']} duplicate pairs: {_describe(report)}")
+  if report["conflicts_by_labels"]:
+    line += "; label conflicts between " + ", ".join(
+        f"{k}: {n}" for k, n in report["conflicts_by_labels"].items())
+  return line

@@ -9,6 +9,7 @@ from matplotlib import figure
 import numpy as np
 
 from vit_jax_ft import losses
+from vit_jax_ft.data import duplicates
 
 
 def class_weights(counts: Sequence[int]) -> list[Optional[float]]:
@@ -80,11 +81,8 @@ def log_summary(info: dict, out_dir: str) -> None:
       logging.warning("Classes without %s examples%s: %s", split,
                       " (no class weight)" if split == "train" else "", empty)
   dup = info["duplicates"]
-  logging.info("Duplicates: %d files, %d distinct contents, %d identical pairs (%d within a "
-               "class, %d label conflicts, %d across splits); policy %r dropped %d files.",
-               dup["num_files"], dup["num_distinct"], dup["pairs"]["total"],
-               dup["pairs"]["within_class"], dup["pairs"]["label_conflict"],
-               dup["pairs"]["cross_split"], dup["policy"], len(dup["dropped"]))
+  logging.info("Duplicates (sha256): %s. --duplicates=%s dropped %d files.",
+               duplicates.summary(dup), dup["policy"], len(dup["dropped"]))
   if info["group_leaks"]:
     logging.warning("%d groups span several splits as the source gives them: %s",
                     len(info["group_leaks"]), list(info["group_leaks"])[:5])
