@@ -5,6 +5,8 @@ import dataclasses
 import io
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -455,3 +457,15 @@ def test_bad_options_name_the_flag(tmp_path):
     builder.build(options(src, src / "prepared"))
   with pytest.raises(FileNotFoundError, match="--source"):
     builder.build(dataclasses.replace(options(src, tmp_path / "o"), source=str(tmp_path / "no")))
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+  src = class_tree(tmp_path / "src", {"a": 2})
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, "-m", "vit_jax_ft.data.prepare", f"--source={src}", f"--out={tmp_path}/o",
+       "--class_names=b"], capture_output=True, text=True, cwd=repo, check=False,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: a/000.jpg: label 'a' is not in the class list (1 classes: ['b']).")

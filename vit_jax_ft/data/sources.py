@@ -218,7 +218,8 @@ class _FileIndex:
   def find(self, file_id: str, where: str) -> Optional[str]:
     paths = sorted(set(self._by_key.get(file_id, ())))
     if len(paths) > 1:
-      raise ValueError(f"{where}: id {file_id!r} matches several files: {paths[:4]}.")
+      raise ValueError(f"{where}: id {file_id!r} matches several files: {paths[:4]}; point "
+                       "--image_dir at a folder that holds one copy of each image.")
     return paths[0] if paths else None
 
 
