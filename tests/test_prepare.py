@@ -84,6 +84,9 @@ def test_bad_files_are_skipped_with_reasons_or_fail(tmp_path):
   (src / "cat" / "empty.jpg").write_bytes(b"")
   (src / "dog" / "notes.jpg").write_bytes(b"this is not an image at all\n" * 10)
   (src / "dog" / "readme.txt").write_text("hello")
+  save(src / "dog" / ".ipynb_checkpoints" / "000-checkpoint.jpg")
+  (src / "__MACOSX" / "cat").mkdir(parents=True)  # Not a class.
+  (src / "__MACOSX" / "cat" / "._000.jpg").write_bytes(b"\x00\x05\x16\x07")
   png = io.BytesIO()
   Image.open(io.BytesIO(good)).save(png, format="PNG")
   png = bytearray(png.getvalue())
@@ -92,7 +95,8 @@ def test_bad_files_are_skipped_with_reasons_or_fail(tmp_path):
   info = builder.build(options(src, tmp_path / "out"))
   reasons = {s["file"]: s["reason"] for s in info["skipped"]}
   assert reasons.keys() == {"cat/truncated.jpg", "cat/empty.jpg", "dog/notes.jpg",
-                            "dog/readme.txt", "dog/corrupt.png"}
+                            "dog/readme.txt", "dog/corrupt.png", "dog/.ipynb_checkpoints/"}
+  assert info["class_names"] == ["cat", "dog"]
   assert reasons["dog/corrupt.png"].startswith("corrupt or unsupported image (OSError")
   assert "truncated" in reasons["cat/truncated.jpg"]
   assert reasons["cat/empty.jpg"] == "empty file (0 bytes)"

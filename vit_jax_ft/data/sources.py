@@ -65,17 +65,26 @@ def normalize_split(name: str, where: str) -> str:
   return split
 
 
-def _walk_files(folder: str) -> list[str]:
-  """All files under `folder`, sorted, as paths relative to it."""
+def _is_system_dir(name: str) -> bool:
+  # '.ipynb_checkpoints', '.git', and the '__MACOSX' folder of zips made on a Mac
+  # (full of '._x.jpg' resource files that are not images).
+  return name.startswith(".") or name == "__MACOSX"
+
+
+def _walk_files(folder: str, pruned: Optional[list[str]] = None) -> list[str]:
+  """All files under `folder`, sorted, relative to it; system folders go to `pruned`."""
   found = []
   for dirpath, dirnames, filenames in os.walk(folder):
-    dirnames.sort()
+    system = sorted(d for d in dirnames if _is_system_dir(d))
+    if pruned is not None:
+      pruned.extend(os.path.relpath(os.path.join(dirpath, d), folder) for d in system)
+    dirnames[:] = sorted(d for d in dirnames if not _is_system_dir(d))
     found.extend(os.path.relpath(os.path.join(dirpath, f), folder) for f in sorted(filenames))
   return found
 
 
 def _subdirs(folder: str) -> list[str]:
-  return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+  return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not _is_system_dir(e.name))
 
 
 def _class_folder_records(root: str, prefix: str, split: Optional[str],
@@ -89,7 +98,8 @@ def _class_folder_records(root: str, prefix: str, split: Optional[str],
                           reason="not inside a class folder", kind="ignored"))
   records = []
   for name in classes:
-    for rel in _walk_files(os.path.join(base, name)):
+    pruned = []
+    for rel in _walk_files(os.path.join(base, name), pruned):
       rel_id = os.path.join(prefix, name, rel).replace(os.sep, "/")
       if not images.is_image_name(rel):
         ext = os.path.splitext(rel)[1] or "none"
@@ -98,6 +108,9 @@ def _class_folder_records(root: str, prefix: str, split: Optional[str],
         continue
       records.append(Record(path=os.path.join(base, name, rel), labels=(name,),
                             example_id=rel_id, origin=rel_id, split=split))
+    skipped.extend(dict(file=os.path.join(prefix, name, d).replace(os.sep, "/") + "/",
+                        reason="hidden or system folder, not read", kind="ignored")
+                   for d in pruned)
   return records, classes
 
 

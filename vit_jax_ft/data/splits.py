@@ -105,7 +105,8 @@ def stratified_group_split(strata: Sequence[str], groups: Sequence[Hashable],
       continue
     target = min(max(1, round(fraction * num_units)), sum(remaining) - 1)
     if target < 1:
-      raise ValueError(f"{num_units} group(s) are too few to split off a {split!r} split.")
+      raise ValueError(f"{num_units} example group(s) are too few to split off a {split!r} "
+                       f"split and keep one for train (--{split}_fraction).")
     for k, n in zip(keys, _allocate(remaining, target, rng)):
       taken = len(members[k]) - remaining[keys.index(k)]
       for unit in members[k][taken:taken + n]:
