@@ -171,7 +171,7 @@ def apply_rules(tensors: tensor_files.TensorFile, rules: Sequence[Rule],
     if target.transform is not None:
       value = target.transform(value)
     collection, path = target.path.split("/", 1)
-    set_path(trees[collection], path, np.ascontiguousarray(value, dtype=np.float32))
+    set_path(trees[collection], path, np.asarray(value, dtype=np.float32, order="C"))
   if unused:
     logging.info("%d tensors of %s were not mapped: %s", len(unused), tensors.path,
                  ", ".join(sorted(unused)[:10]))

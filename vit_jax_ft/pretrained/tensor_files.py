@@ -288,7 +288,7 @@ def write_safetensors(path: str, arrays: Mapping[str, np.ndarray],
   """Writes a `.safetensors` file (the format `transformers` loads), numpy only."""
   header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
   offset = 0
-  arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+  arrays = {k: np.asarray(v, order="C") for k, v in arrays.items()}  # keeps 0-d shapes
   for name in sorted(arrays):
     value = arrays[name]
     header[name] = {"dtype": _NUMPY_TO_SAFETENSORS[value.dtype], "shape": list(value.shape),
