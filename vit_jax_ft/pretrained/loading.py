@@ -255,12 +255,15 @@ def load_for_finetuning(source: str, model: Any, params: Any, batch_stats: Any, 
   model_arch = architecture.from_model(model)
   arch_problems = architecture.mismatches(metadata["architecture"], model_arch)
   if arch_problems:
-    raise PretrainedMismatchError(
-        f"{source} holds {architecture.describe(metadata['architecture'])}, which does not fit "
-        f"the model: " + "; ".join(arch_problems))
+    message = (f"{source} holds {architecture.describe(metadata['architecture'])}, which does "
+               f"not fit the model: " + "; ".join(arch_problems))
+    # Another family cannot be partly loaded; another depth or width can (strict=False).
+    if strict or metadata["architecture"]["family"] != model_arch["family"]:
+      raise PretrainedMismatchError(message)
+    logging.warning(message)
   report.option_mismatch = option_mismatches(model, metadata["model_options"])
   report.unexpected.extend((f"source/{k}", ()) for k in metadata.get("unused_source_keys", []))
-  _check_image_size(model, image_size)
+  _check_image_size(model, params, image_size)
   has_cls = getattr(model, "classifier", "token") == "token"
   new_params = merge(_to_plain(params), converted.params, "params", report, has_cls)
   new_stats = merge(_to_plain(batch_stats or {}), converted.batch_stats, "batch_stats", report,
@@ -277,10 +280,19 @@ def load_for_finetuning(source: str, model: Any, params: Any, batch_stats: Any, 
                     fingerprint=fingerprint(report, new_params, new_stats))
 
 
-def _check_image_size(model: Any, image_size: int) -> None:
-  if isinstance(model, vit_lib.VisionTransformer) and image_size % model.patch_size:
+def _check_image_size(model: Any, params: Mapping, image_size: int) -> None:
+  """The initialised ViT params must be for `image_size` (its patch grid)."""
+  if not isinstance(model, vit_lib.VisionTransformer):
+    return  # ResNets take any resolution.
+  if image_size % model.patch_size:
     raise PretrainedMismatchError(f"image_size={image_size} is not a multiple of the patch size "
                                   f"{model.patch_size}.")
+  tokens = (image_size // model.patch_size) ** 2 + (model.classifier == "token")
+  have = np.shape(params["Transformer"]["posembed_input"]["pos_embedding"])[1]
+  if have != tokens:
+    raise PretrainedMismatchError(
+        f"The model's params were initialised for {have} tokens, not for image_size={image_size} "
+        f"({tokens} tokens): initialise them with {image_size}x{image_size} inputs.")
 
 
 def _to_plain(tree: Any) -> dict:
