@@ -40,5 +40,15 @@ setuptools.setup(
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["vit_jax_ft", "vit_jax_ft.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest>=8.0", "pytest-xdist>=3.5"]},
+    extras_require={"test": [
+        "pytest>=8.0",
+        "pytest-xdist>=3.5",
+        # Reference implementations for the pretrained-weights parity tests.
+        # torch is pinned exactly: a CPU wheel of this version is on the
+        # machines; any other spec pulls a multi-GB CUDA build.
+        "torch==2.13.0",
+        "transformers==5.24.0",
+        "safetensors==0.8.0",
+        "scikit-image==0.26.0",  # real photos (chelsea, coffee) for the Keras ResNet50 check
+    ]},
 )
