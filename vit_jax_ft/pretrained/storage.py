@@ -2,7 +2,7 @@
 
 Layout of a converted directory::
 
-  DIR/state/          Orbax StandardCheckpointer: {"params": ..., "batch_stats": ...}
+  DIR/state/          Orbax PyTree checkpoint: {"params": ..., "batch_stats": ...}
   DIR/metadata.json   source, format, architecture, image_size,
                       num_classes_original, normalization, model_options, ...
 
@@ -42,10 +42,12 @@ def save(converted: conversion.Converted, out_dir: str, *, overwrite: bool = Fal
   tmp = out_dir + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(tmp, STATE_DIR),
-                      {"params": converted.params, "batch_stats": converted.batch_stats})
-    checkpointer.wait_until_finished()
+  # Synchronous and uncompressed: zstd gains ~7% on float weights but doubles
+  # the saving peak memory (about 2.0x instead of 3.0x the checkpoint size).
+  handler = ocp.PyTreeCheckpointHandler(use_compression=False)
+  with ocp.Checkpointer(handler) as checkpointer:
+    checkpointer.save(os.path.join(tmp, STATE_DIR), args=ocp.args.PyTreeSave(
+        {"params": converted.params, "batch_stats": converted.batch_stats}))
   with open(os.path.join(tmp, METADATA_FILE), "w") as f:
     json.dump(converted.metadata, f, indent=2, sort_keys=True)
   os.rename(tmp, out_dir)
