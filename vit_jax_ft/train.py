@@ -71,10 +71,18 @@ def _check_config(config: ml_collections.ConfigDict, info: dict) -> None:
 
 
 def _class_weights(config: ml_collections.ConfigDict, info: dict):
+  """Class weights for the weighted losses: dataset_info.json's, else from the counts.
+
+  Classes without training examples get weight 1; it never multiplies a loss.
+  """
   if not config.loss.name.startswith("weighted"):
     return None
-  counts = info["splits"][config.data.train_split]["class_counts"]
-  return losses.compute_class_weights(np.asarray(counts))
+  if info.get("class_weights") is not None:
+    return np.asarray([1.0 if w is None else w for w in info["class_weights"]], np.float32)
+  counts = np.asarray(info["splits"][config.data.train_split]["class_counts"])
+  weights = np.ones(len(counts))
+  weights[counts > 0] = losses.compute_class_weights(counts[counts > 0])
+  return weights
 
 
 def evaluate(eval_fn, state, config, data_dir, info, split, sharding) -> dict:

@@ -18,6 +18,8 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vit_jax_ft.models import precision
+
 Dtype = Any
 
 # Architecture of the published ViT sizes: (patch, hidden, layers, heads, mlp).
@@ -44,6 +46,7 @@ class MlpBlock(nn.Module):
     dense = functools.partial(
         nn.Dense,
         dtype=self.dtype,
+        dot_general=_dot_general(self.dtype),
         kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6),
     )
@@ -70,9 +73,13 @@ class Encoder1DBlock(nn.Module):
     # `train` is positional so nn.remat can mark it static.
     # Names are spelled out so that they stay the vit_jax ones under nn.remat.
     y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm_0")(x)
+    low_precision = jnp.dtype(self.dtype) != jnp.float32
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads,
         dtype=self.dtype,
+        qkv_dot_general=_dot_general(self.dtype),
+        out_dot_general=_dot_general(self.dtype),
+        attention_fn=precision.attention if low_precision else nn.dot_product_attention,
         kernel_init=nn.initializers.xavier_uniform(),
         dropout_rate=self.attention_dropout_rate,
         deterministic=not train,
@@ -202,6 +209,11 @@ class VisionTransformer(nn.Module):
         name="head",
     )(x)
     return logits.astype(jnp.float32)
+
+
+def _dot_general(dtype):
+  """float32-accumulating matmuls for low-precision compute (see precision.py)."""
+  return precision.dot_general if jnp.dtype(dtype) != jnp.float32 else None
 
 
 def _head_kernel_init(name: str):

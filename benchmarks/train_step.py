@@ -1,0 +1,157 @@
+r"""Train-step (and inference) throughput of a full-size model, with MFU and a PyTorch baseline.
+
+  python benchmarks/train_step.py --model=vit_b16 --batch=8 --dtype=bfloat16
+
+Prints images/s, ms/step, achieved TFLOP/s from the compiled step's own cost
+analysis, and that as a fraction of the peak matmul rate measured in the same
+run (MFU). When torch and transformers are installed it also times the same
+model from Hugging Face (AdamW, same batch, torch.autocast for bfloat16) in
+the same process and prints the ratio. Figures on shared machines are noisy:
+compare the ratios, which come from one run.
+"""
+
+import functools
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax_ft import base_config
+from vit_jax_ft import losses
+from vit_jax_ft import models
+from vit_jax_ft import optim
+from vit_jax_ft import steps
+
+_MODEL = flags.DEFINE_string("model", "vit_b16", "vit_b16 | resnet50 | any model.name")
+_BATCH = flags.DEFINE_integer("batch", 8, "Batch size.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16", "float16"],
+                           "Compute dtype.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after one warm-up step).")
+_IMAGE = flags.DEFINE_integer("image_size", 224, "Input resolution.")
+_TORCH = flags.DEFINE_bool("torch", True, "Also time the Hugging Face PyTorch model if installed.")
+_EVAL = flags.DEFINE_bool("eval", True, "Also time inference (eval forward pass).")
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _time(fn, n):
+  """Mean seconds per call after one warm-up call; fn must block."""
+  fn()
+  start = time.perf_counter()
+  for _ in range(n):
+    fn()
+  return (time.perf_counter() - start) / n
+
+
+def peak_matmul_tflops(dtype) -> float:
+  """Best measured TFLOP/s of a large matmul in `dtype` (float32 accumulation)."""
+  n = 2048
+  a = jnp.ones((n, n), dtype)
+  b = jnp.ones((n, n), dtype)
+  mm = jax.jit(lambda x, y: jax.lax.dot(x, y, preferred_element_type=jnp.float32))
+  best = min(_time(lambda: mm(a, b).block_until_ready(), 5) for _ in range(3))
+  return 2 * n**3 / best / 1e12
+
+
+def jax_train_step(model_name, batch, dtype, image_size):
+  """Returns (seconds per step, flops per step, eval images/s or None)."""
+  cfg = (base_config.resnet_model_config(model_name) if model_name.startswith("resnet")
+         else base_config.vit_model_config(model_name))
+  model = models.create_model(cfg, 1000, _DTYPES[dtype])
+  opt = base_config.get_base_config().optimizer
+  tx = optim.make_optimizer(opt, optim.learning_rate_schedule(opt, 1000))
+  loss_fn = losses.get_loss_fn(base_config.get_base_config().loss)
+  scaling = steps.LossScaling(enabled=dtype == "float16")
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, loss_fn=loss_fn,
+                                   scaling=scaling), donate_argnums=0)
+  state = steps.create_train_state(model, tx, image_size, seed=0)
+  rng = np.random.default_rng(0)
+  data = {"image": jnp.asarray(rng.normal(size=(batch, image_size, image_size, 3)), jnp.float32),
+          "targets": jax.nn.one_hot(rng.integers(0, 1000, batch), 1000)}
+  compiled = step.lower(state, data).compile()
+  flops = compiled.cost_analysis()["flops"]
+  holder = [state]
+
+  def run():
+    holder[0], m = step(holder[0], data)
+    m["loss"].block_until_ready()
+
+  seconds = _time(run, _STEPS.value)
+  eval_rate = None
+  if _EVAL.value:
+    variables = {"params": holder[0].params}
+    if holder[0].batch_stats:
+      variables["batch_stats"] = holder[0].batch_stats
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    eval_rate = batch / _time(lambda: forward(variables, data["image"]).block_until_ready(),
+                              _STEPS.value)
+  return seconds, flops, eval_rate
+
+
+def torch_train_step(model_name, batch, dtype, image_size):
+  """Seconds per AdamW step of the Hugging Face model, or None if unavailable."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  torch.manual_seed(0)
+  if model_name.startswith("vit"):
+    sizes = {"vit_b16": (768, 12, 12, 3072, 16), "vit_s16": (384, 12, 6, 1536, 16),
+             "vit_ti16": (192, 12, 3, 768, 16), "vit_b32": (768, 12, 12, 3072, 32),
+             "vit_l16": (1024, 24, 16, 4096, 16)}[model_name]
+    config = transformers.ViTConfig(hidden_size=sizes[0], num_hidden_layers=sizes[1],
+                                    num_attention_heads=sizes[2], intermediate_size=sizes[3],
+                                    patch_size=sizes[4], image_size=image_size, num_labels=1000)
+    model = transformers.ViTForImageClassification(config)
+  else:
+    depths = {"resnet50": [3, 4, 6, 3], "resnet101": [3, 4, 23, 3]}[model_name]
+    model = transformers.ResNetForImageClassification(transformers.ResNetConfig(
+        depths=depths, layer_type="bottleneck", num_labels=1000))
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+  x = torch.randn(batch, 3, image_size, image_size)
+  y = torch.randint(0, 1000, (batch,))
+
+  def run():
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+      loss = torch.nn.functional.cross_entropy(model(pixel_values=x).logits, y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+  return _time(run, _STEPS.value)
+
+
+def main(argv):
+  del argv
+  name, batch, dtype = _MODEL.value, _BATCH.value, _DTYPE.value
+  peak = peak_matmul_tflops(jnp.float32 if dtype == "float32" else _DTYPES[dtype])
+  seconds, flops, eval_rate = jax_train_step(name, batch, dtype, _IMAGE.value)
+  achieved = flops / seconds / 1e12
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
+  print(f"model={name} batch={batch} dtype={dtype} image={_IMAGE.value}")
+  print(f"peak matmul ({'float32' if dtype == 'float32' else dtype} in, float32 accumulate): "
+        f"{peak:.3f} TFLOP/s")
+  print(f"jax train step: {seconds * 1e3:.1f} ms/step, {batch / seconds:.2f} img/s, "
+        f"{flops / 1e9:.1f} GFLOP/step, {achieved:.3f} TFLOP/s, MFU {achieved / peak:.1%}")
+  if eval_rate is not None:
+    print(f"jax inference: {eval_rate:.2f} img/s")
+  if _TORCH.value:
+    torch_seconds = torch_train_step(name, batch, dtype, _IMAGE.value)
+    if torch_seconds is None:
+      print("pytorch: not installed (pip install torch==2.13.0 transformers)")
+    else:
+      print(f"pytorch (HF, AdamW{', autocast bf16' if dtype == 'bfloat16' else ''}): "
+            f"{torch_seconds * 1e3:.1f} ms/step, {batch / torch_seconds:.2f} img/s; "
+            f"jax/pytorch speed ratio {torch_seconds / seconds:.2f}x")
+
+
+if __name__ == "__main__":
+  app.run(main)

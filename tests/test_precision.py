@@ -1,0 +1,65 @@
+"""float32-accumulating low-precision matmuls: values and gradients against float32."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax_ft.models import precision
+
+SPECS = [
+    ("bld,dk->blk", (2, 5, 16), (16, 8)),
+    ("bld,dhk->blhk", (2, 5, 16), (16, 2, 4)),
+    ("blhk,hkd->bld", (2, 5, 2, 4), (2, 4, 16)),
+    ("bqhd,bkhd->bhqk", (2, 5, 2, 4), (2, 7, 2, 4)),
+    ("bhqk,bkhd->bqhd", (2, 2, 5, 7), (2, 7, 2, 4)),
+]
+
+
+@pytest.mark.parametrize("spec,sa,sb", SPECS)
+def test_einsum_and_grads_match_float32(spec, sa, sb):
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=sa).astype(np.float32), rng.normal(size=sb).astype(np.float32)
+  # Round the inputs to bfloat16 first so only accumulation/output rounding differs.
+  a16, b16 = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
+  a32, b32 = a16.astype(jnp.float32), b16.astype(jnp.float32)
+  w = jnp.asarray(rng.normal(size=jnp.einsum(spec, a32, b32).shape), jnp.float32)
+
+  def loss16(x, y):
+    return jnp.sum(precision.einsum(spec, x, y).astype(jnp.float32) * w)
+
+  def loss32(x, y):
+    return jnp.sum(jnp.einsum(spec, x, y) * w)
+
+  out = jax.jit(precision.einsum, static_argnums=0)(spec, a16, b16)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out.astype(np.float32), jnp.einsum(spec, a32, b32),
+                             rtol=2e-2, atol=2e-2)
+  g16 = jax.jit(jax.grad(loss16, argnums=(0, 1)))(a16, b16)
+  g32 = jax.grad(loss32, argnums=(0, 1))(a32, b32)
+  for got, want in zip(g16, g32):
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=3e-2, atol=5e-2)
+
+
+def test_dot_general_matches_lax_for_dense_layouts():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(3, 4, 6)), jnp.bfloat16)
+  cases = [((4, 6, 5)[1:], (((2,), (0,)), ((), ()))),           # Dense: [..., in] x [in, out]
+           ((6, 2, 3), (((2,), (0,)), ((), ()))),                # DenseGeneral to heads
+           ((4, 6, 2), (((1, 2), (0, 1)), ((), ())))]            # DenseGeneral from heads
+  for shape, dims in cases:
+    k = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    got = precision.dot_general(x, k, dims)
+    want = jax.lax.dot_general(x.astype(jnp.float32), k.astype(jnp.bfloat16).astype(jnp.float32),
+                               dims)
+    assert got.dtype == jnp.bfloat16 and got.shape == want.shape
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-2, atol=3e-2)
+
+
+def test_attention_matches_flax_in_float32():
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 5, 2, 4)), jnp.float32) for _ in range(3))
+  np.testing.assert_allclose(precision.attention(q, k, v, deterministic=True),
+                             nn.dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6)
