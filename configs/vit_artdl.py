@@ -8,8 +8,9 @@ from vit_jax_ft import base_config
 
 ARTDL_HELP = (
     "ArtDL: download the images and labels from https://artdl.org/ (10 Iconclass classes), "
-    "prepare them into TFRecords (README, 'Your own data') and pass "
-    "--config.data.dir=PREPARED_DIR.")
+    "then prepare them: python -m vit_jax_ft.data.prepare --source=ARTDL/labels.csv "
+    "--path_column=file --label_column=iconclass --split_column=split --max_side=512 "
+    "--out=PREPARED_DIR, and pass --config.data.dir=PREPARED_DIR (README: 'Your own data').")
 
 
 def get_config():

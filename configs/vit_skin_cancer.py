@@ -7,9 +7,11 @@ cross-entropy. Set --config.data.dir to a prepared skin-lesion dataset.
 from vit_jax_ft import base_config
 
 SKIN_HELP = (
-    "Skin lesions: download the ISIC 2019 or HAM10000 images (https://challenge.isic-archive.com/ "
-    "or https://doi.org/10.7910/DVN/DBW86T), prepare them into TFRecords with a lesion-aware "
-    "split (README, 'Your own data') and pass --config.data.dir=PREPARED_DIR.")
+    "Skin lesions: download HAM10000 (https://doi.org/10.7910/DVN/DBW86T) or an ISIC class-folder "
+    "set, then prepare it with a lesion-aware split: python -m vit_jax_ft.data.prepare "
+    "--source=HAM10000/HAM10000_metadata.csv --id_column=image_id --label_column=dx "
+    "--group_column=lesion_id --max_side=512 --out=PREPARED_DIR, and pass "
+    "--config.data.dir=PREPARED_DIR (README: 'Your own data').")
 
 
 def get_config():

@@ -12,7 +12,8 @@ from vit_jax_ft import base_config
 from vit_jax_ft import main as main_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ["demo", "vit_artdl", "vit_skin_cancer", "resnet_artdl", "resnet_skin_cancer"]
+CONFIGS = ["demo", "vit_artdl", "vit_skin_cancer", "resnet_artdl", "resnet_skin_cancer",
+           "vit_multilabel_csv"]
 
 
 def load(name):
