@@ -127,6 +127,11 @@ def test_resnet_export_loads_in_transformers(tmp_path):
   hf_export.export_huggingface(str(workdir), out)
   _check_transformers_parity(model, params, batch_stats, out,
                              transformers.ResNetForImageClassification, 64, "imagenet")
+  back = pretrained.convert(out)  # HF basic-block ResNets convert back exactly.
+  assert back.metadata["architecture"]["name"] == "resnet18"
+  for ours, theirs in ((params, back.params), (batch_stats, back.batch_stats)):
+    for path, value in conversion.flatten(ours).items():
+      np.testing.assert_array_equal(conversion.flatten(theirs)[path], value)
 
 
 def test_keras_style_resnet_is_refused(tmp_path):

@@ -134,6 +134,9 @@ def test_detect_format(tmp_path, npz_path):
   assert pretrained.detect_format(str(tmp_path / "w.pth")) == "state_dict"
   assert pretrained.detect_format(str(tmp_path / "tfjs")) == "keras_tfjs"
   assert pretrained.detect_format("google/vit-base-patch16-224") == "hub"
+  assert pretrained.detect_format("timm/resnet50.a1_in1k@main") == "hub"
+  with pytest.raises(pretrained.CheckpointFileError, match="not found"):
+    pretrained.detect_format("checkpoints/vit_b16.npz")  # A typo'd path, not a Hub id.
   with pytest.raises(pretrained.CheckpointFileError, match="not found"):
     pretrained.detect_format(str(tmp_path / "missing" / "file.npz"))
   with pytest.raises(pretrained.ConversionError, match="Cannot tell"):

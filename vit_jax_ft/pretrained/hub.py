@@ -35,8 +35,15 @@ class SourceUnavailableError(ValueError):
   """A Hub id could not be fetched (offline, unknown repo, ...)."""
 
 
+# A missing path that ends like a checkpoint file is a typo, not a Hub repo.
+_FILE_SUFFIXES = (".npz", ".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".hdf5",
+                  ".json")
+
+
 def looks_like_hub_id(source: str) -> bool:
-  return not os.path.exists(source) and bool(_HUB_ID.fullmatch(source))
+  if os.path.exists(source) or source.startswith(("/", ".", "~")):
+    return False
+  return bool(_HUB_ID.fullmatch(source)) and not source.lower().endswith(_FILE_SUFFIXES)
 
 
 def read_folder_weights(folder: str) -> tensor_files.TensorFile:

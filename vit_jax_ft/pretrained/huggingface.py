@@ -170,7 +170,9 @@ def convert_vit(tensors: tensor_files.TensorFile, config: Mapping[str, Any], *, 
   tensors = conversion.strip_prefix(tensors, ("vit.",))
   hidden = tensors.shape("embeddings.cls_token")[-1]
   num_heads = int(config.get("num_attention_heads", _default_heads(hidden)))
-  params, _, unused = conversion.apply_rules(tensors, vit_rules(num_heads))
+  # mask_token only serves masked-image-modelling pretraining.
+  params, _, unused = conversion.apply_rules(tensors, vit_rules(num_heads),
+                                             ignore=(r"embeddings\.mask_token",))
   conversion.check_unused(unused, tensors.path, strict)
   return conversion.make_converted(
       params, {}, source=source, fmt="huggingface", normalization=normalization,
