@@ -6,6 +6,7 @@ BatchNorm statistics moved off their initial values), saved with
 photos; logits and pooled features must agree within 1e-4 in float32.
 """
 
+import json
 import time
 
 import jax
@@ -157,3 +158,35 @@ def test_hub_id_fails_fast_when_unreachable(monkeypatch, tmp_path):
   with pytest.raises(pretrained.SourceUnavailableError, match=r"Cannot reach.*--local-dir"):
     pretrained.convert("google/vit-base-patch16-224")
   assert time.monotonic() - start < 10
+
+
+def _tiny_vit_config(**kw):
+  return transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, image_size=32, patch_size=8, **kw)
+
+
+def test_vit_model_without_head_keeps_pooler_as_pre_logits(tmp_path):
+  torch.manual_seed(0)
+  model = transformers.ViTModel(_tiny_vit_config(hidden_act="gelu_pytorch_tanh"))
+  testing.perturb_torch_model(model)
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  converted = pretrained.convert(str(tmp_path))
+  meta = converted.metadata
+  assert meta["num_classes_original"] == 0 and meta["architecture"]["representation_size"] == 32
+  assert meta["model_options"]["gelu_approximate"] is True
+  ours = vit.VisionTransformer(num_classes=0, patch_size=8, hidden_size=32, num_layers=2,
+                               num_heads=2, mlp_dim=64, representation_size=32,
+                               **meta["model_options"])
+  x = np.random.default_rng(0).standard_normal((2, 32, 32, 3), dtype=np.float32)
+  with torch.no_grad():
+    ref = model(testing.torch_nchw(x)).pooler_output.numpy()
+  np.testing.assert_allclose(_apply(ours, {"params": converted.params}, x), ref, atol=ATOL)
+
+
+def test_config_that_disagrees_with_weights_is_refused(tmp_path):
+  model = transformers.ViTForImageClassification(_tiny_vit_config(num_labels=3))
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  config = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=12)))
+  with pytest.raises(pretrained.ConversionError, match="num_hidden_layers=12"):
+    pretrained.convert(str(tmp_path))

@@ -220,14 +220,14 @@ def make_converted(params: dict, batch_stats: dict, *, source: str, fmt: str,
       "source": source,
       "format": fmt,
       "architecture": arch,
-      "image_size": image_size or arch.pop("image_size", None) or 224,
+      # A ViT's position-embedding grid says its resolution better than any config.
+      "image_size": arch.pop("image_size", None) or image_size or 224,
       "num_classes_original": architecture.num_classes_of(params),
       "normalization": normalization,
       "model_options": dict(model_options),
       "unused_source_keys": list(unused),
       "converter_version": CONVERTER_VERSION,
   }
-  arch.pop("image_size", None)
   if class_names is not None:
     metadata["class_names"] = list(class_names)
   return Converted(params=params, batch_stats=batch_stats, metadata=metadata)

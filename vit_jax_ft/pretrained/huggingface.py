@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from vit_jax_ft.pretrained import architecture
 from vit_jax_ft.pretrained import conversion
 from vit_jax_ft.pretrained import hub
 from vit_jax_ft.pretrained import tensor_files
@@ -174,6 +175,9 @@ def convert_vit(tensors: tensor_files.TensorFile, config: Mapping[str, Any], *, 
   params, _, unused = conversion.apply_rules(tensors, vit_rules(num_heads),
                                              ignore=(r"embeddings\.mask_token",))
   conversion.check_unused(unused, tensors.path, strict)
+  _check_config_agrees(config, architecture.vit_from_params(params), tensors.path, {
+      "hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
+      "intermediate_size": "mlp_dim", "patch_size": "patch_size"})
   return conversion.make_converted(
       params, {}, source=source, fmt="huggingface", normalization=normalization,
       model_options={"gelu_approximate": _GELU_APPROXIMATE[act],
@@ -197,11 +201,28 @@ def convert_resnet(tensors: tensor_files.TensorFile, config: Mapping[str, Any], 
   tensors = conversion.strip_prefix(tensors, ("resnet.",))
   params, batch_stats, unused = conversion.apply_rules(tensors, RESNET_RULES, _RESNET_IGNORE)
   conversion.check_unused(unused, tensors.path, strict)
+  _check_config_agrees(config, architecture.resnet_from_params(params), tensors.path, {
+      "depths": "stage_sizes", "layer_type": "block", "embedding_size": "width"})
   variant = "v1" if config.get("downsample_in_bottleneck") else "v1.5"
   return conversion.make_converted(
       params, batch_stats, source=source, fmt="huggingface", normalization=normalization,
       model_options={"variant": variant, "conv_bias": False, "bn_epsilon": 1e-5},
       unused=unused, class_names=_class_names(config, params))
+
+
+def _check_config_agrees(config: Mapping[str, Any], arch: Mapping[str, Any], path: str,
+                         fields: Mapping[str, str]) -> None:
+  """config.json and the tensors' shapes must describe the same network."""
+  for config_key, arch_key in fields.items():
+    if config_key in config and list(_listify(config[config_key])) != list(
+        _listify(arch[arch_key])):
+      raise conversion.ConversionError(
+          f"{path}: config.json says {config_key}={config[config_key]!r} but the weights have "
+          f"{arch_key}={arch[arch_key]!r}; the folder mixes files of two models.")
+
+
+def _listify(x):
+  return x if isinstance(x, (list, tuple)) else [x]
 
 
 def _class_names(config: Mapping[str, Any], params: Mapping[str, Any]) -> list[str] | None:
