@@ -70,7 +70,8 @@ def test_vit_b16_logits_and_features_match_transformers(hf_vit_dir):
     ref_logits = out.logits.numpy()
     ref_features = hf_model.vit.layernorm(out.hidden_states[-1])[:, 0].numpy()
   print("ViT-B/16 max |logits diff|", np.abs(logits - ref_logits).max(),
-        "features", np.abs(features - ref_features).max())
+        "features", np.abs(features - ref_features).max(),
+        "max |logit|", np.abs(ref_logits).max())
   assert np.abs(ref_logits).max() > 0.1  # Not a trivially tiny output.
   np.testing.assert_allclose(logits, ref_logits, atol=ATOL, rtol=0)
   np.testing.assert_allclose(features, ref_features, atol=ATOL, rtol=0)
@@ -92,7 +93,8 @@ def test_resnet50_logits_and_features_match_transformers(hf_resnet_dir):
     ref_logits = hf_model(testing.torch_nchw(x)).logits.numpy()
     ref_features = hf_model.resnet(testing.torch_nchw(x)).pooler_output[:, :, 0, 0].numpy()
   print("ResNet-50 max |logits diff|", np.abs(logits - ref_logits).max(),
-        "features", np.abs(features - ref_features).max())
+        "features", np.abs(features - ref_features).max(),
+        "max |logit|", np.abs(ref_logits).max())
   assert np.abs(ref_logits).max() > 0.1
   np.testing.assert_allclose(logits, ref_logits, atol=ATOL, rtol=0)
   np.testing.assert_allclose(features, ref_features, atol=ATOL, rtol=0)
@@ -136,7 +138,8 @@ def test_resnet_options_are_checked(hf_resnet_dir, tmp_path):
   result = pretrained.load_for_finetuning(str(path), model, zeros(shapes["params"]),
                                           zeros(shapes["batch_stats"]), image_size=64,
                                           cache_dir=str(tmp_path), strict=False)
-  assert result.report.option_mismatch and len(result.report.loaded) == 53 * 5  # 53 convs + 53 BNs x 4
+  assert result.report.option_mismatch
+  assert len(result.report.loaded) == 53 * 5  # 53 convs + 53 BNs x 4
 
 
 def test_hub_id_fails_fast_offline(monkeypatch, tmp_path):

@@ -125,7 +125,8 @@ def test_timm_vit_safetensors_parity(vit_s16, tmp_path):
   logits = _apply(model, {"params": converted.params}, x)
   with torch.no_grad():
     ref = hf_model(testing.torch_nchw(x)).logits.numpy()
-  print("timm ViT-S/16 max |logits diff|", np.abs(logits - ref).max())
+  print("timm ViT-S/16 max |logits diff|", np.abs(logits - ref).max(), "max |logit|",
+        np.abs(ref).max())
   np.testing.assert_allclose(logits, ref, atol=ATOL, rtol=0)
 
 
@@ -157,7 +158,8 @@ def test_torchvision_resnet50_pth_parity(resnet50, tmp_path, monkeypatch, withou
   logits = _apply(model, {"params": converted.params, "batch_stats": converted.batch_stats}, x)
   with torch.no_grad():
     ref = hf_model(testing.torch_nchw(x)).logits.numpy()
-  print("torchvision ResNet-50 max |logits diff|", np.abs(logits - ref).max())
+  print("torchvision ResNet-50 max |logits diff|", np.abs(logits - ref).max(), "max |logit|",
+        np.abs(ref).max())
   np.testing.assert_allclose(logits, ref, atol=ATOL, rtol=0)
 
 

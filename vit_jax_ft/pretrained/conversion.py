@@ -178,7 +178,8 @@ def apply_rules(tensors: tensor_files.TensorFile, rules: Sequence[Rule],
   return trees["params"], trees["batch_stats"], sorted(unused)
 
 
-def strip_prefix(tensors: tensor_files.TensorFile, prefixes: Sequence[str]) -> tensor_files.TensorFile:
+def strip_prefix(tensors: tensor_files.TensorFile,
+                 prefixes: Sequence[str]) -> tensor_files.TensorFile:
   """Removes the first of `prefixes` that some names start with, from those names.
 
   E.g. 'vit.' in a ViTForImageClassification file, whose head `classifier.*`

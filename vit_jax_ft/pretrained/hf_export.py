@@ -85,7 +85,8 @@ def vit_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Our ViT params -> ViTForImageClassification tensor names (torch layouts)."""
   out = {
       "vit.embeddings.cls_token": params["cls"],
-      "vit.embeddings.position_embeddings": params["Transformer"]["posembed_input"]["pos_embedding"],
+      "vit.embeddings.position_embeddings":
+          params["Transformer"]["posembed_input"]["pos_embedding"],
       "vit.embeddings.patch_embeddings.projection.weight":
           np.transpose(params["embedding"]["kernel"], (3, 2, 0, 1)),
       "vit.embeddings.patch_embeddings.projection.bias": params["embedding"]["bias"],

@@ -49,7 +49,8 @@ def vit_rules(num_heads: int) -> tuple[conversion.Rule, ...]:
        lambda m: Target("params/Transformer/posembed_input/pos_embedding")),
       (r"embeddings\.patch_embeddings\.projection\.weight",
        lambda m: Target("params/embedding/kernel", conversion.torch_conv)),
-      (r"embeddings\.patch_embeddings\.projection\.bias", lambda m: Target("params/embedding/bias")),
+      (r"embeddings\.patch_embeddings\.projection\.bias",
+       lambda m: Target("params/embedding/bias")),
       (_LAYER + r"layernorm_(before|after)\.(weight|bias)",
        lambda m: Target(_BLOCK.format(m[1]) + ("LayerNorm_0" if m[2] == "before" else "LayerNorm_2")
                         + "/" + _NORM[m[3]])),
