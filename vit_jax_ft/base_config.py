@@ -30,7 +30,10 @@ FIELD_DOCS = {
     "keep_checkpoints": "How many of the most recent checkpoints to keep.",
     "best_metric": "Validation metric that selects the kept best checkpoint, e.g. 'accuracy'.",
     "best_mode": "'max' or 'min': whether a larger or smaller best_metric is better.",
-    "data.source": "'tfrecord' (a folder prepared by vit_jax_ft.data) or 'digits' (built-in demo).",
+    "init_from": "Pretrained weights: a converted dir, .npz, HF folder or id, timm/torchvision/Keras file.",
+    "init_strict": "Fail unless every backbone parameter loads and nothing in the checkpoint is unused.",
+    "init_cache_dir": "Where raw sources are cached after conversion (default ~/.cache/vit_jax_ft).",
+    "data.source": "'tfrecord' (a folder prepared by vit_jax_ft.data), 'tfds' (a prepared tensorflow-datasets dataset) or 'digits' (built-in demo).",
     "data.dir": "Folder with dataset_info.json and TFRecords. For 'digits', defaults to WORKDIR/data.",
     "data.help": "What to tell a user whose data.dir is missing (where to get the data).",
     "data.image_size": "Side of the square model input in pixels.",
@@ -38,11 +41,27 @@ FIELD_DOCS = {
     "data.val_split": "Name of the split used for periodic evaluation and the best checkpoint.",
     "data.test_split": "Name of the split evaluated once at the end ('' to skip).",
     "data.shuffle_buffer": "Examples in the tf.data shuffle buffer.",
-    "data.normalization": "Input scaling: 'imagenet' (mean/std), 'minus_one_to_one', 'zero_one' or 'caffe_bgr' (Keras).",
+    "data.normalization": "Input scaling: 'auto' (what init_from's weights expect, else 'imagenet'), 'imagenet' (mean/std), 'minus_one_to_one', 'zero_one' or 'caffe_bgr' (Keras).",
     "data.crop": "Train crop: 'random_resized' (Inception-style) or 'none' (resize only).",
     "data.crop_min_scale": "Smallest area fraction of the random-resized crop.",
     "data.flip": "Random horizontal flips during training.",
     "data.eval_crop_fraction": "Eval: resize to image_size / fraction, then centre-crop image_size.",
+    "data.tfds_name": "source='tfds': dataset name, optionally with config and version, e.g. 'food101' or 'food101/2.0.0'.",
+    "data.tfds_dir": "source='tfds': the data_dir it was prepared into (`tfds build --data_dir`); default $TFDS_DATA_DIR or ~/tensorflow_datasets. Never downloads.",
+    "data.sampler": "Train sampling: 'none' (data as is), 'sqrt' (class shares ~ sqrt(count)) or 'balanced' (uniform over classes); multi-label: by each example's rarest label.",
+    "data.randaugment_layers": "RandAugment: ops applied per image (N; TF Model Garden recipe: 2); 0 disables.",
+    "data.randaugment_magnitude": "RandAugment: shared magnitude M in [0, 10] (recipe: 10); see vit_jax_ft/augment.py for each op.",
+    "data.randaugment_exclude_ops": "RandAugment: comma-separated ops never chosen, e.g. 'Invert,Solarize,Posterize'.",
+    "data.randaugment_cutout": "RandAugment: Cutout half side in pixels at magnitude 10 (recipe: 40).",
+    "data.randaugment_translate": "RandAugment: TranslateX/Y shift in pixels at magnitude 10 (recipe: 100).",
+    "data.jitter_brightness": "Colour jitter (before RandAugment): brightness factor in [1-x, 1+x]; 0 disables.",
+    "data.jitter_contrast": "Colour jitter: contrast factor in [1-x, 1+x]; 0 disables.",
+    "data.jitter_saturation": "Colour jitter: saturation factor in [1-x, 1+x]; 0 disables.",
+    "data.jitter_hue": "Colour jitter: hue shift in [-x, x] turns (x <= 0.5); 0 disables.",
+    "data.mixup_alpha": "Mixup: Beta(alpha, alpha) mixing weight per example (e.g. 0.8); 0 disables.",
+    "data.cutmix_alpha": "CutMix: Beta(alpha, alpha) kept area per example (e.g. 1.0); 0 disables.",
+    "data.mix_prob": "Probability that a train batch is mixed at all (Mixup/CutMix).",
+    "data.mix_switch_prob": "With both enabled: probability of CutMix rather than Mixup for a batch.",
     "model.name": "Architecture: " + ", ".join(list(vit_lib.VIT_PRESETS) + ["vit"]
                                                + list(resnet_lib.RESNET_PRESETS)) + ".",
     "model.patch_size": "ViT: override the preset's patch size (required for name='vit').",
@@ -135,6 +154,9 @@ def get_base_config() -> config_dict.ConfigDict:
   c.keep_checkpoints = 2
   c.best_metric = "accuracy"
   c.best_mode = "max"
+  c.init_from = placeholder(str)
+  c.init_strict = True
+  c.init_cache_dir = placeholder(str)
 
   c.data = config_dict.ConfigDict(dict(
       source="tfrecord",
@@ -145,11 +167,27 @@ def get_base_config() -> config_dict.ConfigDict:
       val_split="val",
       test_split="test",
       shuffle_buffer=2048,
-      normalization="imagenet",
+      normalization="auto",
       crop="random_resized",
       crop_min_scale=0.08,
       flip=True,
       eval_crop_fraction=0.875,
+      tfds_name=placeholder(str),
+      tfds_dir=placeholder(str),
+      sampler="none",
+      randaugment_layers=0,
+      randaugment_magnitude=10.0,
+      randaugment_exclude_ops="",
+      randaugment_cutout=40,
+      randaugment_translate=100,
+      jitter_brightness=0.0,
+      jitter_contrast=0.0,
+      jitter_saturation=0.0,
+      jitter_hue=0.0,
+      mixup_alpha=0.0,
+      cutmix_alpha=0.0,
+      mix_prob=1.0,
+      mix_switch_prob=0.5,
   ))
   c.model = vit_model_config("vit_b16")
   c.optimizer = config_dict.ConfigDict(dict(

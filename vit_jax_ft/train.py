@@ -85,6 +85,41 @@ def _class_weights(config: ml_collections.ConfigDict, info: dict):
   return weights
 
 
+def init_from_pretrained(config, model, state, workdir: str):
+  """Loads config.init_from into a fresh state; writes WORKDIR/pretrained.json.
+
+  Strict by default: fails before the first step if any backbone parameter
+  is not in the checkpoint or the checkpoint holds parameters nobody uses.
+  """
+  from vit_jax_ft import pretrained  # pylint: disable=g-import-not-at-top
+  result = pretrained.load_for_finetuning(
+      config.init_from, model, jax.device_get(state.params), jax.device_get(state.batch_stats),
+      image_size=config.data.image_size, strict=config.init_strict,
+      cache_dir=config.init_cache_dir)
+  # loading.py has logged the parameter report; the fingerprint lets two runs
+  # check that they started from the same weights.
+  logging.info("Pretrained backbone fingerprint: %s", result.fingerprint)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "pretrained.json"), "w") as f:
+      json.dump({"fingerprint": result.fingerprint, "report": str(result.report),
+                 "metadata": result.metadata}, f, indent=2, default=str)
+  return state.replace(params=result.params, batch_stats=result.batch_stats), result.metadata
+
+
+def resolve_normalization(config: ml_collections.ConfigDict, workdir: str,
+                          metadata: dict | None) -> str:
+  """data.normalization, with 'auto' taken from the pretrained weights' metadata."""
+  mode = config.data.normalization
+  if mode != "auto":
+    return mode
+  if not config.init_from:
+    return "imagenet"
+  if metadata is None:  # Resuming: the weights were loaded by the first run.
+    with open(os.path.join(workdir, "pretrained.json")) as f:
+      metadata = json.load(f)["metadata"]
+  return metadata["normalization"]
+
+
 def evaluate(eval_fn, state, config, data_dir, info, split, sharding) -> dict:
   """Exact metrics over a whole split (padded batches, masked)."""
   total = None
@@ -151,10 +186,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     state = checkpoints.restore(last_ckpt, abstract)
     logging.info("Resumed from %s at step %d.", last_ckpt.directory, int(state.step))
-  best = checkpoints.best_value(best_ckpt, config.best_metric)
-  if jax.process_index() == 0:
+  metadata = None
+  if last_ckpt.latest_step() is None and config.init_from:
+    state, metadata = init_from_pretrained(config, model, state, workdir)
+    state = jax.device_put(state, replicated)
+  elif not config.init_from:
+    logging.warning("No config.init_from: training %s from random initialisation.",
+                    config.model.name)
+  config = config.copy_and_resolve_references()
+  config.data.normalization = resolve_normalization(config, workdir, metadata)
+  logging.info("Input normalisation: %s.", config.data.normalization)
+  if jax.process_index() == 0:  # The config as run ('auto' resolved), to reproduce it.
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+  best = checkpoints.best_value(best_ckpt, config.best_metric)
 
   # Per-step scalars (the learning rate) go to TensorBoard only; the console
   # sees the averaged metrics every log_every_steps.
