@@ -51,7 +51,7 @@ RANDAUGMENT_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", 
 _MAX_LEVEL = 10.0
 _FILL = 128  # grey fill of the geometric ops and Cutout, as in the recipe
 
-_GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # tf.image.rgb_to_grayscale's weights
+_GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as PIL and torchvision (sums to 1)
 
 
 def parse_ops(exclude_ops: str | Sequence[str]) -> tuple[str, ...]:
