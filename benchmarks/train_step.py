@@ -36,6 +36,7 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after one warm-up step).
 _IMAGE = flags.DEFINE_integer("image_size", 224, "Input resolution.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the Hugging Face PyTorch model if installed.")
 _EVAL = flags.DEFINE_bool("eval", True, "Also time inference (eval forward pass).")
+_REMAT = flags.DEFINE_bool("remat", True, "Also compile with model.remat=True and compare memory.")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -59,10 +60,11 @@ def peak_matmul_tflops(dtype) -> float:
   return 2 * n**3 / best / 1e12
 
 
-def jax_train_step(model_name, batch, dtype, image_size):
-  """Returns (seconds per step, flops per step, eval images/s or None)."""
+def _setup(model_name, batch, dtype, image_size, remat=False):
+  """(jitted step, state, batch, model) for a 1000-class model."""
   cfg = (base_config.resnet_model_config(model_name) if model_name.startswith("resnet")
          else base_config.vit_model_config(model_name))
+  cfg.remat = remat
   model = models.create_model(cfg, 1000, _DTYPES[dtype])
   opt = base_config.get_base_config().optimizer
   tx = optim.make_optimizer(opt, optim.learning_rate_schedule(opt, 1000))
@@ -74,6 +76,18 @@ def jax_train_step(model_name, batch, dtype, image_size):
   rng = np.random.default_rng(0)
   data = {"image": jnp.asarray(rng.normal(size=(batch, image_size, image_size, 3)), jnp.float32),
           "targets": jax.nn.one_hot(rng.integers(0, 1000, batch), 1000)}
+  return step, state, data, model
+
+
+def peak_temp_memory_gib(model_name, batch, dtype, image_size, remat) -> float:
+  """XLA's temporary-buffer size for one train step (activations dominate)."""
+  step, state, data, _ = _setup(model_name, batch, dtype, image_size, remat)
+  return step.lower(state, data).compile().memory_analysis().temp_size_in_bytes / 2**30
+
+
+def jax_train_step(model_name, batch, dtype, image_size):
+  """Returns (seconds per step, flops per step, eval images/s or None)."""
+  step, state, data, model = _setup(model_name, batch, dtype, image_size)
   compiled = step.lower(state, data).compile()
   flops = compiled.cost_analysis()["flops"]
   holder = [state]
@@ -143,6 +157,9 @@ def main(argv):
         f"{flops / 1e9:.1f} GFLOP/step, {achieved:.3f} TFLOP/s, MFU {achieved / peak:.1%}")
   if eval_rate is not None:
     print(f"jax inference: {eval_rate:.2f} img/s")
+  if _REMAT.value:
+    plain, remat = (peak_temp_memory_gib(name, batch, dtype, _IMAGE.value, r) for r in (False, True))
+    print(f"train-step temporary memory (XLA): {plain:.2f} GiB, with model.remat {remat:.2f} GiB")
   if _TORCH.value:
     torch_seconds = torch_train_step(name, batch, dtype, _IMAGE.value)
     if torch_seconds is None:
