@@ -9,6 +9,7 @@ resize, so every decoded, augmented image can be traced back to its record.
 
 import io
 import itertools
+import time
 import os
 
 import numpy as np
@@ -30,7 +31,7 @@ SIZE = 8       # model input side
 
 
 def _red(index):
-  return 8 + 15 * index
+  return 8 + 10 * index  # up to index 24
 
 
 def _green(label):
@@ -38,7 +39,7 @@ def _green(label):
 
 
 def _label_of(index):
-  return (3 * index + 1) % NUM_CLASSES
+  return (2 * index + 1) % NUM_CLASSES
 
 
 def _png(array, mode=None):
@@ -105,7 +106,7 @@ def _decode_ids(images):
   # Constant channels must have stayed constant through crop/flip/resize.
   assert np.abs(red - red[:, :1, :1]).max() < 1e-2
   assert np.abs(green - green[:, :1, :1]).max() < 1e-2
-  index = (red[:, 0, 0] - 8) / 15
+  index = (red[:, 0, 0] - 8) / 10
   label = (green[:, 0, 0] - 30) / 80
   np.testing.assert_allclose(index, np.round(index), atol=1e-3)
   np.testing.assert_allclose(label, np.round(label), atol=1e-3)
@@ -442,3 +443,248 @@ def test_digits_through_the_eval_pipeline(digits_dataset):
   assert batches[-1]['mask'].sum() == 180 - 128
   targets = np.concatenate([b['targets'][b['mask'] > 0] for b in batches])
   np.testing.assert_array_equal(targets.sum(0), info['splits']['val']['class_counts'])
+
+
+# ----------------------------------------------------------------------------
+# Train augmentations and Mixup/CutMix in the stream.
+# ----------------------------------------------------------------------------
+
+_AUGMENTED = dict(randaugment_layers=2, randaugment_magnitude=9.0, jitter_brightness=0.3,
+                  jitter_saturation=0.3, jitter_hue=0.05, mixup_alpha=0.8, cutmix_alpha=1.0)
+
+
+@pytest.mark.parametrize('start_step', [2, 7])
+def test_resume_with_augmentations_and_mixing(dataset, start_step):
+  fresh = _take(_train(dataset, batch_size=4, **_AUGMENTED), start_step + 2)
+  resumed = _take(_train(dataset, batch_size=4, start_step=start_step, **_AUGMENTED), 2)
+  for want, got in zip(fresh[start_step:], resumed):
+    np.testing.assert_array_equal(got['image'], want['image'])
+    np.testing.assert_array_equal(got['targets'], want['targets'])
+  # The augmentations are really on: pixels differ from the plain stream's,
+  # and targets are mixed (soft) yet still sum to 1.
+  plain = _take(_train(dataset, batch_size=4), start_step + 2)
+  for a, b in zip(plain, fresh):
+    assert not np.allclose(a['image'], b['image'], atol=1e-3)
+  targets = np.concatenate([b['targets'] for b in fresh])
+  np.testing.assert_allclose(targets.sum(1), 1.0, atol=1e-6)
+  assert (targets.max(1) < 0.99).mean() > 0.5
+
+
+def test_augmented_stream_depends_on_the_seed_only(dataset):
+  a = _take(_train(dataset, seed=3, **_AUGMENTED), 3)
+  b = _take(_train(dataset, seed=3, **_AUGMENTED), 3)
+  c = _take(_train(dataset, seed=4, **_AUGMENTED), 3)
+  for x, y, z in zip(a, b, c):
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['targets'], y['targets'])
+    assert not np.array_equal(x['image'], z['image'])
+
+
+def test_randaugment_keeps_crops_flips_and_labels(dataset):
+  # At magnitude 0 the geometric ops are the identity (augment.py), so the
+  # stream is the plain one rounded to 8 bits: RandAugment draws from its
+  # own random stream and leaves the crop/flip keys alone.
+  plain = _take(_train(dataset, batch_size=5), 2)
+  geometric = 'AutoContrast,Equalize,Invert,Posterize,Solarize,Color,Contrast,Brightness,Sharpness'
+  ra = _take(_train(dataset, batch_size=5, randaugment_layers=2, randaugment_magnitude=0.0,
+                    randaugment_exclude_ops=geometric), 2)
+  for p, r in zip(plain, ra):
+    np.testing.assert_allclose(r['image'] * 255.0, np.round(p['image'] * 255.0), atol=1e-3)
+    np.testing.assert_array_equal(r['targets'], p['targets'])
+  strong = _take(_train(dataset, batch_size=5, randaugment_layers=2), 2)
+  changed = [not np.allclose(s, p, atol=2 / 255) for b, c in zip(strong, plain)
+             for s, p in zip(b['image'], c['image'])]
+  assert np.mean(changed) > 0.5
+  for s, p in zip(strong, plain):
+    np.testing.assert_array_equal(s['targets'], p['targets'])  # no mixing: labels untouched
+
+
+def test_mixup_alone_mixes_every_batch_pairwise(dataset):
+  (batch,) = _take(_train(dataset, batch_size=4, mixup_alpha=1.0), 1)
+  (plain,) = _take(_train(dataset, batch_size=4), 1)
+  lam = batch['targets'][np.arange(4), plain['targets'].argmax(1)]
+  for i in range(4):
+    if plain['targets'][i].argmax() == plain['targets'][3 - i].argmax():
+      continue  # same class: the weight is not visible in the targets
+    want = lam[i] * plain['image'][i] + (1 - lam[i]) * plain['image'][3 - i]
+    np.testing.assert_allclose(batch['image'][i], want, atol=1e-5)
+
+
+@pytest.mark.parametrize('overrides, match', [
+    (dict(sampler='uniform'), 'data.sampler'),
+    (dict(randaugment_layers=2, randaugment_exclude_ops='Shear'), "'Shear'"),
+    (dict(randaugment_layers=1, randaugment_magnitude=12.0), 'randaugment_magnitude'),
+    (dict(mixup_alpha=0.8, mix_prob=2.0), 'mix_prob'),
+    (dict(jitter_hue=0.7), 'jitter_hue'),
+])
+def test_invalid_train_settings_fail_before_reading(dataset, overrides, match):
+  with pytest.raises(ValueError, match=match):
+    _train(dataset, **overrides)
+
+
+# ----------------------------------------------------------------------------
+# Class-balanced sampler.
+# ----------------------------------------------------------------------------
+
+_IMBALANCED = [16, 6, 2]  # train examples per class
+
+
+@pytest.fixture(scope='module')
+def imbalanced(tmp_path_factory):
+  out = tmp_path_factory.mktemp('imbalanced')
+  labels = [c for c, n in enumerate(_IMBALANCED) for _ in range(n)]
+  examples = [(_png(_coded_image(i, c)), [c], f'x{i}') for i, c in enumerate(labels)]
+  return str(out), _write_dataset(out, {'train': examples})
+
+
+def _class_counts(dataset, sampler, steps, seed=0):
+  batches = _take(_train(dataset, batch_size=8, seed=seed, sampler=sampler), steps)
+  index, label = _decode_ids(np.concatenate([b['image'] for b in batches]))
+  targets = np.concatenate([b['targets'] for b in batches])
+  np.testing.assert_array_equal(targets.argmax(1), label)
+  return np.bincount(label, minlength=3), index
+
+
+def _chi_square(counts, shares):
+  expected = np.asarray(shares) / np.sum(shares) * np.sum(counts)
+  return float(np.sum((counts - expected) ** 2 / expected))
+
+
+def test_plain_stream_follows_the_data(imbalanced):
+  counts, _ = _class_counts(imbalanced, 'none', 60)  # 480 examples = 20 epochs of 24
+  np.testing.assert_array_equal(counts, np.array(_IMBALANCED) * 20)
+
+
+def test_balanced_sampler_is_near_uniform(imbalanced):
+  counts, index = _class_counts(imbalanced, 'balanced', 60)
+  # Chi-square with 2 degrees of freedom: 13.8 is the 0.1% tail.
+  assert _chi_square(counts, [1, 1, 1]) < 13.8, counts
+  assert _chi_square(counts, _IMBALANCED) > 200  # and far from the data's shares
+  # Every example is used, the two of the rarest class about 80 times each.
+  assert set(index) == set(range(sum(_IMBALANCED)))
+  rare = np.bincount(index, minlength=24)[22:]
+  assert np.all((rare > 50) & (rare < 110)), rare
+
+
+def test_sqrt_sampler_shares(imbalanced):
+  counts, _ = _class_counts(imbalanced, 'sqrt', 60)
+  assert _chi_square(counts, np.sqrt(_IMBALANCED)) < 13.8, counts
+
+
+@pytest.mark.parametrize('start_step', [3, 11])
+def test_balanced_sampler_resumes_exactly(imbalanced, start_step):
+  fresh = _take(_train(imbalanced, batch_size=8, sampler='balanced', randaugment_layers=1),
+                start_step + 2)
+  resumed = _take(_train(imbalanced, batch_size=8, sampler='balanced', randaugment_layers=1,
+                         start_step=start_step), 2)
+  for want, got in zip(fresh[start_step:], resumed):
+    np.testing.assert_array_equal(got['image'], want['image'])
+    np.testing.assert_array_equal(got['targets'], want['targets'])
+
+
+def test_balanced_sampler_multilabel_favours_the_rare_label(tmp_path):
+  # Label 2 is on 2 of 20 examples, always together with label 0.
+  labels = [[0]] * 12 + [[1]] * 6 + [[0, 2]] * 2
+  examples = [(_png(_coded_image(i, 0)), ls, f'm{i}') for i, ls in enumerate(labels)]
+  info = _write_dataset(tmp_path, {'train': examples}, multilabel=True)
+  data = (str(tmp_path), info)
+
+  def label_shares(sampler):
+    batches = _take(_train(data, batch_size=10, sampler=sampler), 40)
+    targets = np.concatenate([b['targets'] for b in batches])
+    return targets.mean(0)
+
+  plain, balanced = label_shares('none'), label_shares('balanced')
+  np.testing.assert_allclose(plain, [14 / 20, 6 / 20, 2 / 20])
+  assert balanced[2] > 2.5 * plain[2] and balanced[1] > plain[1]
+
+
+# ----------------------------------------------------------------------------
+# TFDS source.
+# ----------------------------------------------------------------------------
+
+import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from vit_jax_ft.data import tfds_source  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+with tfds.core.registered.skip_registration():
+
+  class CodedImages(tfds.core.GeneratorBasedBuilder):
+    """A tiny TFDS dataset of the coded images, built offline in the tests."""
+
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self, supervised_keys=('picture', 'kind'),
+          features=tfds.features.FeaturesDict({
+              'picture': tfds.features.Image(shape=(H, W, 3)),
+              'kind': tfds.features.ClassLabel(names=['a', 'b', 'c'])}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager  # nothing to download
+      return {'train': self._generate_examples(0, NUM_TRAIN),
+              'test': self._generate_examples(NUM_TRAIN, NUM_VAL)}
+
+    def _generate_examples(self, offset, n):
+      for i in range(offset, offset + n):
+        yield i, {'picture': _coded_image(i, _label_of(i)), 'kind': _label_of(i)}
+
+
+@pytest.fixture(scope='module')
+def tfds_dir(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('tfds'))
+  CodedImages(data_dir=out).download_and_prepare()
+  return out
+
+
+def _tfds_cfg(data_dir, **overrides):
+  return _cfg(source='tfds', tfds_name='coded_images', tfds_dir=data_dir, **overrides)
+
+
+def test_tfds_source_reads_a_prepared_dataset(tfds_dir):
+  cfg = _tfds_cfg(tfds_dir, train_split='train[:60%]', val_split='train[60%:]',
+                  test_split='test')
+  data_dir, info = tfds_source.load_data_info(cfg)
+  assert data_dir.endswith(os.path.join('coded_images', '1.0.0'))
+  assert info['class_names'] == ['a', 'b', 'c'] and not info['multilabel']
+  assert {s: v['num_examples'] for s, v in info['splits'].items()} == {
+      'train[:60%]': 6, 'train[60%:]': 4, 'test': NUM_VAL}
+  # The eval stream visits the test split once, labels following the images.
+  batches = list(input_pipeline.eval_iterator(cfg, data_dir, info, 'test', batch_size=4))
+  mask = np.concatenate([b['mask'] for b in batches]) > 0
+  index, label = _decode_ids(np.concatenate([b['image'] for b in batches])[mask])
+  assert sorted(index) == list(range(NUM_TRAIN, NUM_TRAIN + NUM_VAL))
+  targets = np.concatenate([b['targets'] for b in batches])[mask]
+  np.testing.assert_array_equal(targets, np.eye(3)[[_label_of(i) for i in index]])
+  np.testing.assert_array_equal(label, [_label_of(i) for i in index])
+  assert info['splits']['test']['class_counts'] == np.bincount(label, minlength=3).tolist()
+  # Train epochs over a sub-split are permutations of exactly its examples.
+  train = _take(input_pipeline.train_iterator(cfg, data_dir, info, batch_size=3, seed=0), 4)
+  index, label = _decode_ids(np.concatenate([b['image'] for b in train]))
+  val_index, _ = _decode_ids(np.concatenate(
+      [b['image'] for b in input_pipeline.eval_iterator(cfg, data_dir, info, 'train[60%:]',
+                                                        batch_size=4)]))
+  assert sorted(index[:6]) == sorted(index[6:]) and len(set(index[:6])) == 6
+  assert not set(index) & set(val_index) and len(set(index) | set(val_index)) == NUM_TRAIN
+  np.testing.assert_array_equal(label, [_label_of(i) for i in index])
+
+
+def test_tfds_missing_dataset_fails_at_once(tmp_path, tfds_dir):
+  start = time.monotonic()
+  with pytest.raises(FileNotFoundError) as e:
+    tfds_source.load_data_info(_cfg(source='tfds', tfds_name='food101', tfds_dir=str(tmp_path)))
+  assert time.monotonic() - start < 2.0
+  message = str(e.value)
+  assert str(tmp_path) in message and 'tfds build food101' in message
+  assert 'never downloads' in message
+  # A version that is not there names the folder it looked for.
+  with pytest.raises(FileNotFoundError, match='coded_images/9.9.9'):
+    tfds_source.load_data_info(_cfg(source='tfds', tfds_name='coded_images/9.9.9',
+                                    tfds_dir=tfds_dir))
+  assert time.monotonic() - start < 4.0
+
+
+def test_tfds_unknown_split_names_the_splits(tfds_dir):
+  with pytest.raises(ValueError, match='validation.*test.*train|test.*train'):
+    tfds_source.load_data_info(_tfds_cfg(tfds_dir, val_split='validation'))
