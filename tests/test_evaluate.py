@@ -1,0 +1,313 @@
+"""Evaluation reports: numbers against sklearn and hand computations, end to end on the demo."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from test_train import tiny_demo_config  # pylint: disable=g-bad-import-order
+from vit_jax_ft import checkpoints
+from vit_jax_ft import evaluate
+from vit_jax_ft import models
+from vit_jax_ft import optim
+from vit_jax_ft import steps
+from vit_jax_ft import train
+from vit_jax_ft.data import tfrecords
+from vit_jax_ft.evaluators import calibration
+from vit_jax_ft.evaluators import classification
+from vit_jax_ft.evaluators import curves
+from vit_jax_ft.evaluators import multilabel
+from vit_jax_ft.evaluators import report as report_lib
+from vit_jax_ft.evaluators import restore
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _random_probs(rng, n, c, sharpness=3.0):
+  logits = rng.normal(size=(n, c)) * sharpness
+  e = np.exp(logits - logits.max(1, keepdims=True))
+  return e / e.sum(1, keepdims=True)
+
+
+def test_classification_report_matches_sklearn():
+  rng = np.random.default_rng(0)
+  names = ["cat", "dog", "fox", "owl", "eel"]
+  labels = rng.choice(4, size=300, p=[0.6, 0.25, 0.1, 0.05])  # 'eel' never occurs...
+  preds = labels.copy()
+  flip = rng.random(300) < 0.35
+  flip |= labels == 3  # ...and 'owl' is never predicted.
+  preds[flip] = rng.choice([0, 1, 2], size=flip.sum())
+  cm = classification.confusion_matrix(labels, preds, len(names))
+  ours = classification.classification_report(cm, names)
+  theirs = skm.classification_report(labels, preds, target_names=names[:4], output_dict=True,
+                                     zero_division=0)
+  assert ours.pop("absent_classes") == ["eel"]
+  assert set(ours) == set(theirs)
+  assert ours["owl"]["precision"] == 0.0 and ours["owl"]["support"] == theirs["owl"]["support"]
+  for key, row in theirs.items():
+    if key == "accuracy":
+      assert ours[key] == pytest.approx(row, abs=1e-12)
+    else:
+      for metric, value in row.items():
+        assert ours[key][metric] == pytest.approx(value, abs=1e-12), (key, metric)
+
+
+def test_top_k_and_log_loss_match_sklearn():
+  rng = np.random.default_rng(1)
+  probs = _random_probs(rng, 200, 6)
+  labels = rng.integers(0, 6, 200)
+  topk = classification.top_k_accuracy(probs, labels, ks=(1, 2, 5, 6))
+  assert set(topk) == {"1", "2", "5"}  # k >= num_classes is trivially 1 and left out.
+  for k in (1, 2, 5):
+    assert topk[str(k)] == pytest.approx(skm.top_k_accuracy_score(labels, probs, k=k))
+  truth = np.eye(6)[labels]
+  assert classification.log_loss(probs, truth, multilabel=False) == pytest.approx(
+      skm.log_loss(labels, probs, labels=range(6)))
+
+
+def test_precision_at_recall_is_the_most_precise_threshold_keeping_recall():
+  rng = np.random.default_rng(2)
+  positive = rng.random(400) < 0.2
+  scores = np.round(np.clip(rng.normal(0.35 + 0.3 * positive, 0.2), 0, 1), 2)  # With ties.
+  for required in (0.5, 0.9, 0.999):
+    got = classification.precision_at_recall(scores, positive, required)
+    # Brute force: every distinct score as a threshold.
+    best = None
+    for t in np.unique(scores):
+      pred = scores >= t
+      recall = (pred & positive).sum() / positive.sum()
+      precision = (pred & positive).sum() / pred.sum()
+      if recall >= required and (best is None or precision > best[1]
+                                 or (precision == best[1] and t > best[0])):
+        best = (t, precision, recall)
+    assert got["threshold"] == pytest.approx(best[0])
+    assert got["precision"] == pytest.approx(best[1])
+    assert got["recall"] == pytest.approx(best[2]) and got["recall"] >= required
+  assert classification.precision_at_recall(scores, np.zeros(400, bool), 0.9) is None
+
+
+def test_ece_matches_a_hand_computation():
+  # 15 bins of width 1/15. Confidences and whether the top class was right:
+  #   0.05 (bin 0, wrong), 0.2 = 3/15 exactly (right-closed: bin 2, right),
+  #   0.9 and 0.92 (bin 13, one right), 1.0 (bin 14, right).
+  conf = np.array([0.05, 0.2, 0.9, 0.92, 1.0])
+  correct = np.array([0, 1, 1, 0, 1])
+  # bin 0: |0 - 0.05| * 1/5; bin 2: |1 - 0.2| * 1/5; bin 13: |0.5 - 0.91| * 2/5; bin 14: 0.
+  expected = (0.05 + 0.8 + 2 * 0.41) / 5
+  result = calibration.calibration_errors(conf, correct)
+  assert result["ece"] == pytest.approx(expected)
+  assert result["mce"] == pytest.approx(0.8)
+  assert [b["count"] for b in result["bins"]] == [1, 0, 1] + [0] * 10 + [2, 1]
+  assert list(calibration.bin_index(np.array([0.0, 1 / 15, 1 / 15 + 1e-9, 1.0]))) == [0, 0, 1, 14]
+  # Single-label wrapper: confidence = top probability, correct = argmax == label.
+  probs = np.array([[0.7, 0.2, 0.1], [0.4, 0.6, 0.0]])
+  single = calibration.single_label(probs, np.array([0, 0]))
+  assert single["ece"] == pytest.approx((0.3 + 0.6) / 2)
+
+
+def test_multilabel_metrics_match_sklearn():
+  rng = np.random.default_rng(3)
+  truth = rng.random((150, 5)) < [0.5, 0.3, 0.1, 0.05, 0.0]  # The last label never occurs.
+  probs = np.clip(truth * 0.4 + rng.random((150, 5)) * 0.6, 0, 1)
+  thresholds = np.array([0.5, 0.6, 0.4, 0.55, 0.5])
+  names = list("abcde")
+  got = multilabel.metrics_at(probs, truth, thresholds, names)
+  pred = probs >= thresholds
+  p, r, f, s = skm.precision_recall_fscore_support(truth, pred, average=None, zero_division=0)
+  for c, n in enumerate(names):
+    row = got["per_label"][n]
+    assert (row["precision"], row["recall"], row["f1-score"], row["support"]) == pytest.approx(
+        (p[c], r[c], f[c], s[c]))
+  for avg in ("micro", "macro"):
+    p, r, f, _ = skm.precision_recall_fscore_support(truth, pred, average=avg, zero_division=0)
+    assert (got[avg]["precision"], got[avg]["recall"], got[avg]["f1-score"]) == pytest.approx(
+        (p, r, f))
+  assert got["exact_match"] == pytest.approx(skm.accuracy_score(truth, pred))
+  assert got["hamming_loss"] == pytest.approx(skm.hamming_loss(truth, pred))
+
+
+def test_tuned_thresholds_maximise_f1_per_label():
+  rng = np.random.default_rng(4)
+  truth = rng.random((120, 3)) < [0.4, 0.15, 0.0]
+  probs = np.round(np.clip(truth * 0.3 + rng.random((120, 3)) * 0.7, 0, 1), 2)
+  tuned = multilabel.tune_thresholds(probs, truth)
+  assert tuned[2] == 0.5  # No positives: the default stays.
+  for c in range(2):
+    f1 = lambda t: skm.f1_score(truth[:, c], probs[:, c] >= t, zero_division=0)
+    assert f1(tuned[c]) == pytest.approx(max(f1(t) for t in np.unique(probs[:, c])))
+    # Strictly between two observed scores, so ties in new data do not flip.
+    assert tuned[c] not in set(probs[:, c]) or tuned[c] == probs[:, c].min()
+
+
+def test_error_analysis_counts_by_hand():
+  truth = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 1], [0, 0, 0]], bool)
+  probs = np.array([[0.2, 0.9, 0.1],    # missed a, predicted b instead
+                    [0.8, 0.7, 0.1],    # b wrong
+                    [0.1, 0.9, 0.9],    # right
+                    [0.1, 0.1, 0.1]])   # right
+  errors = multilabel.error_analysis(probs, truth, np.full(3, 0.5), ["a", "b", "c"])
+  assert errors["cooccurrence"] == [[1, 1, 0], [1, 2, 0], [0, 0, 0]]
+  assert errors["missed_for"][0][1] == 1 and np.sum(errors["missed_for"]) == 1
+  assert errors["top_pairs"] == [{"labels": ["a", "b"], "examples": 1}]
+  assert errors["top_swaps"] == [{"missed": "a", "predicted_instead": "b", "examples": 1}]
+
+
+def test_required_recall_flag_and_unknown_class():
+  assert evaluate.parse_required_recall("0.999") == (0.999, ())
+  assert evaluate.parse_required_recall("basal cell=0.99,mel=0.999") == (
+      0.0, {"basal cell": 0.99, "mel": 0.999})
+  options = report_lib.Options(recall_classes={"mel": 0.999})
+  assert options.recall_targets(["nv", "mel"]) == {1: 0.999}
+  assert report_lib.Options(required_recall=0.9).recall_targets(["a", "b"]) == {0: 0.9, 1: 0.9}
+  with pytest.raises(ValueError, match="Unknown class names \\['melanoma'\\]"):
+    report_lib.Options(recall_classes=("melanoma",)).recall_targets(["nv", "mel"])
+  with pytest.raises(ValueError, match="NAME=RECALL"):
+    evaluate.parse_required_recall("mel")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+  """The tiny demo trained for 12 steps: checkpoints at 8 and 12, evaluations at 6 and 12."""
+  workdir = str(tmp_path_factory.mktemp("demo"))
+  results = train.train_and_evaluate(tiny_demo_config(), workdir)
+  return workdir, results
+
+
+def _tensorboard_tags(workdir):
+  return set(curves.read_scalars(workdir))
+
+
+def test_report_end_to_end_matches_training_metrics_and_sklearn(demo_run):
+  workdir, results = demo_run
+  dirs = evaluate.write_reports(None, workdir, splits=("val", "test"), checkpoint="last")
+  assert set(dirs) == {"val", "test"}
+  out = dirs["test"]
+  assert out == os.path.join(workdir, "reports", "test_last")
+  with open(os.path.join(out, "report.json")) as f:
+    report = json.load(f)
+  # The same final weights as eval_results.json's test numbers (in-training metrics.py).
+  assert report["checkpoint"]["step"] == results["step"] == 12
+  cr = report["classification_report"]
+  assert cr["accuracy"] == pytest.approx(results["test_accuracy"], abs=1e-9)
+  assert cr["macro avg"]["f1-score"] == pytest.approx(results["test_macro_f1"], abs=1e-9)
+  assert report["log_loss"] == pytest.approx(results["test_loss"], rel=1e-4)
+  assert np.sum(report["confusion_matrix"]) == report["num_examples"] == 180  # Padding dropped.
+  # And sklearn on the same predictions.
+  run = restore.load_run(workdir)
+  preds = restore.predict_split(run, restore.restore(workdir, "last"), "test")
+  theirs = skm.classification_report(preds.labels, preds.probs.argmax(1), output_dict=True,
+                                     target_names=[run.class_names[c] for c in np.unique(
+                                         np.r_[preds.labels, preds.probs.argmax(1)])],
+                                     zero_division=0)
+  for key in ("macro avg", "weighted avg"):
+    assert cr[key]["f1-score"] == pytest.approx(theirs[key]["f1-score"], abs=1e-12)
+  assert preds.ids[0].startswith("digit_") and len(set(preds.ids)) == 180
+  for name in ("report.md", "confusion_matrix.png", "pr_curves.png", "roc_curves.png",
+               "reliability.png", "learning_curves.png"):
+    assert os.path.getsize(os.path.join(out, name)) > 1000, name
+  md = open(os.path.join(out, "report.md")).read()
+  for section in ("## Per class", "## Top-k accuracy", "## Calibration", "## Run summary",
+                  "| **macro avg** |", "![confusion matrix](confusion_matrix.png)"):
+    assert section in md
+  summary = report["run"]
+  assert summary["steps"] == 12 and summary["num_params"] > 0
+  best = summary["best_checkpoint"]
+  assert best["step"] in (6, 12) and best["size_bytes"] > summary["params_bytes_float32"]
+  assert {"report/test_last/accuracy", "report/val_last/ece"} <= _tensorboard_tags(workdir)
+
+
+def test_report_of_a_step_from_the_command_line(demo_run):
+  workdir, _ = demo_run
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "vit_jax_ft.evaluate", f"--workdir={workdir}", "--split=val",
+         "--checkpoint=8", "--required_recall=3=0.999", "--top_k=2"]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(os.path.join(workdir, "reports", "val_8", "report.json")) as f:
+    report = json.load(f)
+  assert report["checkpoint"] == {"label": "8", "step": 8, "path": report["checkpoint"]["path"]}
+  ops = report["operating_points"]["per_class"]
+  assert ops["3"]["required_recall"] == 0.999 and "required_recall" not in ops["4"]
+  assert ops["3"]["at_required_recall"]["recall"] >= 0.999
+  assert list(report["top_k_accuracy"]) == ["2"]
+  with pytest.raises(FileNotFoundError, match="available: \\[8, 12\\]"):
+    restore.find_step(workdir, "5")
+
+
+# A multi-label run, built directly (no training): weights from a random head.
+
+
+def _write_multilabel_dataset(data_dir, rng, sizes=(("train", 32), ("val", 60), ("test", 50))):
+  """16x16 PNGs whose label k (of 3) is present when colour channel k is bright."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  splits = {}
+  for split, n in sizes:
+    labels = rng.random((n, 3)) < 0.4
+    examples = []
+    for i in range(n):
+      pixels = rng.integers(0, 80, (16, 16, 3)) + 150 * labels[i]
+      buf = io.BytesIO()
+      Image.fromarray(pixels.astype(np.uint8)).save(buf, format="PNG")
+      examples.append((buf.getvalue(), list(np.flatnonzero(labels[i])), f"{split}_{i}"))
+    files = tfrecords.write_split(data_dir, split, examples, num_shards=1)
+    splits[split] = dict(num_examples=n, files=files,
+                         class_counts=labels.sum(0).astype(int).tolist())
+  tfrecords.write_info(data_dir, dict(name="colours", class_names=["red", "green", "blue"],
+                                      multilabel=True, splits=splits))
+
+
+def make_multilabel_workdir(root):
+  """A workdir with config.json and best/last checkpoints of an untrained tiny ViT."""
+  workdir, data_dir = os.path.join(root, "run"), os.path.join(root, "data")
+  _write_multilabel_dataset(data_dir, np.random.default_rng(0))
+  config = tiny_demo_config(**{"data.source": "tfrecord", "data.dir": data_dir,
+                               "data.image_size": 16, "loss.name": "sigmoid_bce",
+                               "model.patch_size": 8, "model.head_init": "lecun_normal",
+                               "eval_batch_size": 16})
+  config.best_metric = "macro_f1"
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  model = models.create_model(config.model, 3, jnp.float32)
+  tx = optim.make_optimizer(config.optimizer, optim.learning_rate_schedule(config.optimizer, 10))
+  state = steps.create_train_state(model, tx, 16, seed=0)
+  last, best = checkpoints.make_managers(workdir, config)
+  checkpoints.save(last, 0, state)
+  checkpoints.save(best, 0, state, {"val_macro_f1": 0.5})
+  last.wait_until_finished()
+  best.wait_until_finished()
+  return workdir
+
+
+def test_multilabel_thresholds_tuned_on_val_and_applied_to_test(tmp_path):
+  workdir = make_multilabel_workdir(str(tmp_path))
+  out = evaluate.write_reports(None, workdir, splits=("test",))["test"]
+  with open(os.path.join(out, "report.json")) as f:
+    report = json.load(f)
+  run = restore.load_run(workdir)
+  ck = restore.restore(workdir, "best")
+  val = restore.predict_split(run, ck, "val")
+  test = restore.predict_split(run, ck, "test")
+  expected = multilabel.tune_thresholds(val.probs, val.targets > 0.5)
+  got = np.array([report["thresholds"]["values"][n] for n in run.class_names])
+  np.testing.assert_allclose(got, expected)
+  assert "'val' split" in report["thresholds"]["source"]
+  pred, truth = test.probs >= got, test.targets > 0.5
+  tuned = report["at_tuned_thresholds"]
+  assert tuned["micro"]["f1-score"] == pytest.approx(skm.f1_score(truth, pred, average="micro"))
+  assert tuned["macro"]["f1-score"] == pytest.approx(
+      skm.f1_score(truth, pred, average="macro", zero_division=0))
+  assert tuned["exact_match"] == pytest.approx(skm.accuracy_score(truth, pred))
+  assert report["at_0.5"]["exact_match"] == pytest.approx(
+      skm.accuracy_score(truth, test.probs >= 0.5))
+  with open(evaluate.thresholds_path(workdir, "best")) as f:
+    saved = json.load(f)
+  assert saved["thresholds"] == report["thresholds"]["values"]
+  assert os.path.exists(os.path.join(out, "error_cooccurrence.png"))
+  assert "## Errors that occur together" in open(os.path.join(out, "report.md")).read()

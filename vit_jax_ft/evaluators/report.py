@@ -1,0 +1,145 @@
+"""Assembling one split's report: the numbers (JSON-ready) and the PNGs."""
+
+import dataclasses
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from vit_jax_ft.evaluators import calibration
+from vit_jax_ft.evaluators import classification
+from vit_jax_ft.evaluators import curves
+from vit_jax_ft.evaluators import multilabel
+from vit_jax_ft.evaluators import plots
+from vit_jax_ft.evaluators import restore
+
+# TensorBoard tags of the reports' scalars: report/<split>_<checkpoint>/<metric>.
+REPORT_TAG_PREFIX = "report/"
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What to compute beyond the fixed metrics.
+
+  Attributes:
+    top_k: k values for top-k accuracy (those >= the number of classes are skipped).
+    required_recall: recall at which to report the best precision and its threshold.
+    recall_classes: the classes to report it for, by name; empty: every class.
+      Per-class recalls may be given as {name: recall} instead.
+    num_bins: calibration bins.
+  """
+
+  top_k: Sequence[int] = classification.DEFAULT_TOP_K
+  required_recall: float = 0.99
+  recall_classes: Sequence[str] | dict = ()
+  num_bins: int = calibration.NUM_BINS
+
+  def recall_targets(self, class_names: Sequence[str]) -> dict[int, float]:
+    """{class index: required recall}; unknown names fail with the valid ones."""
+    if isinstance(self.recall_classes, dict):
+      wanted = dict(self.recall_classes)
+    else:
+      wanted = {n: self.required_recall for n in (self.recall_classes or class_names)}
+    unknown = sorted(set(wanted) - set(class_names))
+    if unknown:
+      raise ValueError(f"Unknown class names {unknown} for the required recall; "
+                       f"classes: {list(class_names)}.")
+    return {class_names.index(n): float(r) for n, r in wanted.items()}
+
+
+def single_label(preds: restore.Predictions, class_names: Sequence[str],
+                 options: Options) -> dict:
+  """Per-class report, top-k, confusion matrix, operating points, calibration."""
+  labels, probs = preds.labels, preds.probs
+  cm = classification.confusion_matrix(labels, probs.argmax(axis=1), len(class_names))
+  truth = preds.targets > 0.5
+  return {
+      "num_examples": int(len(labels)),
+      "log_loss": classification.log_loss(probs, truth, multilabel=False),
+      "classification_report": classification.classification_report(cm, class_names),
+      "top_k_accuracy": classification.top_k_accuracy(probs, labels, options.top_k),
+      "confusion_matrix": cm.tolist(),
+      "operating_points": classification.one_vs_rest(
+          probs, truth, class_names, options.recall_targets(class_names)),
+      "calibration": calibration.single_label(probs, labels, options.num_bins),
+      "most_confident_errors": classification.most_confident_errors(
+          probs, labels, preds.ids, class_names),
+  }
+
+
+def multi_label(preds: restore.Predictions, class_names: Sequence[str], options: Options,
+                thresholds: np.ndarray, thresholds_source: str) -> dict:
+  """Metrics at 0.5 and at the tuned thresholds, error analysis, operating points."""
+  probs, truth = preds.probs, preds.targets > 0.5
+  half = np.full(len(class_names), multilabel.DEFAULT_THRESHOLD)
+  return {
+      "num_examples": int(len(probs)),
+      "log_loss": classification.log_loss(probs, truth, multilabel=True),
+      "thresholds": {"source": thresholds_source,
+                     "values": dict(zip(class_names, map(float, thresholds)))},
+      "at_tuned_thresholds": multilabel.metrics_at(probs, truth, thresholds, class_names),
+      "at_0.5": multilabel.metrics_at(probs, truth, half, class_names),
+      "errors": multilabel.error_analysis(probs, truth, thresholds, class_names),
+      "operating_points": classification.one_vs_rest(
+          probs, truth, class_names, options.recall_targets(class_names)),
+      "calibration": calibration.multi_label(probs, truth, options.num_bins),
+  }
+
+
+def headline(report: dict, multilabel_data: bool) -> dict[str, float]:
+  """The report's main scalars (for TensorBoard and comparisons)."""
+  out = {"log_loss": report["log_loss"], "ece": report["calibration"]["ece"]}
+  ops = report["operating_points"]
+  for key in ("macro_average_precision", "macro_roc_auc"):
+    if ops[key] is not None:
+      out[key] = ops[key]
+  if multilabel_data:
+    tuned, half = report["at_tuned_thresholds"], report["at_0.5"]
+    out |= {"micro_f1": tuned["micro"]["f1-score"], "macro_f1": tuned["macro"]["f1-score"],
+            "exact_match": tuned["exact_match"], "micro_f1_at_0.5": half["micro"]["f1-score"],
+            "macro_f1_at_0.5": half["macro"]["f1-score"]}
+  else:
+    cr = report["classification_report"]
+    out |= {"accuracy": cr["accuracy"], "macro_f1": cr["macro avg"]["f1-score"],
+            "weighted_f1": cr["weighted avg"]["f1-score"]}
+    out |= {f"top{k}_accuracy": v for k, v in report["top_k_accuracy"].items()}
+  return out
+
+
+def write_pngs(out_dir: str, preds: restore.Predictions, report: dict,
+               class_names: Sequence[str], title: str, scalars: Optional[dict] = None,
+               best_step: Optional[int] = None) -> dict[str, str]:
+  """Draws the report's figures into `out_dir`; returns {what: file name}."""
+  truth = preds.targets > 0.5
+  ops = report["operating_points"]
+  files = {}
+
+  def add(key, path):
+    if path:
+      files[key] = os.path.basename(path)
+
+  if "confusion_matrix" in report:
+    add("confusion_matrix", plots.confusion_matrix(
+        os.path.join(out_dir, "confusion_matrix.png"), np.asarray(report["confusion_matrix"]),
+        class_names, f"{title}: confusion matrix"))
+  if "errors" in report:
+    add("error_cooccurrence", plots.cooccurrence(
+        os.path.join(out_dir, "error_cooccurrence.png"), report["errors"]["cooccurrence"],
+        class_names, f"{title}: examples wrong on both labels"))
+  if truth.any():
+    add("pr_curves", plots.pr_curves(os.path.join(out_dir, "pr_curves.png"), preds.probs, truth,
+                                     class_names, ops, f"{title}: precision-recall, one vs rest"))
+    add("roc_curves", plots.roc_curves(os.path.join(out_dir, "roc_curves.png"), preds.probs,
+                                       truth, class_names, ops, f"{title}: ROC, one vs rest"))
+  add("reliability", plots.reliability(os.path.join(out_dir, "reliability.png"),
+                                       report["calibration"], f"{title}: reliability"))
+  if scalars:
+    add("learning_curves", plots.learning_curves(
+        os.path.join(out_dir, "learning_curves.png"), scalars, "learning curves", best_step))
+  return files
+
+
+def training_scalars(scalars: dict[str, curves.Series]) -> dict[str, curves.Series]:
+  """The scalars the train loop wrote (not the reports' own)."""
+  return {k: v for k, v in scalars.items() if not k.startswith(REPORT_TAG_PREFIX)}
+
