@@ -239,7 +239,7 @@ def test_report_of_a_step_from_the_command_line(demo_run):
     restore.find_step(workdir, "5")
 
 
-# A multi-label run, built directly (no training): weights from a random head.
+# Runs built directly (no training): untrained weights with a random head.
 
 
 def _write_multilabel_dataset(data_dir, rng, sizes=(("train", 32), ("val", 60), ("test", 50))):
@@ -262,27 +262,31 @@ def _write_multilabel_dataset(data_dir, rng, sizes=(("train", 32), ("val", 60), 
                                       multilabel=True, splits=splits))
 
 
+def make_workdir(workdir, config, num_classes):
+  """A workdir with config.json and best/last checkpoints (step 0) of an untrained model."""
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  model = models.create_model(config.model, num_classes, jnp.float32)
+  tx = optim.make_optimizer(config.optimizer, optim.learning_rate_schedule(config.optimizer, 10))
+  state = steps.create_train_state(model, tx, config.data.image_size, seed=0)
+  last, best = checkpoints.make_managers(workdir, config)
+  checkpoints.save(last, 0, state)
+  checkpoints.save(best, 0, state, {f"val_{config.best_metric}": 0.5})
+  last.wait_until_finished()
+  best.wait_until_finished()
+  return workdir
+
+
 def make_multilabel_workdir(root):
-  """A workdir with config.json and best/last checkpoints of an untrained tiny ViT."""
-  workdir, data_dir = os.path.join(root, "run"), os.path.join(root, "data")
+  """An untrained tiny ViT (random head) on 3-label colour images."""
+  data_dir = os.path.join(root, "data")
   _write_multilabel_dataset(data_dir, np.random.default_rng(0))
   config = tiny_demo_config(**{"data.source": "tfrecord", "data.dir": data_dir,
                                "data.image_size": 16, "loss.name": "sigmoid_bce",
                                "model.patch_size": 8, "model.head_init": "lecun_normal",
-                               "eval_batch_size": 16})
-  config.best_metric = "macro_f1"
-  os.makedirs(workdir)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  model = models.create_model(config.model, 3, jnp.float32)
-  tx = optim.make_optimizer(config.optimizer, optim.learning_rate_schedule(config.optimizer, 10))
-  state = steps.create_train_state(model, tx, 16, seed=0)
-  last, best = checkpoints.make_managers(workdir, config)
-  checkpoints.save(last, 0, state)
-  checkpoints.save(best, 0, state, {"val_macro_f1": 0.5})
-  last.wait_until_finished()
-  best.wait_until_finished()
-  return workdir
+                               "eval_batch_size": 16, "best_metric": "macro_f1"})
+  return make_workdir(os.path.join(root, "run"), config, 3)
 
 
 def test_multilabel_thresholds_tuned_on_val_and_applied_to_test(tmp_path):

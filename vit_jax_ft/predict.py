@@ -1,0 +1,249 @@
+r"""Predictions for image files: `python -m vit_jax_ft.predict --workdir=DIR --images=PATH`.
+
+  python -m vit_jax_ft.predict --workdir=workdirs/isic --images='photos/**/*.jpg' \
+      --out=preds.csv --top_k=3
+
+`--images` is a file, a folder (searched recursively for image files) or a
+glob, or several of them separated by commas. Each image goes through what
+training data went through: the dataset preparation's conversion (EXIF
+rotation, RGB, the prepared dataset's max_side; `vit_jax_ft.data.images`),
+then the eval preprocessing and the run's normalisation from config.json.
+
+The CSV has one row per file: the predicted label(s), the top-k labels with
+their probabilities, the true label when the file sits in a folder named
+after a class, and for an unreadable file the reason (the others are still
+predicted). Multi-label runs predict every label whose probability reaches
+its threshold: the ones tuned on the validation split by
+`vit_jax_ft.evaluate` (reports/thresholds_<checkpoint>.json), else 0.5.
+A PNG grid of sample images with their predicted (and true) labels is
+written next to the CSV.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import csv  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import dataclasses
+import glob
+import json
+from typing import Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from vit_jax_ft import evaluate
+from vit_jax_ft import input_pipeline
+from vit_jax_ft.data import images as images_lib
+from vit_jax_ft.evaluators import cli
+from vit_jax_ft.evaluators import plots
+from vit_jax_ft.evaluators import restore
+
+GRID_SIZE = 16
+
+
+@dataclasses.dataclass
+class Row:
+  """One file's result: probabilities, or the reason it could not be read."""
+
+  path: str
+  probs: Optional[np.ndarray] = None
+  error: str = ""
+  true_label: str = ""
+
+
+def list_images(spec: str) -> list[str]:
+  """Files named by a comma-separated list of files, folders and globs, in order."""
+  paths = []
+  for item in (s.strip() for s in spec.split(",") if s.strip()):
+    if os.path.isdir(item):
+      for root, dirs, files in os.walk(item):
+        # Hidden and macOS resource folders hold no real images.
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX")
+        paths += [os.path.join(root, f) for f in sorted(files)
+                  if images_lib.is_image_name(f) and not f.startswith(".")]
+    elif glob.has_magic(item):
+      paths += sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+    else:
+      paths.append(item)  # A missing file is reported as unreadable, with the rest predicted.
+  if not paths:
+    raise FileNotFoundError(f"No image files found for --images={spec!r}.")
+  return list(dict.fromkeys(paths))
+
+
+def max_side(info: dict) -> Optional[int]:
+  """The longest side the prepared dataset stored its images at (None: unchanged)."""
+  return ((info.get("options") or {}).get("image") or {}).get("max_side")
+
+
+def make_preprocess(data_cfg):
+  """Encoded bytes -> (model input, the [0, 255] crop for display), as in eval."""
+
+  @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
+  def preprocess(image_bytes):
+    image = input_pipeline._eval_preprocess(image_bytes, data_cfg)  # pylint: disable=protected-access
+    return input_pipeline.normalize(image, data_cfg.normalization), image
+
+  return preprocess
+
+
+def load_image(path: str, options: images_lib.ImageOptions, preprocess):
+  """(model input, display image, error): errors never raise."""
+  result = images_lib.process_image(path, options, encode=True)
+  if result.error:
+    return None, None, result.error
+  try:
+    image, display = preprocess(tf.constant(result.data))
+  except tf.errors.OpError as e:  # Decodable by PIL but not by TensorFlow.
+    return None, None, f"cannot decode ({e.message.splitlines()[0]})"
+  return image.numpy(), np.clip(display.numpy(), 0, 255).astype(np.uint8), None
+
+
+def _true_label(path: str, class_names: Sequence[str]) -> str:
+  parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+  return parent if parent in class_names else ""
+
+
+def _sample_indices(n: int, k: int) -> set[int]:
+  return set(np.linspace(0, n - 1, min(n, k)).round().astype(int).tolist()) if n else set()
+
+
+def predict_files(run: restore.Run, checkpoint: restore.Checkpoint, paths: Sequence[str],
+                  batch_size: int = 64, grid_size: int = GRID_SIZE
+                  ) -> tuple[list[Row], list[tuple[np.ndarray, Row]]]:
+  """Rows for every path (in order), and (display image, row) pairs for a sample grid."""
+  apply = restore.make_apply(run.model, run.multilabel)
+  preprocess = make_preprocess(run.config.data)
+  options = images_lib.ImageOptions(max_side=max_side(run.info))
+  sample = _sample_indices(len(paths), grid_size)
+  rows, shown, pending = [], [], []
+
+  def flush():
+    batch = input_pipeline.pad_batch({"image": np.stack([x for x, _ in pending])}, batch_size)
+    probs = np.asarray(apply(checkpoint.variables, batch["image"]), np.float64)
+    for (_, row), p in zip(pending, probs):
+      row.probs = p
+    pending.clear()
+
+  for i, path in enumerate(paths):
+    row = Row(path=path, true_label=_true_label(path, run.class_names))
+    image, display, row.error = load_image(path, options, preprocess)
+    rows.append(row)
+    if row.error:
+      logging.warning("Unreadable: %s: %s", path, row.error)
+      continue
+    pending.append((image, row))
+    if i in sample:
+      shown.append((display, row))
+    if len(pending) == batch_size:
+      flush()
+  if pending:
+    flush()
+  return rows, shown
+
+
+def load_thresholds(workdir: str, checkpoint: str, class_names: Sequence[str]
+                    ) -> tuple[np.ndarray, str]:
+  """Tuned multi-label thresholds of `checkpoint` if evaluate saved them, else 0.5."""
+  path = evaluate.thresholds_path(workdir, checkpoint)
+  if not os.path.exists(path):
+    logging.warning("No %s (run vit_jax_ft.evaluate first): using 0.5 for every label.", path)
+    return np.full(len(class_names), 0.5), "0.5 (no tuned thresholds)"
+  with open(path) as f:
+    saved = json.load(f)["thresholds"]
+  return np.asarray([saved[n] for n in class_names]), path
+
+
+def predicted_labels(probs: np.ndarray, class_names: Sequence[str],
+                     thresholds: Optional[np.ndarray]) -> list[str]:
+  """Top class (single-label) or every label at or above its threshold (multi-label)."""
+  if thresholds is None:
+    return [class_names[int(np.argmax(probs))]]
+  return [class_names[c] for c in np.flatnonzero(probs >= thresholds)]
+
+
+def write_csv(path: str, rows: Sequence[Row], class_names: Sequence[str], top_k: int,
+              thresholds: Optional[np.ndarray]) -> None:
+  """file, predicted (';'-joined), true, top-k label/probability pairs, error."""
+  k = min(top_k, len(class_names))
+  header = ["file", "predicted", "true"]
+  header += [f"{kind}_{i}" for i in range(1, k + 1) for kind in ("label", "prob")] + ["error"]
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(header)
+    for row in rows:
+      cells = [row.path, "", row.true_label]
+      top = []
+      if row.probs is not None:
+        cells[1] = ";".join(predicted_labels(row.probs, class_names, thresholds))
+        for c in np.argsort(-row.probs, kind="stable")[:k]:
+          top += [class_names[c], f"{row.probs[c]:.6f}"]
+      writer.writerow(cells + (top or [""] * 2 * k) + [row.error])
+
+
+def write_grid(path: str, shown: Sequence[tuple[np.ndarray, Row]], class_names: Sequence[str],
+               thresholds: Optional[np.ndarray]) -> Optional[str]:
+  """Sample images captioned 'predicted (p)' and the true label; green right, red wrong."""
+  if not shown:
+    return None
+  captions, colors = [], []
+  for _, row in shown:
+    labels = predicted_labels(row.probs, class_names, thresholds)
+    best = float(row.probs.max())
+    caption = f"{os.path.basename(row.path)}\npred: {', '.join(labels) or '-'} ({best:.2f})"
+    color = "black"
+    if row.true_label:
+      caption += f"\ntrue: {row.true_label}"
+      color = "green" if row.true_label in labels else "red"
+    captions.append(caption)
+    colors.append(color)
+  return plots.image_grid(path, [image for image, _ in shown], captions, colors,
+                          "predictions (model input crops)")
+
+
+def predict(workdir: str, images: str, out: str, top_k: int = 5, checkpoint: str = "best",
+            grid: Optional[str] = None) -> list[Row]:
+  """Predicts every file of `images` into the CSV `out` and a sample grid PNG."""
+  run = restore.load_run(workdir)
+  ck = restore.restore(workdir, checkpoint)
+  paths = list_images(images)
+  rows, shown = predict_files(run, ck, paths, batch_size=run.config.eval_batch_size)
+  thresholds = (load_thresholds(workdir, ck.label, run.class_names)[0] if run.multilabel
+                else None)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  write_csv(out, rows, run.class_names, top_k, thresholds)
+  grid = grid or os.path.splitext(out)[0] + "_grid.png"
+  write_grid(grid, shown, run.class_names, thresholds)
+  bad = [r for r in rows if r.error]
+  logging.info("Predicted %d of %d files into %s (%d unreadable); grid: %s.",
+               len(rows) - len(bad), len(rows), out, len(bad), grid)
+  for row in bad:
+    print(f"unreadable: {row.path}: {row.error}")
+  return rows
+
+
+def define_flags() -> None:
+  """Command-line flags (only when run as a program)."""
+  flags.DEFINE_string("workdir", None, "Workdir of a training run.", required=True)
+  flags.DEFINE_string("images", None, "Image file, folder or glob (comma-separated list).",
+                      required=True)
+  flags.DEFINE_string("out", "predictions.csv", "Output CSV.")
+  flags.DEFINE_integer("top_k", 5, "Labels with probabilities per row.")
+  flags.DEFINE_string("checkpoint", "best", "'best', 'last' or a step number.")
+  flags.DEFINE_string("grid", None, "Sample grid PNG (default: next to --out, *_grid.png).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  cli.run_main(lambda: predict(f.workdir, f.images, f.out, f.top_k, f.checkpoint, f.grid))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
