@@ -19,7 +19,9 @@ times, in this one process and on the same cores, images/s of
 and prints both and their ratio. The goal is tf.data >= 1.5x PIL, and far
 above what a ViT-B/16 train step consumes (~3 images/s on a 2-core CPU).
 Figures on shared machines are noisy; the two pipelines alternate
-`--rounds` times and the best round of each is reported.
+`--rounds` times and the best round of each is reported. It also prints the
+CPU time per image of each (this process's threads; for PIL also the pool's
+processes, from /proc), which other load on the machine barely changes.
 """
 
 import io
@@ -165,13 +167,25 @@ def _numpy_mix(images, targets, rng, mixup_alpha, cutmix_alpha):
   return out.astype(np.float32), lam * targets + (1 - lam) * targets[::-1]
 
 
+def _cpu_seconds(pids=()) -> float:
+  """User + system CPU seconds of this process (all threads) and of `pids`."""
+  total = time.process_time()
+  tick = os.sysconf("SC_CLK_TCK")
+  for pid in pids:
+    with open(f"/proc/{pid}/stat") as f:
+      fields = f.read().rsplit(")", 1)[1].split()
+    total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+  return total
+
+
 def time_pil(records, pool, num_images, batch, size, num_layers, magnitude, mixup, cutmix):
-  """images/s of the PIL pool pipeline over `num_images` images."""
+  """(images/s, CPU-ms per image) of the PIL pool pipeline over `num_images` images."""
+  pids = [p.pid for p in pool._pool]  # pylint: disable=protected-access
   num_classes = max(max(l) for _, l in records) + 1 if records else 1
   rng = np.random.default_rng(0)
   jobs = ((records[i % len(records)][0], i, size, num_layers, magnitude)
           for i in range(num_images))
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), _cpu_seconds(pids)
   pending_images, pending_labels = [], []
   for i, image in enumerate(pool.imap(_pil_example, jobs, chunksize=4)):
     pending_images.append(image)
@@ -183,7 +197,8 @@ def time_pil(records, pool, num_images, batch, size, num_layers, magnitude, mixu
         targets[row, labels] = 1.0
       _numpy_mix(images, targets, rng, mixup, cutmix)
       pending_images, pending_labels = [], []
-  return num_images / (time.perf_counter() - start)
+  wall = time.perf_counter() - start
+  return num_images / wall, (_cpu_seconds(pids) - cpu) / num_images * 1e3
 
 
 # ----------------------------------------------------------------------------
@@ -192,14 +207,16 @@ def time_pil(records, pool, num_images, batch, size, num_layers, magnitude, mixu
 
 
 def time_tf(cfg, data_dir, info, num_images, batch, seed):
-  """images/s of train_iterator over `num_images` images (after one warm-up batch)."""
+  """(images/s, CPU-ms per image) of train_iterator (after one warm-up batch)."""
   it = input_pipeline.train_iterator(cfg, data_dir, info, batch_size=batch, seed=seed)
   next(it)  # Builds the pipeline and fills the prefetch buffers' first batch.
   steps = max(1, num_images // batch)
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), _cpu_seconds()
   for _ in range(steps):
     next(it)
-  return steps * batch / (time.perf_counter() - start)
+  wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+  del it  # Stop its background threads before the next timing.
+  return steps * batch / wall, cpu / (steps * batch) * 1e3
 
 
 def _all_splits(data_dir, info):
@@ -247,21 +264,27 @@ def main(_):
     cfg.mixup_alpha = _MIXUP.value
     cfg.cutmix_alpha = _CUTMIX.value
 
-    tf_rates, pil_rates = [], []
+    tf_rates, pil_rates, tf_cpu, pil_cpu = [], [], [], []
     ctx = multiprocessing.get_context("spawn")  # no forked TF state in the workers
     with ctx.Pool(workers) as pool:
       pool.map(_pil_example, [(records[0][0], 0, 8, 0, 0.0)] * workers)  # start workers
       for r in range(_ROUNDS.value):
-        tf_rates.append(time_tf(cfg, data_dir, info, _IMAGES.value, _BATCH.value, seed=r))
-        pil_rates.append(time_pil(records, pool, _IMAGES.value, _BATCH.value, _SIZE.value,
-                                  _LAYERS.value, _MAGNITUDE.value, _MIXUP.value, _CUTMIX.value))
-        print(f"round {r}: tf.data {tf_rates[-1]:.1f} img/s, PIL pool {pil_rates[-1]:.1f} img/s",
-              flush=True)
+        rate, cpu = time_tf(cfg, data_dir, info, _IMAGES.value, _BATCH.value, seed=r)
+        tf_rates.append(rate)
+        tf_cpu.append(cpu)
+        rate, cpu = time_pil(records, pool, _IMAGES.value, _BATCH.value, _SIZE.value,
+                             _LAYERS.value, _MAGNITUDE.value, _MIXUP.value, _CUTMIX.value)
+        pil_rates.append(rate)
+        pil_cpu.append(cpu)
+        print(f"round {r}: tf.data {tf_rates[-1]:.1f} img/s ({tf_cpu[-1]:.2f} CPU-ms/img), "
+              f"PIL pool {pil_rates[-1]:.1f} img/s ({pil_cpu[-1]:.2f} CPU-ms/img)", flush=True)
     best_tf, best_pil = max(tf_rates), max(pil_rates)
-    print(f"tf.data: {best_tf:.1f} images/s")
-    print(f"PIL + numpy, {workers} processes: {best_pil:.1f} images/s")
-    print(f"ratio tf.data / PIL: {best_tf / best_pil:.2f}x (goal >= 1.5x); a ViT-B/16 train "
-          f"step on a 2-core CPU takes ~3 images/s")
+    print(f"tf.data: {best_tf:.1f} images/s, {min(tf_cpu):.2f} CPU-ms per image")
+    print(f"PIL + numpy, {workers} processes: {best_pil:.1f} images/s, "
+          f"{min(pil_cpu):.2f} CPU-ms per image")
+    print(f"ratio tf.data / PIL: {best_tf / best_pil:.2f}x in images/s, "
+          f"{min(pil_cpu) / min(tf_cpu):.2f}x in CPU time per image (goal >= 1.5x); "
+          f"a ViT-B/16 train step on a 2-core CPU takes ~3 images/s")
 
 
 if __name__ == "__main__":

@@ -131,16 +131,17 @@ def scan_labels(shards: list[Shard], num_classes: int,
 def normalize(image: tf.Tensor, mode: str) -> tf.Tensor:
   """Scales a [0, 255] float image the way the (pretrained) model expects."""
   if mode == "imagenet":
-    # (x / 255 - mean) / std as one multiply-add.
+    # (x / 255 - mean) / std as one multiply-add with full-shape constants
+    # (broadcasting a [3] vector is several times slower on CPU).
     scale = 1.0 / (255.0 * np.asarray(_IMAGENET_STD))
     offset = -np.asarray(_IMAGENET_MEAN) / np.asarray(_IMAGENET_STD)
-    return image * tf.constant(scale, image.dtype) + tf.constant(offset, image.dtype)
+    return image * augment.per_channel(scale, image) + augment.per_channel(offset, image)
   if mode == "minus_one_to_one":
     return image / 127.5 - 1.0
   if mode == "zero_one":
     return image / 255.0
   if mode == "caffe_bgr":
-    return image[..., ::-1] - _CAFFE_BGR_MEAN
+    return image[..., ::-1] - augment.per_channel(_CAFFE_BGR_MEAN, image)
   raise ValueError(f"data.normalization must be one of {NORMALIZATIONS}, got {mode!r}")
 
 

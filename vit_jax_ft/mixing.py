@@ -60,15 +60,16 @@ def cutmix(images: tf.Tensor, targets: tf.Tensor, boxes: tf.Tensor) -> tuple[tf.
 
   Returns the images and targets mixed by the pasted area.
   """
-  height, width = images.shape[1], images.shape[2]
+  height, width, channels = images.shape[1], images.shape[2], images.shape[3]
   rows = tf.range(height)[None, :, None]
-  cols = tf.range(width)[None, None, :]
+  cols = tf.range(width * channels)[None, None, :] // channels  # pixel column of each value
   b = boxes[:, :, None, None]
-  in_rows = tf.cast((rows >= b[:, 0]) & (rows < b[:, 1]), images.dtype)
-  in_cols = tf.cast((cols >= b[:, 2]) & (cols < b[:, 3]), images.dtype)
-  inside = (in_rows * in_cols)[..., None]  # [B, H, W, 1]
-  # A mask product, not tf.where (several times slower on CPU); exact for 0/1.
-  images = images * (1.0 - inside) + tf.reverse(images, [0]) * inside
+  in_rows = tf.cast((rows >= b[:, 0]) & (rows < b[:, 1]), images.dtype)  # [B, H, 1]
+  in_cols = tf.cast((cols >= b[:, 2]) & (cols < b[:, 3]), images.dtype)  # [B, 1, W * C]
+  # The box mask at the images' full shape, as a batched outer product: on
+  # CPU this and same-shape products beat broadcasting a [B, H, W, 1] mask.
+  inside = tf.reshape(tf.matmul(in_rows, in_cols), tf.shape(images))
+  images = images * (1.0 - inside) + tf.reverse(images, [0]) * inside  # exact for a 0/1 mask
   area = tf.cast((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2]), tf.float32)
   lam = 1.0 - area / float(height * width)
   return images, _mix_targets(targets, lam)
