@@ -46,6 +46,7 @@ def _config(model_config, image_size):
   with config.unlocked():
     config.model = model_config
   config.data.image_size = image_size
+  config.data.normalization = "imagenet"  # train.py writes config.json with 'auto' resolved.
   return config
 
 
