@@ -323,6 +323,48 @@ def test_normalize_hand_values():
       [(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225], rtol=1e-5)
 
 
+def test_normalize_caffe_bgr_hand_values():
+  pixels = tf.constant([[[10.0, 20.0, 30.0]]])
+  # Channels reversed to BGR, then the Keras ResNet50 means subtracted.
+  np.testing.assert_allclose(input_pipeline.normalize(pixels, 'caffe_bgr'),
+                             [[[30 - 103.939, 20 - 116.779, 10 - 123.68]]], rtol=1e-6)
+
+
+@pytest.mark.parametrize('height, width', [(1200, 900), (301, 1003)])
+def test_jpeg_crop_window_decoding_matches_a_full_decode(height, width):
+  # JPEGs decode only the crop window, scaled down 2, 4 or 8x by libjpeg
+  # while the crop stays >= 2x image_size (its corner then snaps to that
+  # grid). The pixels must be those of the same window of a full decode, up
+  # to DCT-scaling versus antialiased-resize differences.
+  # Smooth waves (~1 grey level per pixel) along x in red and y in green: a
+  # misplaced window shows.
+  y, x = np.mgrid[0:height, 0:width]
+  img = np.stack([128 + 120 * np.sin(x / 100.0), 128 + 120 * np.cos(y / 100.0), 0 * x + 90], -1)
+  data = tf.constant(_jpeg(img.round().astype(np.uint8)))
+  cfg = _cfg(image_size=64, crop_min_scale=0.3)
+  full = tf.io.decode_jpeg(data, channels=3)
+  ratios = []
+  for k in range(6):
+    crop_key = tf.random.experimental.stateless_split(tf.constant([k, 5], tf.int64), 2)[0]
+    got = input_pipeline._decode_and_crop(data, crop_key, cfg).numpy().astype(np.float32)
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(full), tf.zeros([0, 0, 4]), seed=crop_key, area_range=(0.3, 1.0),
+        aspect_ratio_range=(3 / 4, 4 / 3), min_object_covered=0.0,
+        use_image_if_no_bounding_boxes=True)
+    (top, left), (h, w) = begin.numpy()[:2], size.numpy()[:2]
+    ratio = h // got.shape[0]
+    assert ratio in (1, 2, 4, 8) and got.shape[:2] == (h // ratio, w // ratio)
+    assert ratio == 1 or min(h, w) >= 2 * 64 * ratio
+    ratios.append(ratio)
+    top, left = top // ratio * ratio, left // ratio * ratio
+    window = full[top:top + got.shape[0] * ratio, left:left + got.shape[1] * ratio]
+    want = tf.image.resize(window, got.shape[:2], antialias=True).numpy()
+    diff = np.abs(got - want)
+    assert diff.mean() < 1.0 and diff.max() < 8, (k, ratio, diff.mean(), diff.max())
+  if height * width > 10**6:
+    assert max(ratios) > 1  # the scaled path ran
+
+
 def test_normalize_unknown_mode_names_it():
   with pytest.raises(ValueError, match='imagenet_mean'):
     input_pipeline.normalize(tf.zeros([1, 1, 3]), 'imagenet_mean')

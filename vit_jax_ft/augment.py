@@ -210,11 +210,16 @@ def sharpness(image, factor):
   return _blend(degenerate, image, factor)
 
 
+def _round_half_away(v):
+  """std::round (half away from zero), as ImageProjectiveTransformV3's NEAREST."""
+  return tf.cast(tf.sign(v) * tf.floor(tf.abs(v) + 0.5), tf.int32)
+
+
 def _affine(image, matrix):
   """Nearest-neighbour affine warp, grey outside: output (y, x) <- input (y', x').
 
   `matrix` is [a0, a1, a2, b0, b1, b2] with x' = a0 x + a1 y + a2 and
-  y' = b0 x + b1 y + b2, rounded half up: the pixels that
+  y' = b0 x + b1 y + b2, rounded half away from zero: the pixels that
   ImageProjectiveTransformV3 (NEAREST, CONSTANT fill) picks, by one
   row gather over the pixels instead of its per-value loop (~3x faster).
   """
@@ -223,8 +228,8 @@ def _affine(image, matrix):
   a0, a1, a2, b0, b1, b2 = tf.unstack(tf.cast(matrix, tf.float32))
   ys = tf.cast(tf.range(h), tf.float32)[:, None]
   xs = tf.cast(tf.range(w), tf.float32)[None, :]
-  src_x = tf.cast(tf.floor(a0 * xs + a1 * ys + a2 + 0.5), tf.int32)  # [H, W]
-  src_y = tf.cast(tf.floor(b0 * xs + b1 * ys + b2 + 0.5), tf.int32)
+  src_x = _round_half_away(a0 * xs + a1 * ys + a2)  # [H, W]
+  src_y = _round_half_away(b0 * xs + b1 * ys + b2)
   valid = tf.cast((src_x >= 0) & (src_x < w) & (src_y >= 0) & (src_y < h), tf.int32)
   # Invalid pixels read an extra grey row appended after the image's pixels.
   index = valid * (src_y * w + src_x) + (1 - valid) * (h * w)
@@ -253,13 +258,14 @@ def shear_y(image, level):
 
 
 def _shift(image, pixels, axis: int):
-  """Moves the image by round(pixels) along `axis`, filling with grey.
+  """Moves the image by `pixels` (rounded) along `axis`, filling with grey.
 
   What the nearest-neighbour projective transform does for a translation,
   by slicing and padding (a fraction of the transform's cost).
   """
   size = tf.shape(image)[axis]
-  shift = tf.clip_by_value(tf.cast(tf.round(pixels), tf.int32), -size, size)
+  # Input column x - pixels rounded half away from zero, for x - pixels >= 0.
+  shift = tf.clip_by_value(tf.cast(tf.math.ceil(pixels - 0.5), tf.int32), -size, size)
   before, after = tf.maximum(shift, 0), tf.maximum(-shift, 0)
   begin = tf.one_hot(axis, 3, on_value=after, off_value=0)
   extent = tf.tensor_scatter_nd_update(tf.shape(image), [[axis]], [size - before - after])
