@@ -59,6 +59,9 @@ _LAYERS = flags.DEFINE_integer("randaugment_layers", 2, "RandAugment N (0: off).
 _MAGNITUDE = flags.DEFINE_float("randaugment_magnitude", 10.0, "RandAugment M.")
 _MIXUP = flags.DEFINE_float("mixup_alpha", 0.8, "Mixup alpha (0: off).")
 _CUTMIX = flags.DEFINE_float("cutmix_alpha", 1.0, "CutMix alpha (0: off).")
+_DRAFT = flags.DEFINE_bool("pil_draft", False,
+                           "Let PIL decode JPEGs scaled down (Image.draft) under the same rule as "
+                           "tf.data (crop >= 2x the output side after scaling).")
 
 _MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
 _STD = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
@@ -131,10 +134,19 @@ def _pil_randaugment(img, rng, num_layers, magnitude):
 
 def _pil_example(args):
   """One train example: bytes -> augmented uint8 [S, S, 3]."""
-  image_bytes, seed, size, num_layers, magnitude = args
+  image_bytes, seed, size, num_layers, magnitude, draft = args
   rng = np.random.default_rng(seed)
-  img = Image.open(io.BytesIO(image_bytes)).convert("RGB")
-  img = img.crop(_random_resized_box(rng, *img.size))
+  img = Image.open(io.BytesIO(image_bytes))
+  box = _random_resized_box(rng, *img.size)
+  if draft and img.format == "JPEG":
+    side = min(box[2] - box[0], box[3] - box[1])
+    ratio = max([r for r in (1, 2, 4, 8) if r == 1 or side >= 2 * size * r])
+    if ratio > 1:
+      width = img.size[0]
+      img.draft("RGB", (-(-img.size[0] // ratio), -(-img.size[1] // ratio)))
+      scale = img.size[0] / width
+      box = tuple(int(round(c * scale)) for c in box)
+  img = img.convert("RGB").crop(box)
   img = img.resize((size, size), Image.BILINEAR)
   if rng.random() < 0.5:
     img = img.transpose(Image.FLIP_LEFT_RIGHT)
@@ -178,12 +190,13 @@ def _cpu_seconds(pids=()) -> float:
   return total
 
 
-def time_pil(records, pool, num_images, batch, size, num_layers, magnitude, mixup, cutmix):
+def time_pil(records, pool, num_images, batch, size, num_layers, magnitude, mixup, cutmix,
+             draft):
   """(images/s, CPU-ms per image) of the PIL pool pipeline over `num_images` images."""
   pids = [p.pid for p in pool._pool]  # pylint: disable=protected-access
   num_classes = max(max(l) for _, l in records) + 1 if records else 1
   rng = np.random.default_rng(0)
-  jobs = ((records[i % len(records)][0], i, size, num_layers, magnitude)
+  jobs = ((records[i % len(records)][0], i, size, num_layers, magnitude, draft)
           for i in range(num_images))
   start, cpu = time.perf_counter(), _cpu_seconds(pids)
   pending_images, pending_labels = [], []
@@ -267,20 +280,22 @@ def main(_):
     tf_rates, pil_rates, tf_cpu, pil_cpu = [], [], [], []
     ctx = multiprocessing.get_context("spawn")  # no forked TF state in the workers
     with ctx.Pool(workers) as pool:
-      pool.map(_pil_example, [(records[0][0], 0, 8, 0, 0.0)] * workers)  # start workers
+      pool.map(_pil_example, [(records[0][0], 0, 8, 0, 0.0, False)] * workers)  # start workers
       for r in range(_ROUNDS.value):
         rate, cpu = time_tf(cfg, data_dir, info, _IMAGES.value, _BATCH.value, seed=r)
         tf_rates.append(rate)
         tf_cpu.append(cpu)
         rate, cpu = time_pil(records, pool, _IMAGES.value, _BATCH.value, _SIZE.value,
-                             _LAYERS.value, _MAGNITUDE.value, _MIXUP.value, _CUTMIX.value)
+                             _LAYERS.value, _MAGNITUDE.value, _MIXUP.value, _CUTMIX.value,
+                             _DRAFT.value)
         pil_rates.append(rate)
         pil_cpu.append(cpu)
         print(f"round {r}: tf.data {tf_rates[-1]:.1f} img/s ({tf_cpu[-1]:.2f} CPU-ms/img), "
               f"PIL pool {pil_rates[-1]:.1f} img/s ({pil_cpu[-1]:.2f} CPU-ms/img)", flush=True)
     best_tf, best_pil = max(tf_rates), max(pil_rates)
     print(f"tf.data: {best_tf:.1f} images/s, {min(tf_cpu):.2f} CPU-ms per image")
-    print(f"PIL + numpy, {workers} processes: {best_pil:.1f} images/s, "
+    draft = " (JPEG draft decoding)" if _DRAFT.value else ""
+    print(f"PIL + numpy{draft}, {workers} processes: {best_pil:.1f} images/s, "
           f"{min(pil_cpu):.2f} CPU-ms per image")
     print(f"ratio tf.data / PIL: {best_tf / best_pil:.2f}x in images/s, "
           f"{min(pil_cpu) / min(tf_cpu):.2f}x in CPU time per image (goal >= 1.5x); "
