@@ -11,21 +11,23 @@ experiments used: `num_layers` times, pick one of the available ops or the
 identity uniformly at random (so with n ops each layer is the identity with
 probability 1 / (n + 1)) and apply it with the shared `magnitude` m in
 [0, 10]. Images are processed as 8-bit (whole numbers in [0, 255]) and
-geometric ops fill with grey 128.
-The op arguments at magnitude m are those of the Model Garden:
+geometric ops fill with grey 128. The op arguments at magnitude m are the
+Model Garden's (the pixel ops match PIL's ImageOps / ImageEnhance, see
+tests/test_augment.py):
 
-  op            argument at magnitude m          identity at
-  AutoContrast  -                                (never)
-  Equalize      -                                (never)
-  Invert        -                                (never)
-  Rotate        +-30 * m / 10 degrees            m = 0
-  ShearX/Y      +-0.3 * m / 10                   m = 0
-  TranslateX/Y  +-translate * m / 10 pixels      m = 0
-  Cutout        square of side 2 * int(cutout * m / 10), fill 128   m < 10 / cutout
-  SolarizeAdd   +int(110 * m / 10) on pixels < 128                  m < 1 / 11
-  Posterize     keep int(4 * m / 10) high bits   (never: m = 0 keeps 0 bits, black)
-  Solarize      invert pixels >= int(256 * m / 10)                  m = 10
-  Color, Contrast, Brightness, Sharpness: factor 0.1 + 1.8 * m / 10 m = 5
+  op                 argument at magnitude m                 identity when
+  AutoContrast       -                                       never
+  Equalize           -                                       never
+  Invert             -                                       never
+  Rotate             +-30 * m / 10 degrees                   m = 0
+  ShearX, ShearY     +-0.3 * m / 10                          m = 0
+  TranslateX, -Y     +-translate * m / 10 pixels             m = 0
+  Cutout             grey square, side 2 * int(cutout * m / 10)  m < 10 / cutout
+  SolarizeAdd        +int(110 * m / 10) on pixels < 128      m < 1 / 11
+  Posterize          keep int(4 * m / 10) high bits          never (m < 2.5: black)
+  Solarize           invert pixels >= int(256 * m / 10)      m = 10
+  Color, Contrast,   blend factor 0.1 + 1.8 * m / 10         m = 5
+  Brightness, Sharpness
 
 Signs (+-) are random per application. Note the recipe's quirks, kept on
 purpose so that results reproduce: Posterize and Solarize get *weaker* as
