@@ -48,7 +48,7 @@ FIELD_DOCS = {
     "data.eval_crop_fraction": "Eval: resize to image_size / fraction, then centre-crop image_size.",
     "data.tfds_name": "source='tfds': dataset name, optionally with config and version, e.g. 'food101' or 'food101/2.0.0'.",
     "data.tfds_dir": "source='tfds': the data_dir it was prepared into (`tfds build --data_dir`); default $TFDS_DATA_DIR or ~/tensorflow_datasets. Never downloads.",
-    "data.sampler": "Train sampling: 'none' (data as is), 'sqrt' (class shares ~ sqrt(count)) or 'balanced' (uniform over classes); multi-label: by each example's rarest label.",
+    "data.sampler": "Train sampling: 'none' (data as is), 'sqrt' (class shares ~ sqrt(count)) or 'balanced' (uniform over classes); multi-label: by each example's rarest label. Use with 'ce'/'focal', not a weighted_* loss (that would correct twice).",
     "data.randaugment_layers": "RandAugment: ops applied per image (N; TF Model Garden recipe: 2); 0 disables.",
     "data.randaugment_magnitude": "RandAugment: shared magnitude M in [0, 10] (recipe: 10); see vit_jax_ft/augment.py for each op.",
     "data.randaugment_exclude_ops": "RandAugment: comma-separated ops never chosen, e.g. 'Invert,Solarize,Posterize'.",
