@@ -19,7 +19,7 @@ times, in this one process and on the same cores, images/s of
 and prints both and their ratio. The goal is tf.data >= 1.5x PIL, and far
 above what a ViT-B/16 train step consumes (~3 images/s on a 2-core CPU).
 Figures on shared machines are noisy; the two pipelines alternate
-`--rounds` times and the best round of each is reported. It also prints the
+`--rounds` times and the median round of each is reported. It also prints the
 CPU time per image of each (this process's threads; for PIL also the pool's
 processes, from /proc), which other load on the machine barely changes.
 """
@@ -53,7 +53,7 @@ _PREPARED = flags.DEFINE_string("prepared", None, "An already prepared dataset f
 _SIZE = flags.DEFINE_integer("image_size", 224, "Output side.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
 _IMAGES = flags.DEFINE_integer("images", 512, "Images timed per round and pipeline.")
-_ROUNDS = flags.DEFINE_integer("rounds", 2, "Alternating timing rounds; the best is reported.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating timing rounds; the median is reported.")
 _WORKERS = flags.DEFINE_integer("workers", 0, "PIL pool processes (0: the cores this process may use).")
 _LAYERS = flags.DEFINE_integer("randaugment_layers", 2, "RandAugment N (0: off).")
 _MAGNITUDE = flags.DEFINE_float("randaugment_magnitude", 10.0, "RandAugment M.")
@@ -292,13 +292,14 @@ def main(_):
         pil_cpu.append(cpu)
         print(f"round {r}: tf.data {tf_rates[-1]:.1f} img/s ({tf_cpu[-1]:.2f} CPU-ms/img), "
               f"PIL pool {pil_rates[-1]:.1f} img/s ({pil_cpu[-1]:.2f} CPU-ms/img)", flush=True)
-    best_tf, best_pil = max(tf_rates), max(pil_rates)
-    print(f"tf.data: {best_tf:.1f} images/s, {min(tf_cpu):.2f} CPU-ms per image")
+    tf_rate, pil_rate = np.median(tf_rates), np.median(pil_rates)
+    tf_ms, pil_ms = np.median(tf_cpu), np.median(pil_cpu)
+    print(f"tf.data: {tf_rate:.1f} images/s, {tf_ms:.2f} CPU-ms per image (medians)")
     draft = " (JPEG draft decoding)" if _DRAFT.value else ""
-    print(f"PIL + numpy{draft}, {workers} processes: {best_pil:.1f} images/s, "
-          f"{min(pil_cpu):.2f} CPU-ms per image")
-    print(f"ratio tf.data / PIL: {best_tf / best_pil:.2f}x in images/s, "
-          f"{min(pil_cpu) / min(tf_cpu):.2f}x in CPU time per image (goal >= 1.5x); "
+    print(f"PIL + numpy{draft}, {workers} processes: {pil_rate:.1f} images/s, "
+          f"{pil_ms:.2f} CPU-ms per image (medians)")
+    print(f"ratio tf.data / PIL: {tf_rate / pil_rate:.2f}x in images/s, "
+          f"{pil_ms / tf_ms:.2f}x in CPU time per image (goal >= 1.5x); "
           f"a ViT-B/16 train step on a 2-core CPU takes ~3 images/s")
 
 
