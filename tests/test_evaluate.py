@@ -170,20 +170,14 @@ def test_required_recall_flag_and_unknown_class():
     evaluate.parse_required_recall("mel")
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-  """The tiny demo trained for 12 steps: checkpoints at 8 and 12, evaluations at 6 and 12."""
-  workdir = str(tmp_path_factory.mktemp("demo"))
-  results = train.train_and_evaluate(tiny_demo_config(), workdir)
-  return workdir, results
-
-
 def _tensorboard_tags(workdir):
   return set(curves.read_scalars(workdir))
 
 
-def test_report_end_to_end_matches_training_metrics_and_sklearn(demo_run):
-  workdir, results = demo_run
+def test_report_end_to_end_matches_training_metrics_and_sklearn(tmp_path):
+  # The tiny demo, 12 steps: checkpoints kept at 8 and 12, evaluations at 6 and 12.
+  workdir = str(tmp_path)
+  results = train.train_and_evaluate(tiny_demo_config(), workdir)
   dirs = evaluate.write_reports(None, workdir, splits=("val", "test"), checkpoint="last")
   assert set(dirs) == {"val", "test"}
   out = dirs["test"]
@@ -220,23 +214,29 @@ def test_report_end_to_end_matches_training_metrics_and_sklearn(demo_run):
   assert best["step"] in (6, 12) and best["size_bytes"] > summary["params_bytes_float32"]
   assert {"report/test_last/accuracy", "report/val_last/ece"} <= _tensorboard_tags(workdir)
 
-
-def test_report_of_a_step_from_the_command_line(demo_run):
-  workdir, _ = demo_run
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "vit_jax_ft.evaluate", f"--workdir={workdir}", "--split=val",
-         "--checkpoint=8", "--required_recall=3=0.999", "--top_k=2"]
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  with open(os.path.join(workdir, "reports", "val_8", "report.json")) as f:
+  # Another kept step, with options (one training for both: it is the slow part).
+  options = report_lib.Options(top_k=(2,), recall_classes={"3": 0.999})
+  out = evaluate.write_reports(None, workdir, splits=("val",), checkpoint="8",
+                               options=options)["val"]
+  assert out.endswith(os.path.join("reports", "val_8"))
+  with open(os.path.join(out, "report.json")) as f:
     report = json.load(f)
-  assert report["checkpoint"] == {"label": "8", "step": 8, "path": report["checkpoint"]["path"]}
+  assert report["checkpoint"]["label"] == "8" and report["checkpoint"]["step"] == 8
   ops = report["operating_points"]["per_class"]
   assert ops["3"]["required_recall"] == 0.999 and "required_recall" not in ops["4"]
   assert ops["3"]["at_required_recall"]["recall"] >= 0.999
   assert list(report["top_k_accuracy"]) == ["2"]
   with pytest.raises(FileNotFoundError, match="available: \\[8, 12\\]"):
     restore.find_step(workdir, "5")
+
+
+def test_command_line_fails_with_one_line(tmp_path):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "vit_jax_ft.evaluate", f"--workdir={tmp_path}", "--split=val"]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: {tmp_path}/config.json not found: is '{tmp_path}' the workdir of a training run?")
 
 
 # Runs built directly (no training): untrained weights with a random head.

@@ -3,8 +3,6 @@
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -59,7 +57,7 @@ def test_tables_mark_the_best_and_list_missing_runs(tmp_path):
     assert list(csv.reader(f))[2] == ["2", "0.75", "1.2", "10", "done", "lr=2"]
 
 
-def test_sweep_runs_only_unfinished_configurations(tmp_path):
+def test_sweep_runs_only_unfinished_configurations(tmp_path, capsys, monkeypatch):
   """A 2x2 grid where three runs are finished: one real (shortened) demo run."""
   config = tmp_path / "tiny.py"
   config.write_text(
@@ -69,23 +67,18 @@ def test_sweep_runs_only_unfinished_configurations(tmp_path):
       "def get_config():\n"
       "  return tiny_demo_config(total_steps=4, eval_every_steps=4, checkpoint_every_steps=4)\n")
   workdir = str(tmp_path / "sweep")
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   grid = "optimizer.lr=1e-3,3e-3;loss.name=ce,focal"
   runs = sweep.plan(sweep.parse_assignments(grid, "grid"), workdir)
   for run, acc in zip(runs[:3], (0.2, 0.4, 0.3)):
     _finished(run, step=4, val_accuracy=acc, test_accuracy=acc)
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "vit_jax_ft.sweep", f"--config={config}", f"--grid={grid}",
-         f"--workdir={workdir}", "--set=seed=1"]
-  dry = subprocess.run(cmd + ["--dry_run"], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=120)
-  assert dry.returncode == 0, dry.stderr[-2000:]
-  lines = dry.stdout.strip().splitlines()
+  sweep.sweep(str(config), grid, workdir, "seed=1", dry_run=True)
+  lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 4 and sum(line.startswith("# finished: ") for line in lines) == 3
-  assert "--config.seed=1 --config.optimizer.lr=3e-3 --config.loss.name=focal" in lines[3]
+  assert lines[3].endswith("--config.seed=1 --config.optimizer.lr=3e-3 --config.loss.name=focal")
   assert not os.path.exists(runs[3].workdir)  # A dry run runs nothing.
 
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  sweep.sweep(str(config), grid, workdir, "seed=1")  # Trains through `python -m vit_jax_ft.main`.
   with open(os.path.join(runs[3].workdir, "config.json")) as f:
     ran = json.load(f)
   assert (ran["seed"], ran["optimizer"]["lr"], ran["loss"]["name"]) == (1, 3e-3, "focal")

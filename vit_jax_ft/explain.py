@@ -40,16 +40,19 @@ Item = tuple[str, np.ndarray, np.ndarray, str]
 
 def denormalize(image: np.ndarray, mode: str) -> np.ndarray:
   """Inverse of input_pipeline.normalize: back to uint8 RGB for display."""
+  # pylint: disable=protected-access
+  mean, std = np.asarray(input_pipeline._IMAGENET_MEAN), np.asarray(input_pipeline._IMAGENET_STD)
+  caffe_mean = np.asarray(input_pipeline._CAFFE_BGR_MEAN)
+  # pylint: enable=protected-access
   image = np.asarray(image, np.float32)
   if mode == "imagenet":
-    image = (image * np.asarray(input_pipeline._IMAGENET_STD)  # pylint: disable=protected-access
-             + np.asarray(input_pipeline._IMAGENET_MEAN)) * 255.0  # pylint: disable=protected-access
+    image = (image * std + mean) * 255.0
   elif mode == "minus_one_to_one":
     image = (image + 1.0) * 127.5
   elif mode == "zero_one":
     image = image * 255.0
   elif mode == "caffe_bgr":
-    image = (image + np.asarray(input_pipeline._CAFFE_BGR_MEAN))[..., ::-1]  # pylint: disable=protected-access
+    image = (image + caffe_mean)[..., ::-1]
   else:
     raise ValueError(f"Unknown normalization {mode!r}.")
   return np.clip(np.round(image), 0, 255).astype(np.uint8)

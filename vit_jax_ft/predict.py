@@ -85,7 +85,9 @@ def make_preprocess(data_cfg):
 
   @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
   def preprocess(image_bytes):
-    image = input_pipeline._eval_preprocess(image_bytes, data_cfg)  # pylint: disable=protected-access
+    # The very function eval_iterator maps over records.
+    image = input_pipeline._eval_preprocess(  # pylint: disable=protected-access
+        image_bytes, data_cfg)
     return input_pipeline.normalize(image, data_cfg.normalization), image
 
   return preprocess

@@ -129,8 +129,12 @@ def roc_curves(path: str, probs: np.ndarray, truth: np.ndarray, names: Sequence[
   return _save(fig, path)
 
 
-def reliability(path: str, calibration: dict, title: str) -> str:
-  """Reliability diagram (accuracy per confidence bin) over a confidence histogram."""
+def reliability(path: str, calibration: dict, title: str, multilabel: bool = False) -> str:
+  """Reliability diagram (accuracy per confidence bin) over a confidence histogram.
+
+  Multi-label: each bin holds (example, label) probabilities; its bar is the
+  fraction of those labels that are present.
+  """
   bins = calibration["bins"]
   lows = np.asarray([b["low"] for b in bins])
   width = lows[1] - lows[0]
@@ -139,22 +143,22 @@ def reliability(path: str, calibration: dict, title: str) -> str:
   fig = Figure(figsize=(5.5, 6.5), layout="constrained")
   top, bottom = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
   top.bar(lows, np.nan_to_num(acc), width=width, align="edge", edgecolor="black",
-          color="C0", label="accuracy")
+          color="C0", label="present" if multilabel else "accuracy")
   gap_low = np.where(np.isnan(acc), 0, np.minimum(acc, conf))
   # Outlined, not filled: a translucent fill over the blue bars reads as a third colour.
   top.bar(lows, np.nan_to_num(np.abs(conf - acc)), bottom=gap_low, width=width,
           align="edge", fill=False, edgecolor="C3", hatch="//", lw=0.8,
           label="gap to mean confidence")
   top.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-  top.set_ylabel("fraction correct")
+  top.set_ylabel("fraction of labels present" if multilabel else "fraction correct")
   top.set_ylim(0, 1)
   top.legend(loc="upper left", fontsize=8)
   top.set_title(f"{title}\nECE={calibration['ece']:.4f} "
                 f"({calibration['num_bins']} bins), MCE={calibration['mce']:.3f}")
   bottom.bar(lows, [b["count"] for b in bins], width=width, align="edge", color="grey")
   bottom.set_yscale("symlog")
-  bottom.set_xlabel("confidence")
-  bottom.set_ylabel("examples")
+  bottom.set_xlabel("predicted probability" if multilabel else "confidence (top probability)")
+  bottom.set_ylabel("label decisions" if multilabel else "examples")
   bottom.set_xlim(0, 1)
   return _save(fig, path)
 

@@ -132,7 +132,8 @@ def write_pngs(out_dir: str, preds: restore.Predictions, report: dict,
     add("roc_curves", plots.roc_curves(os.path.join(out_dir, "roc_curves.png"), preds.probs,
                                        truth, class_names, ops, f"{title}: ROC, one vs rest"))
   add("reliability", plots.reliability(os.path.join(out_dir, "reliability.png"),
-                                       report["calibration"], f"{title}: reliability"))
+                                       report["calibration"], f"{title}: reliability",
+                                       multilabel="errors" in report))
   if scalars:
     add("learning_curves", plots.learning_curves(
         os.path.join(out_dir, "learning_curves.png"), scalars, "learning curves", best_step))

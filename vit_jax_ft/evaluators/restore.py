@@ -87,7 +87,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def load_run(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> Run:
   """Config (default: WORKDIR/config.json), dataset info and model of a run."""
-  config = load_config(workdir) if config is None else config
+  if config is None:
+    config = load_config(workdir)
+  elif config.data.normalization == "auto":  # The config as given, not as run.
+    config = config.copy_and_resolve_references()
+    config.data.normalization = train.resolve_normalization(config, workdir, None)
   data_dir, info = train.load_data_info(config, workdir)
   model = models.create_model(config.model, len(info["class_names"]), jnp.dtype(config.dtype))
   return Run(workdir=workdir, config=config, data_dir=data_dir, info=info, model=model)
