@@ -13,7 +13,7 @@ from vit_jax_ft import main as main_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ["demo", "vit_artdl", "vit_skin_cancer", "resnet_artdl", "resnet_skin_cancer",
-           "vit_multilabel_csv"]
+           "vit_multilabel_csv", "vit_food101"]
 
 
 def load(name):
@@ -77,6 +77,14 @@ def test_cli_overrides_reach_the_run(tmp_path):
                     "--config.optimizer.warmup_steps=100000")
   assert result.returncode != 0
   assert "optimizer.warmup_steps=100000" in result.stderr.strip().splitlines()[-1]
+
+
+def test_tfds_config_fails_fast_without_prepared_data(tmp_path):
+  result = run_main("--config=configs/vit_food101.py", f"--workdir={tmp_path}",
+                    f"--config.data.tfds_dir={tmp_path}/no_tfds", timeout=60)
+  assert result.returncode != 0
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error:") and "food101" in last and "tfds build" in last
 
 
 def test_model_family_switch_replaces_fields():

@@ -41,6 +41,7 @@ def tiny_demo_config(**overrides):
   config.log_every_steps = 4
   config.eval_every_steps = 6
   config.checkpoint_every_steps = 4
+  config.final_report = False  # Reports have their own tests; keep these fast.
   for key, value in overrides.items():
     node = config
     *path, leaf = key.split(".")
@@ -190,6 +191,8 @@ def test_demo_command_trains_writes_results_and_resumes(tmp_path):
   files = os.listdir(tmp_path)
   assert {"config.json", "eval_results.json", "checkpoints", "checkpoints_best"} <= set(files)
   assert any(f.startswith("events.out.tfevents") for f in files)
+  report_dirs = os.listdir(tmp_path / "reports")
+  assert any(d.startswith("test_") for d in report_dirs)  # The end-of-run report.
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["num_epochs"] == 2.0
   with open(tmp_path / "eval_results.json") as f:

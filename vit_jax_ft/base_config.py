@@ -30,6 +30,7 @@ FIELD_DOCS = {
     "keep_checkpoints": "How many of the most recent checkpoints to keep.",
     "best_metric": "Validation metric that selects the kept best checkpoint, e.g. 'accuracy'.",
     "best_mode": "'max' or 'min': whether a larger or smaller best_metric is better.",
+    "final_report": "After training, write the evaluation report (WORKDIR/reports) for val and test.",
     "init_from": "Pretrained weights: a converted dir, .npz, HF folder or id, timm/torchvision/Keras file.",
     "init_strict": "Fail unless every backbone parameter loads and nothing in the checkpoint is unused.",
     "init_cache_dir": "Where raw sources are cached after conversion (default ~/.cache/vit_jax_ft).",
@@ -154,6 +155,7 @@ def get_base_config() -> config_dict.ConfigDict:
   c.keep_checkpoints = 2
   c.best_metric = "accuracy"
   c.best_mode = "max"
+  c.final_report = True
   c.init_from = placeholder(str)
   c.init_strict = True
   c.init_cache_dir = placeholder(str)

@@ -37,8 +37,12 @@ def load_data_info(config: ml_collections.ConfigDict, workdir: str) -> tuple[str
       digits.prepare_digits(data_dir, seed=config.seed)
     multihost_utils.sync_global_devices("digits prepared")
     return data_dir, digits.prepare_digits(data_dir, seed=config.seed)
+  if config.data.source == "tfds":
+    from vit_jax_ft.data import tfds_source  # pylint: disable=g-import-not-at-top
+    return tfds_source.load_data_info(config.data)
   if config.data.source != "tfrecord":
-    raise ValueError(f"data.source must be 'tfrecord' or 'digits', got {config.data.source!r}")
+    raise ValueError(f"data.source must be 'tfrecord', 'tfds' or 'digits', got "
+                     f"{config.data.source!r}")
   if not config.data.dir:
     raise ValueError(f"config.data.dir is not set. {config.data.help}".strip())
   return config.data.dir, tfrecords.read_info(config.data.dir, config.data.help)
@@ -66,6 +70,9 @@ def _check_config(config: ml_collections.ConfigDict, info: dict) -> None:
                      f"optimizer.accum_steps={config.optimizer.accum_steps}.")
   if config.eval_batch_size % n:
     raise ValueError(f"eval_batch_size={config.eval_batch_size} must divide over {n} devices.")
+  if config.data.sampler != "none" and config.loss.name.startswith("weighted"):
+    logging.warning("data.sampler=%r and loss.name=%r both correct for class imbalance; "
+                    "together they over-correct.", config.data.sampler, config.loss.name)
   if config.best_mode not in ("max", "min"):
     raise ValueError(f"best_mode must be 'max' or 'min', got {config.best_mode!r}.")
 
@@ -225,7 +232,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     last_ckpt.wait_until_finished()
     best_ckpt.wait_until_finished()
     writer.flush()
-  return _final_eval(run_eval, state, config, workdir, val_metrics)
+  results = _final_eval(run_eval, state, config, workdir, val_metrics)
+  if config.final_report:
+    # Imported here: the evaluators import this module.
+    from vit_jax_ft import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+    evaluate_lib.write_reports(config, workdir)
+  return results
 
 
 def _train_loop(config, state, train_fn, run_eval, schedule, total_steps, data_dir, info,
