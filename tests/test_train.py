@@ -226,3 +226,36 @@ def test_full_demo_reaches_95_percent_test_accuracy(tmp_path):
   results = train.train_and_evaluate(config, str(tmp_path))
   assert results["test_num_examples"] == 180
   assert results["test_accuracy"] >= 0.95
+
+
+def test_early_stopping_stops_and_stays_stopped(tmp_path):
+  # min_delta is so large that only the first evaluation counts as improving.
+  config = tiny_demo_config(total_steps=40, eval_every_steps=2, early_stopping_patience=2,
+                            best_metric="loss", best_mode="min", min_delta=100.0)
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert results["step"] == 6  # Best at 2; evals at 4 and 6 without improvement.
+  with open(tmp_path / "early_stopped.json") as f:
+    assert json.load(f)["best_step"] == 2
+  again = train.train_and_evaluate(config, str(tmp_path))
+  assert again["step"] == 6
+
+
+def test_reduce_on_plateau_scales_the_updates(tmp_path):
+  config = tiny_demo_config(total_steps=10, eval_every_steps=2, plateau_patience=1,
+                            plateau_factor=0.5, best_metric="loss", best_mode="min",
+                            min_delta=100.0)
+  train.train_and_evaluate(config, str(tmp_path))
+  _, state = _final_params(str(tmp_path))
+  # Best at step 2, then one reduction per evaluation: steps 4, 6, 8, 10.
+  assert float(state["lr_scale"]) == 0.5**4 and int(state["lr_scale_step"]) == 10
+
+
+def test_lr_scale_multiplies_the_update():
+  model = tiny_vit()
+  step_fn, tx = make_step(model)
+  batch = fixed_batch()
+  start = steps.create_train_state(model, tx, 32, seed=0)
+  full, _ = step_fn(start, batch)
+  half, _ = step_fn(start.replace(lr_scale=jnp.float32(0.5)), batch)
+  for p0, p1, ph in zip(*(jax.tree.leaves(s.params) for s in (start, full, half))):
+    np.testing.assert_allclose(ph - p0, 0.5 * (p1 - p0), rtol=1e-4, atol=1e-7)

@@ -30,6 +30,10 @@ FIELD_DOCS = {
     "keep_checkpoints": "How many of the most recent checkpoints to keep.",
     "best_metric": "Validation metric that selects the kept best checkpoint, e.g. 'accuracy'.",
     "best_mode": "'max' or 'min': whether a larger or smaller best_metric is better.",
+    "min_delta": "A best_metric change counts as an improvement only beyond this margin.",
+    "early_stopping_patience": "Stop after this many evaluations without improvement (0: never).",
+    "plateau_patience": "Multiply the learning rate by plateau_factor after this many evaluations without improvement (0: never).",
+    "plateau_factor": "Learning-rate factor applied at each plateau.",
     "final_report": "After training, write the evaluation report (WORKDIR/reports) for val and test.",
     "init_from": "Pretrained weights: a converted dir, .npz, HF folder or id, timm/torchvision/Keras file.",
     "init_strict": "Fail unless every backbone parameter loads and nothing in the checkpoint is unused.",
@@ -155,6 +159,10 @@ def get_base_config() -> config_dict.ConfigDict:
   c.keep_checkpoints = 2
   c.best_metric = "accuracy"
   c.best_mode = "max"
+  c.min_delta = 0.0
+  c.early_stopping_patience = 0
+  c.plateau_patience = 0
+  c.plateau_factor = 0.5
   c.final_report = True
   c.init_from = placeholder(str)
   c.init_strict = True

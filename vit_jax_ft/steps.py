@@ -23,6 +23,10 @@ class TrainState:
   # and the number of finite steps since it last changed.
   loss_scale: jax.Array
   good_steps: jax.Array
+  # Reduce-on-plateau: a factor on every update (1 until a plateau), and the
+  # step of the last reduction.
+  lr_scale: jax.Array
+  lr_scale_step: jax.Array
 
 
 @flax.struct.dataclass
@@ -52,7 +56,9 @@ def create_train_state(model, tx: optax.GradientTransformation, image_size: int,
                     batch_stats=variables.get("batch_stats", {}),
                     opt_state=tx.init(params), rng=train_rng,
                     loss_scale=jnp.asarray(init_loss_scale, jnp.float32),
-                    good_steps=jnp.asarray(0, jnp.int32))
+                    good_steps=jnp.asarray(0, jnp.int32),
+                    lr_scale=jnp.asarray(1.0, jnp.float32),
+                    lr_scale_step=jnp.asarray(0, jnp.int32))
 
 
 def _variables(params, batch_stats) -> dict:
@@ -117,6 +123,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
     scale = scale * accum_steps
   grads = jax.tree.map(lambda g: g / scale, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             batch_stats=batch_stats, opt_state=opt_state)
   # Accuracy is only meaningful for single-label targets; the loop drops it

@@ -161,8 +161,26 @@ def _log_train(writer, pending: list, step: int, images_per_sec: float, multilab
                        | {"images_per_sec": images_per_sec})
 
 
-def _is_better(value: float, best, mode: str) -> bool:
-  return best is None or (value > best if mode == "max" else value < best)
+def _is_better(value: float, best, mode: str, min_delta: float) -> bool:
+  return best is None or (value > best + min_delta if mode == "max" else value < best - min_delta)
+
+
+def _after_eval(config, state, step: int, best_step: int):
+  """Reduce-on-plateau and early stopping; returns (state, stop).
+
+  Both count evaluations since the best one (the plateau also since its last
+  reduction), derived from steps, so they survive a restart unchanged.
+  """
+  every = config.eval_every_steps
+  stop = (config.early_stopping_patience > 0
+          and (step - best_step) // every >= config.early_stopping_patience)
+  since = (step - max(best_step, int(state.lr_scale_step))) // every
+  if not stop and config.plateau_patience > 0 and since >= config.plateau_patience:
+    state = state.replace(lr_scale=state.lr_scale * config.plateau_factor,
+                          lr_scale_step=jnp.copy(state.step))  # Own buffer: donated.
+    logging.info("No %s improvement for %d evaluations: learning rate x%g (now x%g).",
+                 config.best_metric, since, config.plateau_factor, float(state.lr_scale))
+  return state, stop
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -226,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     state, val_metrics = _train_loop(config, state, train_fn, run_eval, schedule, total_steps,
                                      data_dir, info, (last_ckpt, best_ckpt, best),
-                                     (tensorboard, writer), data_sharding)
+                                     (tensorboard, writer), data_sharding, workdir)
   finally:
     # Also on Ctrl-C or an error: let in-flight async saves finish cleanly.
     last_ckpt.wait_until_finished()
@@ -241,11 +259,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _train_loop(config, state, train_fn, run_eval, schedule, total_steps, data_dir, info,
-                ckpts, writers, data_sharding):
-  """Steps from state.step to total_steps; returns (state, last val metrics or None)."""
+                ckpts, writers, data_sharding, workdir):
+  """Steps from state.step to total_steps (or an early stop); returns (state, val metrics)."""
   last_ckpt, best_ckpt, best = ckpts
   tensorboard, writer = writers
   start = int(state.step)
+  stopped_file = os.path.join(workdir, "early_stopped.json")
+  if os.path.exists(stopped_file):
+    logging.info("The run stopped early before (%s); evaluating only.", stopped_file)
+    return state, None
   train_iter = input_pipeline.train_iterator(config.data, data_dir, info,
                                              batch_size=config.batch_size, seed=config.seed,
                                              start_step=start,
@@ -253,12 +275,14 @@ def _train_loop(config, state, train_fn, run_eval, schedule, total_steps, data_d
                                              process_count=jax.process_count())
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                               every_steps=config.log_every_steps)
+  best_step = best_ckpt.best_step() or 0
+  lr_scale = float(state.lr_scale)
   pending, val_metrics, t0, t0_step = [], None, time.time(), start
   for step in range(start + 1, total_steps + 1):
     batch = jax.make_array_from_process_local_data(data_sharding, next(train_iter))
     state, step_metrics = train_fn(state, batch)
     pending.append(step_metrics)
-    tensorboard.write_scalars(step, {"learning_rate": float(schedule(step - 1))})
+    tensorboard.write_scalars(step, {"learning_rate": float(schedule(step - 1)) * lr_scale})
     progress(step)
     last = step == total_steps
     if step % config.log_every_steps == 0 or last:
@@ -269,9 +293,19 @@ def _train_loop(config, state, train_fn, run_eval, schedule, total_steps, data_d
       val_metrics = run_eval(state, split=config.data.val_split)
       writer.write_scalars(step, {f"val_{k}": v for k, v in val_metrics.items()})
       value = val_metrics[config.best_metric]
-      if _is_better(value, best, config.best_mode):
-        best = value
+      if _is_better(value, best, config.best_mode, config.min_delta):
+        best, best_step = value, step
         checkpoints.save(best_ckpt, step, state, {f"val_{config.best_metric}": value})
+      state, stop = _after_eval(config, state, step, best_step)
+      lr_scale = float(state.lr_scale)
+      if stop and not last:
+        logging.info("Early stopping at step %d: no %s improvement since step %d.", step,
+                     config.best_metric, best_step)
+        checkpoints.save(last_ckpt, step, state)
+        if jax.process_index() == 0:
+          with open(stopped_file, "w") as f:
+            json.dump({"step": step, "best_step": best_step, "best": best}, f)
+        return state, val_metrics
     if step % config.checkpoint_every_steps == 0 or last:
       checkpoints.save(last_ckpt, step, state)
   if start >= total_steps:
