@@ -46,7 +46,8 @@ def run(dtype, *, scaling, init_scale, loss_multiplier=1.0, num_steps=12, lr=1e-
 def test_loss_scale_update_rule_by_hand():
   scaling = steps.LossScaling(enabled=True, period=2)
   state = steps.TrainState(step=0, params={}, batch_stats={}, opt_state=(), rng=None,
-                           loss_scale=jnp.float32(8.0), good_steps=jnp.int32(0))
+                           loss_scale=jnp.float32(8.0), good_steps=jnp.int32(0),
+                           lr_scale=jnp.float32(1.0), lr_scale_step=jnp.int32(0))
   expected = [(True, 8.0, 1), (True, 16.0, 0), (False, 8.0, 0), (True, 8.0, 1),
               (False, 4.0, 0), (False, 2.0, 0), (False, 1.0, 0), (False, 1.0, 0)]
   for finite, want_scale, want_good in expected:
