@@ -1,6 +1,7 @@
 r"""Train-step (and inference) throughput of a full-size model, with MFU and a PyTorch baseline.
 
   python benchmarks/train_step.py --model=vit_b16 --batch=8 --dtype=bfloat16
+  python benchmarks/train_step.py --table   # the README's four cells in one run
 
 Prints images/s, ms/step, achieved TFLOP/s from the compiled step's own cost
 analysis, and that as a fraction of the peak matmul rate measured in the same
@@ -36,6 +37,9 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after one warm-up step).
 _IMAGE = flags.DEFINE_integer("image_size", 224, "Input resolution.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the Hugging Face PyTorch model if installed.")
 _EVAL = flags.DEFINE_bool("eval", True, "Also time inference (eval forward pass).")
+_TABLE = flags.DEFINE_bool(
+    "table", False, "Run ViT-B/16 batch 8 and ResNet-50 batch 16, each in float32 and bfloat16, "
+    "and print a markdown table (ignores --model/--batch/--dtype).")
 _REMAT = flags.DEFINE_bool("remat", True, "Also compile with model.remat=True and compare memory.")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -143,18 +147,18 @@ def torch_train_step(model_name, batch, dtype, image_size):
   return _time(run, _STEPS.value)
 
 
-def main(argv):
-  del argv
-  name, batch, dtype = _MODEL.value, _BATCH.value, _DTYPE.value
+def run_cell(name: str, batch: int, dtype: str) -> dict:
+  """Measures one (model, batch, dtype) cell and prints its details."""
   peak = peak_matmul_tflops(jnp.float32 if dtype == "float32" else _DTYPES[dtype])
   seconds, flops, eval_rate = jax_train_step(name, batch, dtype, _IMAGE.value)
   achieved = flops / seconds / 1e12
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
   print(f"model={name} batch={batch} dtype={dtype} image={_IMAGE.value}")
   print(f"peak matmul ({'float32' if dtype == 'float32' else dtype} in, float32 accumulate): "
         f"{peak:.3f} TFLOP/s")
   print(f"jax train step: {seconds * 1e3:.1f} ms/step, {batch / seconds:.2f} img/s, "
         f"{flops / 1e9:.1f} GFLOP/step, {achieved:.3f} TFLOP/s, MFU {achieved / peak:.1%}")
+  cell = {"name": name, "batch": batch, "dtype": dtype, "img_s": batch / seconds,
+          "mfu": achieved / peak, "eval_img_s": eval_rate, "torch_img_s": None}
   if eval_rate is not None:
     print(f"jax inference: {eval_rate:.2f} img/s")
   if _REMAT.value:
@@ -165,9 +169,30 @@ def main(argv):
     if torch_seconds is None:
       print("pytorch: not installed (pip install torch==2.13.0 transformers)")
     else:
+      cell["torch_img_s"] = batch / torch_seconds
       print(f"pytorch (HF, AdamW{', autocast bf16' if dtype == 'bfloat16' else ''}): "
             f"{torch_seconds * 1e3:.1f} ms/step, {batch / torch_seconds:.2f} img/s; "
             f"jax/pytorch speed ratio {torch_seconds / seconds:.2f}x")
+  return cell
+
+
+def main(argv):
+  del argv
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
+  if not _TABLE.value:
+    run_cell(_MODEL.value, _BATCH.value, _DTYPE.value)
+    return
+  cells = [run_cell(name, batch, dtype) for name, batch in (("vit_b16", 8), ("resnet50", 16))
+           for dtype in ("float32", "bfloat16")]
+  print("\n| model, batch, dtype | JAX img/s | MFU | PyTorch img/s | JAX / PyTorch | "
+        "JAX inference img/s |")
+  print("| --- | --- | --- | --- | --- | --- |")
+  for c in cells:
+    torch_rate = c["torch_img_s"]
+    ratio = f"{c['img_s'] / torch_rate:.2f}x" if torch_rate else "-"
+    print(f"| {c['name']}, {c['batch']}, {c['dtype']} | {c['img_s']:.2f} | {c['mfu']:.1%} | "
+          f"{f'{torch_rate:.2f}' if torch_rate else '-'} | {ratio} | "
+          f"{c['eval_img_s'] or 0:.1f} |")
 
 
 if __name__ == "__main__":
