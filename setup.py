@@ -50,5 +50,9 @@ setuptools.setup(
         "transformers==5.24.0",
         "safetensors==0.8.0",
         "scikit-image==0.26.0",  # real photos (chelsea, coffee) for the Keras ResNet50 check
+        # Executing colabs/*.ipynb in tests/test_notebooks.py.
+        "nbclient==0.11.0",
+        "nbformat==5.11.1",
+        "ipykernel==7.4.0",
     ]},
 )
