@@ -109,6 +109,7 @@ def test_pretrained_and_attention(kernel_env, tmp_path):
   assert json.load(open(os.path.join(run, "eval_results.json")))["step"] == 12
   assert os.path.exists(os.path.join(run, "pretrained.json"))
   assert len(glob.glob(os.path.join(work, "explain", "*.png"))) == 2
+  assert len(glob.glob(os.path.join(work, "gradcam_*.png"))) == 2  # ResNet Grad-CAM
   try:
     import transformers  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
