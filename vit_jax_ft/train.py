@@ -36,7 +36,7 @@ def load_data_info(config: ml_collections.ConfigDict, workdir: str) -> tuple[str
     if jax.process_index() == 0:  # One writer on a shared filesystem.
       digits.prepare_digits(data_dir, seed=config.seed)
     multihost_utils.sync_global_devices("digits prepared")
-    return data_dir, digits.prepare_digits(data_dir, seed=config.seed)
+    return data_dir, tfrecords.read_info(data_dir)
   if config.data.source == "tfds":
     from vit_jax_ft.data import tfds_source  # pylint: disable=g-import-not-at-top
     return tfds_source.load_data_info(config.data)
