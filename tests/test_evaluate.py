@@ -170,6 +170,21 @@ def test_required_recall_flag_and_unknown_class():
     evaluate.parse_required_recall("mel")
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_figures_of_a_tiny_split_skip_undefined_curves(tmp_path, n):
+  # A one-example val split (a few hundred paintings split 80/10/10 can give one):
+  # no class has both positives and negatives, so there is no ROC curve to draw.
+  names = ["a", "b", "c"]
+  probs = _random_probs(np.random.default_rng(0), n, 3)
+  preds = restore.Predictions(probs=probs, targets=np.eye(3)[np.arange(n) % 3], ids=[
+      str(i) for i in range(n)])
+  report = report_lib.single_label(preds, names, report_lib.Options())
+  files = report_lib.write_pngs(str(tmp_path), preds, report, names, "val")
+  assert ("roc_curves" in files) == (n > 1)
+  assert "pr_curves" in files and "confusion_matrix" in files
+  assert sorted(os.listdir(tmp_path)) == sorted(files.values())
+
+
 def _tensorboard_tags(workdir):
   return set(curves.read_scalars(workdir))
 

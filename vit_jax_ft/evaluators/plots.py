@@ -89,9 +89,14 @@ def _panel_classes(truth: np.ndarray) -> np.ndarray:
 
 
 def pr_curves(path: str, probs: np.ndarray, truth: np.ndarray, names: Sequence[str],
-              ops: dict, title: str) -> str:
-  """One-vs-rest precision-recall curve per class, with AP and the required-recall point."""
+              ops: dict, title: str) -> Optional[str]:
+  """One-vs-rest precision-recall curve per class, with AP and the required-recall point.
+
+  None (nothing written) when no class has a positive example.
+  """
   classes = _panel_classes(truth)
+  if not len(classes):
+    return None
   fig, axes = _grid(len(classes))
   for ax, c in zip(axes, classes):
     precision, recall, _ = skm.precision_recall_curve(truth[:, c], probs[:, c])
@@ -113,9 +118,15 @@ def pr_curves(path: str, probs: np.ndarray, truth: np.ndarray, names: Sequence[s
 
 
 def roc_curves(path: str, probs: np.ndarray, truth: np.ndarray, names: Sequence[str],
-               ops: dict, title: str) -> str:
-  """One-vs-rest ROC curve per class with its AUC."""
+               ops: dict, title: str) -> Optional[str]:
+  """One-vs-rest ROC curve per class with its AUC.
+
+  None (nothing written) when no class has both positives and negatives, e.g. a
+  one-example split: ROC is undefined there.
+  """
   classes = [c for c in _panel_classes(truth) if not truth[:, c].all()]
+  if not classes:
+    return None
   fig, axes = _grid(len(classes))
   for ax, c in zip(axes, classes):
     fpr, tpr, _ = skm.roc_curve(truth[:, c], probs[:, c])
