@@ -63,3 +63,39 @@ def test_attention_matches_flax_in_float32():
   q, k, v = (jnp.asarray(rng.normal(size=(2, 5, 2, 4)), jnp.float32) for _ in range(3))
   np.testing.assert_allclose(precision.attention(q, k, v, deterministic=True),
                              nn.dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+CONV_CASES = [  # (input side, kernel, strides, padding): matmul paths and fallbacks.
+    (8, (1, 1), (1, 1), "SAME"),
+    (7, (1, 1), (2, 2), "SAME"),                 # ResNet v1.5 projection, odd side
+    (8, (1, 1), (2, 2), ((0, 0), (0, 0))),
+    (35, (16, 16), (16, 16), "VALID"),           # ViT patch embedding, ragged edge cropped
+    (8, (3, 3), (2, 2), ((1, 1), (1, 1))),       # falls back to lax
+    (9, (1, 1), (1, 1), ((1, 1), (1, 1))),       # padded 1x1: falls back
+]
+
+
+@pytest.mark.parametrize("side,kernel,strides,padding", CONV_CASES)
+def test_conv_matches_flax_conv(side, kernel, strides, padding):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, side, side, 3)), jnp.float32)
+  kw = dict(features=4, kernel_size=kernel, strides=strides, padding=padding)
+  ours, ref = precision.Conv(**kw), nn.Conv(**kw)
+  params = ours.init(jax.random.PRNGKey(0), x)
+  # Same names, shapes and initial values: converted checkpoints load into either.
+  jax.tree.map(np.testing.assert_array_equal, params, ref.init(jax.random.PRNGKey(0), x))
+  params = jax.tree.map(lambda p: p + 0.1, params)  # A non-zero bias.
+
+  def loss(model, p, x):
+    return jnp.sum(jnp.sin(model.apply(p, x)))
+
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+  uses_lax_conv = "conv_general_dilated" in str(jax.make_jaxpr(ours.apply)(params, x))
+  assert uses_lax_conv == (kernel == (3, 3) or padding == ((1, 1), (1, 1)))
+  got = jax.grad(loss, argnums=(1, 2))(ours, params, x)
+  want = jax.grad(loss, argnums=(1, 2))(ref, params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), got, want)
+  # bfloat16 compute: float32 parameters, bf16 output close to the float32 one.
+  y16 = precision.Conv(**kw, dtype=jnp.bfloat16).apply(params, x)
+  assert y16.dtype == jnp.bfloat16 and params["params"]["kernel"].dtype == jnp.float32
+  np.testing.assert_allclose(y16.astype(np.float32), ref.apply(params, x), rtol=3e-2, atol=3e-2)

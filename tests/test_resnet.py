@@ -1,6 +1,7 @@
 """Tests for vit_jax_ft.models.resnet."""
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -265,6 +266,18 @@ def test_max_pool_pads_with_minus_inf():
       np.asarray(y)[0, :, :, 0],
       _np_max_pool_3x3_s2(np.asarray(x), (1, 1))[0, :, :, 0])
   assert np.all(np.asarray(y) < 0)
+
+
+@pytest.mark.parametrize('side', [8, 7])
+def test_max_pool_value_and_gradient_match_reduce_window(side):
+  # Distinct values (no ties): the gradient goes to the one argmax, as in nn.max_pool.
+  x = jnp.asarray(np.random.default_rng(0).permutation(2 * side * side * 3)
+                  .reshape(2, side, side, 3), jnp.float32)
+  ref = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  np.testing.assert_array_equal(resnet.max_pool_3x3_s2(x), ref(x))
+  w = jnp.asarray(np.random.default_rng(1).normal(size=ref(x).shape), jnp.float32)
+  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * w))(x)
+  np.testing.assert_allclose(grad(resnet.max_pool_3x3_s2), grad(ref), rtol=1e-6)
 
 
 # --- BatchNorm statistics. ---

@@ -9,10 +9,14 @@ as a slow float32 matmul. `einsum` below pins both directions to
 "low-precision inputs, float32 accumulation, low-precision result".
 """
 
+from collections.abc import Callable, Sequence
 import functools
 import string
+from typing import Any
 
+import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 
 
@@ -106,3 +110,59 @@ def attention(query, key, value, bias=None, mask=None, broadcast_dropout=True,
     keep_mask = jax.random.bernoulli(dropout_rng, keep, shape)
     weights = jnp.where(keep_mask, weights / keep, 0.0)
   return einsum("...hqk,...khd->...qhd", weights.astype(dtype), value.astype(dtype))
+
+
+class Conv(nn.Module):
+  """`nn.Conv` (same parameters, names and init) that runs 1x1 and patchify convs as matmuls.
+
+  XLA:CPU's convolution kernels are slow for windows that do not overlap,
+  above all for the weight gradient: a 1x1 conv of ResNet-50's first stage
+  measured 4-5x slower than the same contraction as a matmul
+  (`python benchmarks/conv.py`). A 1x1 conv is a matmul over channels (after
+  taking every stride-th pixel); a conv whose stride equals its window (ViT's
+  patch embedding) is a matmul over patches. Those go through `einsum` above
+  (float32 accumulation in every dtype); other windows use `lax` as nn.Conv does.
+  """
+
+  features: int
+  kernel_size: Sequence[int]
+  strides: Sequence[int] = (1, 1)
+  padding: str | Sequence[tuple[int, int]] = "SAME"
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = nn.linear.default_kernel_init
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kh, kw = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features),
+                        self.param_dtype)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    y = _conv_as_matmul(x, kernel, tuple(self.strides), self.padding)
+    if y is None:
+      y = lax.conv_general_dilated(x, kernel, tuple(self.strides), self.padding,
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def _conv_as_matmul(x, kernel, strides, padding) -> jax.Array | None:
+  """The conv as one einsum when its windows do not overlap and nothing is padded, else None."""
+  kh, kw = kernel.shape[:2]
+  sh, sw = strides
+  unpadded = padding == "VALID" or (padding == "SAME" and (kh, kw) == (1, 1)) or (
+      not isinstance(padding, str) and all(p == (0, 0) for p in map(tuple, padding)))
+  if not unpadded:
+    return None
+  if (kh, kw) == (1, 1):
+    return einsum("bhwc,cd->bhwd", x[:, ::sh, ::sw], kernel[0, 0])
+  if (kh, kw) != (sh, sw):
+    return None
+  b, h, w, c = x.shape
+  h, w = h // kh, w // kw  # VALID drops the rows and columns no full window covers.
+  patches = x[:, :h * kh, :w * kw].reshape(b, h, kh, w, kw, c)
+  return einsum("bhiwjc,ijcd->bhwd", patches, kernel)

@@ -177,8 +177,8 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"model.classifier must be 'token' or 'gap', got {self.classifier!r}")
     x = images.astype(self.dtype)
     p = self.patch_size
-    x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID",
-                dtype=self.dtype, name="embedding")(x)
+    x = precision.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID",
+                       dtype=self.dtype, name="embedding")(x)
     b, h, w, c = x.shape
     x = jnp.reshape(x, (b, h * w, c))
     if self.classifier == "token":
