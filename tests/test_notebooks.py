@@ -12,7 +12,9 @@ parameter cell (the second cell).
 import glob
 import json
 import os
+import socket
 import sys
+import time
 
 import pytest
 
@@ -20,6 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLABS = os.path.join(REPO, "colabs")
 NOTEBOOKS = sorted(glob.glob(os.path.join(COLABS, "*.ipynb")))
 CELL_TIMEOUT_S = 300
+# Not a Hub repo: nothing can be downloaded for it even where CI has network.
+MISSING_HUB_ID = "vit-jax-ft-tests/no-such-model"
 
 
 def test_all_three_notebooks_exist():
@@ -127,3 +131,82 @@ def test_compare_runs(kernel_env, tmp_path):
   table = open(os.path.join(sweep_dir, "sweep.md")).read()
   assert table.count("| done |") == 4
   assert _num_images(nb) >= 1  # The learning curves.
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_colab_setup_stops_on_placeholder_repo_url(kernel_env, tmp_path, monkeypatch, path):
+  """On Colab, an unedited REPO_URL fails at once with what to set, before any git call."""
+  if os.path.isdir("/content/vit_jax_ft"):
+    pytest.skip("/content/vit_jax_ft exists: the setup cell would install it")
+  nbformat = pytest.importorskip("nbformat")
+  nbclient = pytest.importorskip("nbclient")
+  fake_bin, git_called = tmp_path / "bin", tmp_path / "git_called"
+  fake_bin.mkdir()
+  (fake_bin / "git").write_text(f"#!/bin/sh\ntouch {git_called}\nexit 1\n")
+  (fake_bin / "git").chmod(0o755)
+  monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+  nb = nbformat.read(path, as_version=4)
+  params, setup = nb.cells[1], nb.cells[2]
+  assert "REPO_URL" in params.source and "IN_COLAB" in setup.source
+  fake_colab = nbformat.v4.new_code_cell(
+      "import sys, types; sys.modules['google.colab'] = types.ModuleType('google.colab')")
+  nb.cells = [fake_colab, params, setup]
+  with pytest.raises(nbclient.exceptions.CellExecutionError) as info:
+    _execute(nb)
+  message = str(info.value)
+  assert "ValueError" in message and "Set REPO_URL in the parameter cell" in message, message
+  assert "YOUR_ORG" in message  # The value it still holds.
+  assert not git_called.exists(), "git ran with the placeholder URL"
+
+
+def _toy_image_folder(root, per_class=5):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for i, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+    os.makedirs(os.path.join(root, f"class_{i}"))
+    for j in range(per_class):
+      Image.new("RGB", (16, 16), tuple(c + 5 * j for c in colour)).save(
+          os.path.join(root, f"class_{i}", f"{j}.png"))
+  return root
+
+
+def _closed_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("name,offline", [("pretrained_and_attention.ipynb", "HF_HUB_OFFLINE"),
+                                          ("finetune_your_data.ipynb", "unreachable")])
+def test_real_settings_fail_fast_without_the_hub(kernel_env, tmp_path, monkeypatch, name, offline):
+  """SMOKE = False with weights that cannot be fetched: a clear error naming the id, in seconds.
+
+  Offline either by HF_HUB_OFFLINE or by a Hub endpoint nobody listens on (what
+  a machine without network sees); never a download, never minutes of retries.
+  """
+  nbclient = pytest.importorskip("nbclient")
+  monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # An empty Hub cache.
+  for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
+    monkeypatch.delenv(var, raising=False)
+  if offline == "HF_HUB_OFFLINE":
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    expected = "HF_HUB_OFFLINE is set"
+  else:
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    expected = "Cannot reach the Hugging Face Hub"
+  work = str(tmp_path / "work")
+  if name == "pretrained_and_attention.ipynb":
+    nb = _read(name, SMOKE=False, HF_MODEL=MISSING_HUB_ID, WORK_DIR=work)
+  else:
+    images = _toy_image_folder(str(tmp_path / "images"))
+    nb = _read(name, SMOKE=False, IMAGE_DIR=images, INIT_FROM=MISSING_HUB_ID, WORK_DIR=work)
+  start = time.monotonic()
+  with pytest.raises(nbclient.exceptions.CellExecutionError) as info:
+    _execute(nb)
+  elapsed = time.monotonic() - start
+  message = str(info.value)
+  assert "SourceUnavailableError" in message and expected in message, message
+  assert f"hf download {MISSING_HUB_ID}" in message  # How to get it by hand.
+  assert elapsed < 60, f"took {elapsed:.0f} s to give up"
+  if name == "finetune_your_data.ipynb":  # It failed before training, after preparing the data.
+    assert os.path.exists(os.path.join(work, "prepared", "dataset_info.json"))
+    assert not os.path.exists(os.path.join(work, "run"))
