@@ -42,19 +42,40 @@ def test_einsum_and_grads_match_float32(spec, sa, sb):
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=3e-2, atol=5e-2)
 
 
-def test_dot_general_matches_lax_for_dense_layouts():
-  rng = np.random.default_rng(1)
-  x = jnp.asarray(rng.normal(size=(3, 4, 6)), jnp.bfloat16)
-  cases = [((4, 6, 5)[1:], (((2,), (0,)), ((), ()))),           # Dense: [..., in] x [in, out]
-           ((6, 2, 3), (((2,), (0,)), ((), ()))),                # DenseGeneral to heads
-           ((4, 6, 2), (((1, 2), (0, 1)), ((), ())))]            # DenseGeneral from heads
-  for shape, dims in cases:
-    k = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    got = precision.dot_general(x, k, dims)
-    want = jax.lax.dot_general(x.astype(jnp.float32), k.astype(jnp.bfloat16).astype(jnp.float32),
-                               dims)
-    assert got.dtype == jnp.bfloat16 and got.shape == want.shape
-    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-2, atol=3e-2)
+@pytest.mark.parametrize("features,axis,x_shape", [
+    (5, -1, (2, 3, 6)),                 # Dense
+    ((2, 3), -1, (2, 3, 6)),            # attention query/key/value
+    (6, (-2, -1), (2, 3, 2, 3)),        # attention output
+])
+def test_dense_general_matches_flax(features, axis, x_shape):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(np.random.default_rng(4).normal(size=x_shape), jnp.float32)
+  kw = dict(features=features, axis=axis, bias_init=nn.initializers.normal(0.5))
+  ours = precision.DenseGeneral(**kw)
+  ref = nn.Dense(features, bias_init=kw["bias_init"]) if isinstance(features, int) and axis == -1 \
+      else nn.DenseGeneral(**kw)
+  params = ours.init(jax.random.PRNGKey(0), x)
+  jax.tree.map(np.testing.assert_array_equal, params, ref.init(jax.random.PRNGKey(0), x))
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+  loss = lambda m, p: jnp.sum(jnp.sin(m.apply(p, x)))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               jax.grad(loss, argnums=1)(ours, params), jax.grad(loss, argnums=1)(ref, params))
+
+
+def test_bias_gradient_is_summed_in_float32():
+  # 4096 bf16 cotangents just above 1: partial sums in bf16 (8 significant
+  # bits) lose the small parts; the float32 sum keeps them.
+  g = jnp.asarray(1.0 + np.random.default_rng(5).uniform(0, 0.01, (4096, 1)), jnp.bfloat16)
+  bias = jnp.zeros((1,), jnp.float32)
+  y = jnp.zeros((4096, 1), jnp.bfloat16)
+  _, vjp = jax.vjp(precision.add_bias, y, bias)
+  gy, gb = vjp(g)
+  assert gy.dtype == jnp.bfloat16 and gb.dtype == jnp.float32
+  want = np.sum(np.asarray(g, np.float64))
+  np.testing.assert_allclose(gb[0], want, rtol=1e-6)
+  # What plain broadcasting gives: the gradient summed in bfloat16, far off.
+  _, plain_vjp = jax.vjp(lambda y, b: y + b.astype(y.dtype), y, bias)
+  assert abs(float(plain_vjp(g)[1][0]) - want) > 1e-3 * want
 
 
 def test_attention_matches_flax_in_float32():

@@ -387,6 +387,26 @@ def test_dropout_needs_rng_and_changes_training_outputs():
   np.testing.assert_array_equal(a, a2)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_self_attention_matches_flax_multi_head_attention(dtype):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 8)), jnp.float32)
+  ours = vit.SelfAttention(num_heads=2, dropout_rate=0.0, dtype=dtype)
+  ref = nn.MultiHeadDotProductAttention(num_heads=2, dtype=jnp.float32,
+                                        kernel_init=nn.initializers.xavier_uniform())
+  params = ours.init(jax.random.key(0), x, deterministic=True)
+  ref_params = ref.init(jax.random.key(0), x, x)
+  # Same tree and initial values: vit_jax checkpoints and older runs load unchanged.
+  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+  params = jax.tree.map(lambda p: p + 0.05, params)  # Non-zero biases.
+  y, state = ours.apply(params, x, deterministic=True, sow_weights=True, mutable=['intermediates'])
+  tol = 1e-5 if dtype == jnp.float32 else 3e-2
+  np.testing.assert_allclose(np.asarray(y, np.float32), ref.apply(params, x, x), rtol=tol, atol=tol)
+  weights = state['intermediates']['attention_weights'][0]
+  assert weights.shape == (2, 2, 5, 5)
+  np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+
+
 def test_remat_gives_identical_outputs_and_grads():
   # Training mode with dropout: the remat'd blocks must also draw the same masks.
   train = True

@@ -1,7 +1,7 @@
 """Where the model looks: ViT attention rollout and class-token attention, ResNet Grad-CAM.
 
 Both hook into the unmodified models with `flax.linen.intercept_methods`:
-for the ViT, every MultiHeadDotProductAttention call gets `sow_weights=True`
+for the ViT, every SelfAttention call gets `sow_weights=True`
 (its attention function then sows the softmax weights into 'intermediates',
 in float32 and low precision alike); for the ResNet, the last residual block's
 output gets a zero perturbation added, whose gradient is the gradient with
@@ -28,7 +28,7 @@ def is_vit(model: nn.Module) -> bool:
 
 
 def _sow_attention(next_fun, args, kwargs, context):
-  if isinstance(context.module, nn.MultiHeadDotProductAttention) and \
+  if isinstance(context.module, vit_lib.SelfAttention) and \
       context.method_name == "__call__":
     kwargs = dict(kwargs, sow_weights=True)
   return next_fun(*args, **kwargs)

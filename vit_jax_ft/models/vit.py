@@ -44,17 +44,48 @@ class MlpBlock(nn.Module):
   def __call__(self, x, *, train: bool):
     out_dim = x.shape[-1]
     dense = functools.partial(
-        nn.Dense,
+        precision.DenseGeneral,
         dtype=self.dtype,
-        dot_general=_dot_general(self.dtype),
         kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6),
     )
-    x = dense(self.mlp_dim)(x)
+    x = dense(self.mlp_dim, name="Dense_0")(x)
     x = nn.gelu(x, approximate=self.gelu_approximate)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = dense(out_dim)(x)
+    x = dense(out_dim, name="Dense_1")(x)
     return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with the parameters of Flax's MultiHeadDotProductAttention.
+
+  `query`/`key`/`value` kernels are [hidden, heads, head_dim] and `out` is
+  [heads, head_dim, hidden], as in vit_jax checkpoints. Written out (rather
+  than nn.MultiHeadDotProductAttention) so every projection goes through
+  `precision.DenseGeneral`. `sow_weights=True` sows the softmax weights into
+  'intermediates/attention_weights' (for attention maps).
+  """
+
+  num_heads: int
+  dropout_rate: float
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool, sow_weights: bool = False):
+    hidden = x.shape[-1]
+    if hidden % self.num_heads:
+      raise ValueError(f"hidden size {hidden} is not divisible by num_heads={self.num_heads}")
+    dense = functools.partial(precision.DenseGeneral, dtype=self.dtype,
+                              kernel_init=nn.initializers.xavier_uniform())
+    q, k, v = (dense((self.num_heads, hidden // self.num_heads), name=name)(x)
+               for name in ("query", "key", "value"))
+    use_dropout = not deterministic and self.dropout_rate > 0.0
+    attention_fn = (precision.attention if jnp.dtype(self.dtype) != jnp.float32
+                    else nn.dot_product_attention)
+    y = attention_fn(q, k, v, dropout_rng=self.make_rng("dropout") if use_dropout else None,
+                     dropout_rate=self.dropout_rate, deterministic=not use_dropout,
+                     dtype=self.dtype, module=self if sow_weights else None)
+    return dense(hidden, axis=(-2, -1), name="out")(y)
 
 
 class Encoder1DBlock(nn.Module):
@@ -73,18 +104,12 @@ class Encoder1DBlock(nn.Module):
     # `train` is positional so nn.remat can mark it static.
     # Names are spelled out so that they stay the vit_jax ones under nn.remat.
     y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm_0")(x)
-    low_precision = jnp.dtype(self.dtype) != jnp.float32
-    y = nn.MultiHeadDotProductAttention(
+    y = SelfAttention(
         num_heads=self.num_heads,
-        dtype=self.dtype,
-        qkv_dot_general=_dot_general(self.dtype),
-        out_dot_general=_dot_general(self.dtype),
-        attention_fn=precision.attention if low_precision else nn.dot_product_attention,
-        kernel_init=nn.initializers.xavier_uniform(),
         dropout_rate=self.attention_dropout_rate,
-        deterministic=not train,
+        dtype=self.dtype,
         name="MultiHeadDotProductAttention_1",
-    )(y, y)
+    )(y, deterministic=not train)
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
     x = x + y
     y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm_2")(x)
@@ -198,10 +223,11 @@ class VisionTransformer(nn.Module):
     )(x, train=train)
     x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
     if self.representation_size is not None:
-      x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(x))
+      x = nn.tanh(precision.DenseGeneral(self.representation_size, dtype=self.dtype,
+                                         name="pre_logits")(x))
     if self.num_classes == 0:
       return x.astype(jnp.float32)
-    logits = nn.Dense(
+    logits = precision.DenseGeneral(
         self.num_classes,
         dtype=self.dtype,
         kernel_init=_head_kernel_init(self.head_init),
@@ -209,11 +235,6 @@ class VisionTransformer(nn.Module):
         name="head",
     )(x)
     return logits.astype(jnp.float32)
-
-
-def _dot_general(dtype):
-  """float32-accumulating matmuls for low-precision compute (see precision.py)."""
-  return precision.dot_general if jnp.dtype(dtype) != jnp.float32 else None
 
 
 def _head_kernel_init(name: str):
