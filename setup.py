@@ -40,7 +40,13 @@ setuptools.setup(
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["vit_jax_ft", "vit_jax_ft.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": [
+    extras_require={
+        # NVIDIA GPUs: the CUDA plugin matching the pinned jax (`pip install -e '.[cuda12]'`).
+        # Without it, installing this package over a CUDA jax (e.g. on Colab) leaves
+        # JAX on the CPU.
+        "cuda12": ["jax[cuda12]==0.10.2"],
+        "cuda13": ["jax[cuda13]==0.10.2"],
+        "test": [
         "pytest>=8.0",
         "pytest-xdist>=3.5",
         # Reference implementations for the pretrained-weights parity tests.
