@@ -73,3 +73,40 @@ def test_process_shards_partition_the_global_batches(tmp_path):
     counts.append((len(batches), sum(b["mask"].sum() for b in batches)))
   assert len({n for n, _ in counts}) == 1  # Same number of batches in every process.
   assert sum(c for _, c in counts) == 180
+
+
+def test_two_processes_match_one_process(tmp_path):
+  # A real multi-process job on one machine: jax.distributed through the
+  # environment variables main.py reads (CPU collectives over gloo), one device
+  # per process, both writing to one workdir as hosts sharing a filesystem would.
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  one, params_one = _run(1, tmp_path / "one")
+  workdir = tmp_path / "two"
+  code = _RUN.format(tests=os.path.join(REPO, "tests"), devices=2, workdir=str(workdir))
+  code = ("import jax\nfrom vit_jax_ft import main\nmain._maybe_initialize_distributed()\n"
+          "assert jax.process_count() == 2\n" + code)
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  try:  # Without working collectives the processes hang: fail instead.
+    outs = [p.communicate(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  two = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+  assert two[0] == two[1]  # Every process gets the global results.
+  assert two[0]["step"] == 6 and two[0]["val_num_examples"] == one["val_num_examples"] == 180
+  np.testing.assert_allclose(two[0]["val_loss"], one["val_loss"], rtol=1e-4)
+  params_two = np.load(f"{workdir}/params.npz")
+  for key in params_one.files:
+    np.testing.assert_allclose(params_two[key], params_one[key], atol=2e-5, err_msg=key)

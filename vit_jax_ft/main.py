@@ -89,6 +89,8 @@ def _maybe_initialize_distributed() -> None:
   with several tasks (JAX reads the SLURM variables itself).
   """
   import jax  # pylint: disable=g-import-not-at-top
+  # CPU processes (tests, CPU clusters) need a collectives backend; GPUs use NCCL regardless.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     jax.distributed.initialize(
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
