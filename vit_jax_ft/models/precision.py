@@ -168,7 +168,7 @@ class Conv(nn.Module):
   XLA:CPU's convolution kernels are slow for windows that do not overlap,
   above all for the weight gradient: a 1x1 conv of ResNet-50's first stage
   measured 4-5x slower than the same contraction as a matmul
-  (`python benchmarks/conv.py`). A 1x1 conv is a matmul over channels (after
+  (`python benchmarks/layers.py`). A 1x1 conv is a matmul over channels (after
   taking every stride-th pixel); a conv whose stride equals its window (ViT's
   patch embedding) is a matmul over patches. Those go through `einsum` above
   (float32 accumulation in every dtype); other windows use `lax` as nn.Conv does.

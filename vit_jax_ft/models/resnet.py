@@ -105,7 +105,8 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   Written as the max of nine strided slices, in float32, rather than
   ``nn.max_pool``: on XLA:CPU reduce_window's gradient (an argmax over index
   iotas) and bfloat16 elementwise gradients are slow; this runs the ResNet-50
-  stem's pool forward and backward 4x faster. Where several inputs tie for the
+  stem's pool forward and backward 1.4x faster in bfloat16
+  (`python benchmarks/layers.py`). Where several inputs tie for the
   max, the gradient is shared among them instead of going to one; ties happen
   at ReLU's zeros, whose own gradient is zero.
   """

@@ -1,0 +1,91 @@
+r"""Forward + backward time of ResNet-50's layers: XLA's lowering vs this project's forms.
+
+  python benchmarks/layers.py [--batch=16] [--dtype=bfloat16]
+
+For each ResNet-50 convolution shape (batch 16, 224 px input) it times the
+gradient of a loss through `nn.Conv` (lax.conv_general_dilated) and through
+`models.precision.Conv` (a matmul for 1x1 windows, lax otherwise), and the same
+for the stem's 3x3/2 max-pool: `nn.max_pool` against `resnet.max_pool_3x3_s2`.
+Both variants run in the same process, interleaved; compare the ratios.
+"""
+
+import functools
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax_ft.models import precision
+from vit_jax_ft.models import resnet
+
+_BATCH = flags.DEFINE_integer("batch", 16, "Batch size.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per variant (best is kept).")
+
+# (input side, in channels, out channels, kernel, stride): ResNet-50 v1.5's distinct convs.
+CONVS = [
+    (56, 64, 64, 1, 1), (56, 64, 64, 3, 1), (56, 64, 256, 1, 1), (56, 256, 64, 1, 1),
+    (56, 128, 128, 3, 2), (28, 128, 512, 1, 1), (28, 512, 128, 1, 1), (28, 128, 128, 3, 1),
+    (14, 256, 256, 3, 1), (14, 256, 1024, 1, 1), (14, 1024, 256, 1, 1),
+    (7, 512, 512, 3, 1), (7, 512, 2048, 1, 1), (7, 2048, 512, 1, 1),
+]
+
+
+def _best_seconds(fn, *args) -> float:
+  jax.block_until_ready(fn(*args))
+  best = float("inf")
+  for _ in range(_REPEATS.value):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def _grad_fn(apply):
+  """jitted d(loss)/d(params, x) of sum(apply(params, x)^2) in float32."""
+  return jax.jit(jax.grad(lambda p, x: jnp.sum(apply(p, x).astype(jnp.float32) ** 2),
+                          argnums=(0, 1)))
+
+
+def _compare(name: str, flops: float, variants: dict) -> None:
+  times = {k: _best_seconds(*v) for k, v in variants.items()}
+  base, ours = times.values()
+  print(f"{name:28s} " + "  ".join(f"{k} {t * 1e3:7.1f} ms" for k, t in times.items())
+        + f"  speed-up {base / ours:5.2f}x" + (f"  ({flops / ours / 1e12:.2f} TFLOP/s)"
+                                                 if flops else ""), flush=True)
+
+
+def main(argv):
+  del argv
+  dtype = jnp.dtype(_DTYPE.value)
+  b = _BATCH.value
+  rng = np.random.default_rng(0)
+  print(f"device: {jax.devices()[0].device_kind}, batch {b}, {dtype.name}; "
+        "forward + backward (input and weight gradients)")
+  for side, cin, cout, k, s in CONVS:
+    kw = dict(features=cout, kernel_size=(k, k), strides=(s, s), use_bias=False, dtype=dtype,
+              padding=((k // 2, k // 2),) * 2)
+    x = jnp.asarray(rng.normal(size=(b, side, side, cin)), dtype)
+    ref, ours = nn.Conv(**kw), precision.Conv(**kw)
+    params = ref.init(jax.random.PRNGKey(0), x)
+    flops = 3 * 2 * b * (side // s) ** 2 * k * k * cin * cout
+    _compare(f"conv {k}x{k}/{s} {side}px {cin}->{cout}", flops, {
+        "nn.Conv": (_grad_fn(ref.apply), params, x),
+        "precision.Conv": (_grad_fn(ours.apply), params, x)})
+  x = jnp.asarray(rng.normal(size=(b, 112, 112, 64)), dtype)
+  pool = functools.partial(nn.max_pool, window_shape=(3, 3), strides=(2, 2),
+                           padding=((1, 1), (1, 1)))
+  _compare("max-pool 3x3/2 112px 64", 0, {
+      "nn.max_pool": (_grad_fn(lambda p, x: pool(x)), {}, x),
+      "max_pool_3x3_s2": (_grad_fn(lambda p, x: resnet.max_pool_3x3_s2(x)), {}, x)})
+
+
+if __name__ == "__main__":
+  app.run(main)
