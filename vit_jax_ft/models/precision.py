@@ -7,6 +7,11 @@ preferred_element_type on the forward op is not enough: JAX's transpose rule
 then multiplies a float32 cotangent by a bfloat16 operand, which also runs
 as a slow float32 matmul. `einsum` below pins both directions to
 "low-precision inputs, float32 accumulation, low-precision result".
+
+The layers the models use are built on it: `DenseGeneral` (Flax's Dense /
+DenseGeneral parameters), `Conv` (nn.Conv's parameters; 1x1 and patchify
+windows as matmuls), `attention` (Flax's attention_fn signature), and
+`add_bias`, whose bias gradient is summed in float32.
 """
 
 from collections.abc import Callable, Sequence
