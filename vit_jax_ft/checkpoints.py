@@ -14,17 +14,25 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 
+def _multiprocessing(name: str) -> ocp.options.MultiprocessingOptions:
+  # Both managers save the same step asynchronously; with the same barrier
+  # names, processes of a multi-host job can pair up one manager's barrier
+  # with the other's and hang (seen with two processes, tests/test_data_parallel.py).
+  return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
+
 def make_managers(workdir: str, config: ml_collections.ConfigDict):
   """Returns (last, best) CheckpointManagers under `workdir`."""
   last = ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                           multiprocessing_options=_multiprocessing("last")))
   metric = f"val_{config.best_metric}"
   best = ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints_best"),
       options=ocp.CheckpointManagerOptions(
           max_to_keep=1, create=True, best_fn=lambda m: m[metric],
-          best_mode=config.best_mode))
+          best_mode=config.best_mode, multiprocessing_options=_multiprocessing("best")))
   return last, best
 
 
