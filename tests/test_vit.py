@@ -222,6 +222,17 @@ def test_bfloat16_compute_gives_float32_logits_and_float32_params():
   assert not np.allclose(out16, out32, atol=1e-5, rtol=0)
 
 
+def test_bfloat16_blocks_compute_in_bfloat16_on_a_float32_residual_stream():
+  x = _images()
+  model = _tiny(dtype=jnp.bfloat16)
+  _, state = model.apply({'params': _random_params(model)}, x, train=False,
+                         capture_intermediates=True, mutable=['intermediates'])
+  block = state['intermediates']['Transformer']['encoderblock_0']
+  assert block['MlpBlock_3']['Dense_0']['__call__'][0].dtype == jnp.bfloat16
+  assert block['MlpBlock_3']['__call__'][0].dtype == jnp.bfloat16
+  assert block['__call__'][0].dtype == jnp.float32  # x + MLP(LN(x)), added in float32
+
+
 def test_zero_head_init_outputs_the_head_bias():
   x = _images()
   model = _tiny(head_bias_init=-6.9, num_layers=1)

@@ -50,7 +50,9 @@ class MlpBlock(nn.Module):
         bias_init=nn.initializers.normal(stddev=1e-6),
     )
     x = dense(self.mlp_dim, name="Dense_0")(x)
-    x = nn.gelu(x, approximate=self.gelu_approximate)
+    # In float32: more accurate, and XLA:CPU's bfloat16 elementwise code is slower
+    # (a bf16 ViT-B/16 step ran 5% faster this way).
+    x = nn.gelu(x.astype(jnp.float32), approximate=self.gelu_approximate).astype(self.dtype)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = dense(out_dim, name="Dense_1")(x)
     return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -205,7 +207,10 @@ class VisionTransformer(nn.Module):
     x = precision.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID",
                        dtype=self.dtype, name="embedding")(x)
     b, h, w, c = x.shape
-    x = jnp.reshape(x, (b, h * w, c))
+    # The residual stream stays float32 (as under torch.autocast): blocks compute in
+    # `dtype` and their outputs are added in float32. As fast on XLA:CPU, and the
+    # sum of 24 block outputs is not rounded to bfloat16 at every step.
+    x = jnp.reshape(x, (b, h * w, c)).astype(jnp.float32)
     if self.classifier == "token":
       cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
