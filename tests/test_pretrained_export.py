@@ -90,10 +90,8 @@ def _check_transformers_parity(model, params, batch_stats, out_dir, hf_class, im
   ours = np.asarray(model.apply(variables, x, train=False))
   with torch.no_grad():
     theirs = hf_model(testing.torch_nchw(x)).logits.numpy()
-  print(hf_class.__name__, "max |logits diff|", np.abs(ours - theirs).max(), "max |logit|",
-        np.abs(ours).max())
   assert np.abs(ours).max() > 0.05
-  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+  testing.assert_logits_match(hf_class.__name__, ours, theirs, 1e-4)
 
 
 def test_vit_export_loads_in_transformers(tmp_path):

@@ -143,9 +143,7 @@ def test_keras_applications_parity(keras_resnet50, converted_tfjs):
   model = resnet.ResNet(num_classes=1000, **resnet.resnet_preset("resnet50"), variant="v1",
                         conv_bias=True, bn_epsilon=1.001e-5)
   logits = _logits(model, converted_tfjs, x)
-  print("Keras ResNet50 max |logits diff|", np.abs(logits - ref).max(),
-        "max |logit|", np.abs(ref).max())
-  np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)
+  testing.assert_logits_match("Keras ResNet50", logits, ref, 1e-4)
 
 
 def test_keras_h5_roundtrip_loads_strictly(keras_resnet50, tmp_path):

@@ -125,9 +125,7 @@ def test_timm_vit_safetensors_parity(vit_s16, tmp_path):
   logits = _apply(model, {"params": converted.params}, x)
   with torch.no_grad():
     ref = hf_model(testing.torch_nchw(x)).logits.numpy()
-  print("timm ViT-S/16 max |logits diff|", np.abs(logits - ref).max(), "max |logit|",
-        np.abs(ref).max())
-  np.testing.assert_allclose(logits, ref, atol=ATOL, rtol=0)
+  testing.assert_logits_match("timm ViT-S/16", logits, ref, ATOL)
 
 
 def test_timm_no_embed_class_pos_embed_gets_zero_class_slot(vit_s16, tmp_path):
@@ -158,9 +156,7 @@ def test_torchvision_resnet50_pth_parity(resnet50, tmp_path, monkeypatch, withou
   logits = _apply(model, {"params": converted.params, "batch_stats": converted.batch_stats}, x)
   with torch.no_grad():
     ref = hf_model(testing.torch_nchw(x)).logits.numpy()
-  print("torchvision ResNet-50 max |logits diff|", np.abs(logits - ref).max(), "max |logit|",
-        np.abs(ref).max())
-  np.testing.assert_allclose(logits, ref, atol=ATOL, rtol=0)
+  testing.assert_logits_match("torchvision ResNet-50", logits, ref, ATOL)
 
 
 def test_timm_resnet_folder_reads_pretrained_cfg(resnet50, tmp_path):

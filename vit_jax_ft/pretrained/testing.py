@@ -73,3 +73,11 @@ def perturb_torch_model(model, seed: int = 0, scale: float = 0.02) -> None:
 def torch_nchw(x: np.ndarray):
   import torch  # pylint: disable=g-import-not-at-top
   return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def assert_logits_match(label: str, ours: np.ndarray, reference: np.ndarray,
+                        atol: float) -> None:
+  """Prints the largest logit difference (the figure the parity notes quote) and asserts it."""
+  print(f"{label} max |logits diff| {np.abs(ours - reference).max():.3g}, "
+        f"max |logit| {np.abs(reference).max():.3g}")
+  np.testing.assert_allclose(ours, reference, atol=atol, rtol=0)
