@@ -89,3 +89,23 @@ def test_eval_uses_running_statistics_and_leaves_them():
   y, state = ours.apply(variables, x, mutable=["batch_stats"])
   jax.tree.map(np.testing.assert_array_equal, state["batch_stats"], variables["batch_stats"])
   del y
+
+
+def test_fused_relu_matches_relu_after_batch_norm():
+  x, _, _, variables, kw = _setup(jnp.float32)
+  for train in (True, False):
+    plain = batch_norm.BatchNorm(use_running_average=not train, **kw)
+    fused = batch_norm.BatchNorm(use_running_average=not train, relu=True, **kw)
+    weights = jnp.asarray(np.random.default_rng(3).normal(size=x.shape), jnp.float32)
+
+    def loss(module, act):
+      def f(params, x):
+        out = _apply(module, {"params": params, "batch_stats": variables["batch_stats"]}, x, train)
+        y = out[0] if train else out
+        return jnp.sum(act(y) * weights), y
+      return jax.grad(f, argnums=(0, 1), has_aux=True)(variables["params"], x)
+
+    (g_ref, y_ref), (g, y) = loss(plain, jax.nn.relu), loss(fused, lambda y: y)
+    np.testing.assert_allclose(y, jax.nn.relu(y_ref), rtol=1e-6, atol=1e-6)
+    assert float(jnp.mean(y == 0)) > 0.2  # The ReLU did clip.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), g, g_ref)

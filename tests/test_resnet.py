@@ -329,7 +329,7 @@ def test_batch_stats_momentum_and_eval():
   bn = stats2['bn_init']
   scale, bias = params['bn_init']['scale'], params['bn_init']['bias']
   expected = (conv - bn['mean']) / np.sqrt(bn['var'] + model.bn_epsilon)
-  np.testing.assert_allclose(bn_out, expected * scale + bias,
+  np.testing.assert_allclose(bn_out, np.maximum(expected * scale + bias, 0),  # ReLU fused.
                              rtol=1e-4, atol=1e-4)
   # Hence an example's eval output does not depend on the rest of the batch.
   full = model.apply(eval_vars, x2, train=False)

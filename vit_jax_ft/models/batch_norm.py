@@ -17,35 +17,39 @@ import jax
 import jax.numpy as jnp
 
 
-def _normalize(x, mean, inv, scale, bias):
+def _normalize(x, mean, inv, scale, bias, relu: bool):
   mul = scale * inv
-  return (x.astype(jnp.float32) * mul + (bias - mean * mul)).astype(x.dtype)
+  y = x.astype(jnp.float32) * mul + (bias - mean * mul)
+  return (jnp.maximum(y, 0.0) if relu else y).astype(x.dtype)
 
 
-def _batch_stats_fwd(x, scale, bias, epsilon):
+def _batch_stats_fwd(x, scale, bias, epsilon, relu):
   axes = tuple(range(x.ndim - 1))
   xf = x.astype(jnp.float32)
   mean = jnp.mean(xf, axes)
   var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
   inv = jax.lax.rsqrt(var + epsilon)
-  return (_normalize(x, mean, inv, scale, bias), mean, var), (x, mean, inv, scale)
+  y = _normalize(x, mean, inv, scale, bias, relu)
+  return (y, mean, var), (x, mean, inv, scale, y if relu else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
-                     epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Normalises x over all axes but the last with its own statistics.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
+                     relu: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Normalises x over all axes but the last with its own statistics (then ReLU if `relu`).
 
   Returns (y in x's dtype, batch mean, biased batch variance); the statistics
   are for the running averages and carry no gradient.
   """
-  return _batch_stats_fwd(x, scale, bias, epsilon)[0]
+  return _batch_stats_fwd(x, scale, bias, epsilon, relu)[0]
 
 
-def _batch_norm_bwd(epsilon, residuals, cotangents):
-  del epsilon
-  x, mean, inv, scale = residuals
+def _batch_norm_bwd(epsilon, relu, residuals, cotangents):
+  del epsilon, relu
+  x, mean, inv, scale, y = residuals
   g = cotangents[0].astype(jnp.float32)
+  if y is not None:  # Through the ReLU: zero where it clipped.
+    g = jnp.where(y > 0, g, 0.0)
   axes = tuple(range(x.ndim - 1))
   n = x.size // x.shape[-1]
   x_hat = (x.astype(jnp.float32) - mean) * inv
@@ -59,13 +63,18 @@ batch_norm_train.defvjp(_batch_stats_fwd, _batch_norm_bwd)
 
 
 class BatchNorm(nn.Module):
-  """Drop-in for `nn.BatchNorm` over the last axis (same names, collections and momentum)."""
+  """Drop-in for `nn.BatchNorm` over the last axis (same names, collections and momentum).
+
+  `relu=True` applies a ReLU to the output inside the same pass, forward and
+  backward (ResNet's BatchNorm-then-ReLU).
+  """
 
   use_running_average: bool
   momentum: float = 0.99
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  relu: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -78,8 +87,9 @@ class BatchNorm(nn.Module):
     x = x.astype(self.dtype)
     scale, bias = scale.astype(jnp.float32), bias.astype(jnp.float32)
     if self.use_running_average:
-      return _normalize(x, ra_mean.value, jax.lax.rsqrt(ra_var.value + self.epsilon), scale, bias)
-    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+      inv = jax.lax.rsqrt(ra_var.value + self.epsilon)
+      return _normalize(x, ra_mean.value, inv, scale, bias, self.relu)
+    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self.relu)
     if not self.is_initializing():
       m = self.momentum
       ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)

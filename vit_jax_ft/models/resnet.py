@@ -146,7 +146,7 @@ class BasicBlock(nn.Module):
     s = (self.strides, self.strides)
     residual = x
     y = self.conv(self.features, (3, 3), s, padding=_PAD_3x3, name='conv1')(x)
-    y = nn.relu(self.norm(name='bn1')(y))
+    y = self.norm(name='bn1', relu=True)(y)
     y = self.conv(self.features, (3, 3), padding=_PAD_3x3, name='conv2')(y)
     y = self.norm(name='bn2')(y)
     if residual.shape != y.shape:
@@ -173,9 +173,9 @@ class BottleneckBlock(nn.Module):
     s1, s2 = (s, (1, 1)) if self.variant == 'v1' else ((1, 1), s)
     residual = x
     y = self.conv(self.features, (1, 1), s1, name='conv1')(x)
-    y = nn.relu(self.norm(name='bn1')(y))
+    y = self.norm(name='bn1', relu=True)(y)
     y = self.conv(self.features, (3, 3), s2, padding=_PAD_3x3, name='conv2')(y)
-    y = nn.relu(self.norm(name='bn2')(y))
+    y = self.norm(name='bn2', relu=True)(y)
     y = self.conv(self.features * 4, (1, 1), name='conv3')(y)
     y = self.norm(name='bn3')(y)
     if residual.shape != y.shape:
@@ -271,7 +271,7 @@ class ResNet(nn.Module):
     # Stem: 7x7/2 conv (pad 3) -> BN -> ReLU -> 3x3/2 max-pool (pad 1).
     x = conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)),
              name='conv_init')(x)
-    x = nn.relu(norm(name='bn_init')(x))
+    x = norm(name='bn_init', relu=True)(x)
     x = max_pool_3x3_s2(x)
     self.sow('intermediates', 'stem', x)
 
