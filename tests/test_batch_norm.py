@@ -109,3 +109,23 @@ def test_fused_relu_matches_relu_after_batch_norm():
     np.testing.assert_allclose(y, jax.nn.relu(y_ref), rtol=1e-6, atol=1e-6)
     assert float(jnp.mean(y == 0)) > 0.2  # The ReLU did clip.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), g, g_ref)
+
+
+def test_fused_shortcut_matches_add_then_relu():
+  x, _, _, variables, kw = _setup(jnp.float32)
+  shortcut = jnp.asarray(np.random.default_rng(4).normal(size=x.shape), jnp.float32)
+  weights = jnp.asarray(np.random.default_rng(5).normal(size=x.shape), jnp.float32)
+  plain = batch_norm.BatchNorm(use_running_average=False, **kw)
+  fused = batch_norm.BatchNorm(use_running_average=False, relu=True, **kw)
+
+  def grads(f):
+    def loss(params, x, shortcut):
+      y = f({"params": params, "batch_stats": variables["batch_stats"]}, x, shortcut)
+      return jnp.sum(y * weights), y
+    return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(variables["params"], x, shortcut)
+
+  g_ref, y_ref = grads(lambda v, x, s: jax.nn.relu(_apply(plain, v, x, True)[0] + s))
+  g, y = grads(lambda v, x, s: fused.apply(v, x, s, mutable=["batch_stats"])[0])
+  np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+  assert 0.2 < float(jnp.mean(y == 0)) < 0.8
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), g, g_ref)

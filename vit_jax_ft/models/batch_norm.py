@@ -17,36 +17,40 @@ import jax
 import jax.numpy as jnp
 
 
-def _normalize(x, mean, inv, scale, bias, relu: bool):
+def _normalize(x, mean, inv, scale, bias, shortcut, relu: bool):
   mul = scale * inv
   y = x.astype(jnp.float32) * mul + (bias - mean * mul)
+  if shortcut is not None:
+    y = y + shortcut.astype(jnp.float32)
   return (jnp.maximum(y, 0.0) if relu else y).astype(x.dtype)
 
 
-def _batch_stats_fwd(x, scale, bias, epsilon, relu):
+def _batch_stats_fwd(x, scale, bias, shortcut, epsilon, relu):
   axes = tuple(range(x.ndim - 1))
   xf = x.astype(jnp.float32)
   mean = jnp.mean(xf, axes)
   var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
   inv = jax.lax.rsqrt(var + epsilon)
-  y = _normalize(x, mean, inv, scale, bias, relu)
-  return (y, mean, var), (x, mean, inv, scale, y if relu else None)
+  y = _normalize(x, mean, inv, scale, bias, shortcut, relu)
+  return (y, mean, var), (x, mean, inv, scale, y if relu else None, shortcut is not None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
-                     relu: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Normalises x over all axes but the last with its own statistics (then ReLU if `relu`).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                     shortcut: jax.Array | None, epsilon: float,
+                     relu: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Normalises x over all axes but the last with its own statistics.
 
-  Returns (y in x's dtype, batch mean, biased batch variance); the statistics
-  are for the running averages and carry no gradient.
+  Then adds `shortcut` (unless None) and applies a ReLU (if `relu`). Returns
+  (y in x's dtype, batch mean, biased batch variance); the statistics are for
+  the running averages and carry no gradient.
   """
-  return _batch_stats_fwd(x, scale, bias, epsilon, relu)[0]
+  return _batch_stats_fwd(x, scale, bias, shortcut, epsilon, relu)[0]
 
 
 def _batch_norm_bwd(epsilon, relu, residuals, cotangents):
   del epsilon, relu
-  x, mean, inv, scale, y = residuals
+  x, mean, inv, scale, y, has_shortcut = residuals
   g = cotangents[0].astype(jnp.float32)
   if y is not None:  # Through the ReLU: zero where it clipped.
     g = jnp.where(y > 0, g, 0.0)
@@ -56,7 +60,7 @@ def _batch_norm_bwd(epsilon, relu, residuals, cotangents):
   d_bias = jnp.sum(g, axes)
   d_scale = jnp.sum(g * x_hat, axes)
   dx = (scale * inv) * (g - d_bias / n - x_hat * (d_scale / n))
-  return dx.astype(x.dtype), d_scale, d_bias
+  return dx.astype(x.dtype), d_scale, d_bias, g.astype(x.dtype) if has_shortcut else None
 
 
 batch_norm_train.defvjp(_batch_stats_fwd, _batch_norm_bwd)
@@ -65,8 +69,9 @@ batch_norm_train.defvjp(_batch_stats_fwd, _batch_norm_bwd)
 class BatchNorm(nn.Module):
   """Drop-in for `nn.BatchNorm` over the last axis (same names, collections and momentum).
 
-  `relu=True` applies a ReLU to the output inside the same pass, forward and
-  backward (ResNet's BatchNorm-then-ReLU).
+  `relu=True` applies a ReLU to the output, and a `shortcut` passed to the
+  call is added before it, inside the same pass forward and backward
+  (ResNet's BatchNorm-then-ReLU and its residual connection).
   """
 
   use_running_average: bool
@@ -77,7 +82,7 @@ class BatchNorm(nn.Module):
   relu: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, shortcut: jax.Array | None = None) -> jax.Array:
     features = x.shape[-1]
     stat = lambda init: jnp.full((features,), init, jnp.float32)
     ra_mean = self.variable("batch_stats", "mean", stat, 0.0)
@@ -88,8 +93,8 @@ class BatchNorm(nn.Module):
     scale, bias = scale.astype(jnp.float32), bias.astype(jnp.float32)
     if self.use_running_average:
       inv = jax.lax.rsqrt(ra_var.value + self.epsilon)
-      return _normalize(x, ra_mean.value, inv, scale, bias, self.relu)
-    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self.relu)
+      return _normalize(x, ra_mean.value, inv, scale, bias, shortcut, self.relu)
+    y, mean, var = batch_norm_train(x, scale, bias, shortcut, self.epsilon, self.relu)
     if not self.is_initializing():
       m = self.momentum
       ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)

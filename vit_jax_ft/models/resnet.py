@@ -148,11 +148,10 @@ class BasicBlock(nn.Module):
     y = self.conv(self.features, (3, 3), s, padding=_PAD_3x3, name='conv1')(x)
     y = self.norm(name='bn1', relu=True)(y)
     y = self.conv(self.features, (3, 3), padding=_PAD_3x3, name='conv2')(y)
-    y = self.norm(name='bn2')(y)
     if residual.shape != y.shape:
       residual = self.conv(self.features, (1, 1), s, name='proj_conv')(residual)
       residual = self.norm(name='proj_bn')(residual)
-    return nn.relu(residual + y)
+    return self.norm(name='bn2', relu=True)(y, residual)  # relu(bn2(y) + residual)
 
 
 class BottleneckBlock(nn.Module):
@@ -177,12 +176,11 @@ class BottleneckBlock(nn.Module):
     y = self.conv(self.features, (3, 3), s2, padding=_PAD_3x3, name='conv2')(y)
     y = self.norm(name='bn2', relu=True)(y)
     y = self.conv(self.features * 4, (1, 1), name='conv3')(y)
-    y = self.norm(name='bn3')(y)
     if residual.shape != y.shape:
       residual = self.conv(
           self.features * 4, (1, 1), s, name='proj_conv')(residual)
       residual = self.norm(name='proj_bn')(residual)
-    return nn.relu(residual + y)
+    return self.norm(name='bn3', relu=True)(y, residual)  # relu(bn3(y) + residual)
 
 
 class ResNet(nn.Module):
