@@ -42,6 +42,23 @@ def test_einsum_and_grads_match_float32(spec, sa, sb):
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=3e-2, atol=5e-2)
 
 
+def test_einsum_float32_result_is_not_rounded():
+  rng = np.random.default_rng(1)
+  a = jnp.asarray(rng.normal(size=(3, 64)), jnp.bfloat16)
+  b = jnp.asarray(rng.normal(size=(64, 5)), jnp.bfloat16)
+  want = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+  out = precision.einsum("ij,jk->ik", a, b, jnp.float32)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  rounded = precision.einsum("ij,jk->ik", a, b).astype(np.float32)
+  assert np.max(np.abs(rounded - want)) > 10 * np.max(np.abs(out - want))
+  # The gradients are those of the bfloat16-result einsum.
+  grad = lambda *dt: jax.grad(lambda x: jnp.sum(precision.einsum(
+      "ij,jk->ik", x, b, *dt).astype(jnp.float32) ** 2))(a)
+  np.testing.assert_allclose(grad(jnp.float32).astype(np.float32),
+                             grad().astype(np.float32), rtol=3e-2, atol=0.5)
+
+
 @pytest.mark.parametrize("features,axis,x_shape", [
     (5, -1, (2, 3, 6)),                 # Dense
     ((2, 3), -1, (2, 3, 6)),            # attention query/key/value
