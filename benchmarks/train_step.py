@@ -33,7 +33,7 @@ _MODEL = flags.DEFINE_string("model", "vit_b16", "vit_b16 | resnet50 | any model
 _BATCH = flags.DEFINE_integer("batch", 8, "Batch size.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16", "float16"],
                            "Compute dtype.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after one warm-up step).")
+_STEPS = flags.DEFINE_integer("steps", 7, "Timed steps after one warm-up step; the median is reported.")
 _IMAGE = flags.DEFINE_integer("image_size", 224, "Input resolution.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the Hugging Face PyTorch model if installed.")
 _EVAL = flags.DEFINE_bool("eval", True, "Also time inference (eval forward pass).")
@@ -46,12 +46,18 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 
 def _time(fn, n):
-  """Mean seconds per call after one warm-up call; fn must block."""
+  """Median seconds per call over n calls after one warm-up call; fn must block.
+
+  The median, for JAX and PyTorch alike: on shared machines a few calls are
+  slowed by other work, and a mean would charge that to whichever ran then.
+  """
   fn()
-  start = time.perf_counter()
+  seconds = []
   for _ in range(n):
+    start = time.perf_counter()
     fn()
-  return (time.perf_counter() - start) / n
+    seconds.append(time.perf_counter() - start)
+  return float(np.median(seconds))
 
 
 def peak_matmul_tflops(dtype) -> float:
