@@ -129,3 +129,12 @@ def test_fused_shortcut_matches_add_then_relu():
   np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
   assert 0.2 < float(jnp.mean(y == 0)) < 0.8
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), g, g_ref)
+
+
+def test_gradients_keep_each_input_dtype():
+  x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 3, 3, 4)), jnp.bfloat16)
+  shortcut = jnp.ones(x.shape, jnp.float32)
+  f = lambda x, s: jnp.sum(batch_norm.batch_norm_train(
+      x, jnp.ones(4), jnp.zeros(4), s, 1e-5, True)[0].astype(jnp.float32))
+  gx, gs = jax.jit(jax.grad(f, argnums=(0, 1)))(x, shortcut)
+  assert (gx.dtype, gs.dtype) == (jnp.bfloat16, jnp.float32)

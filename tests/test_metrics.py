@@ -1,6 +1,5 @@
 """Tests for vit_jax_ft.metrics against scikit-learn on the unpadded examples."""
 
-import functools
 import warnings
 
 import jax

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from vit_jax_ft import base_config
 from vit_jax_ft import losses

@@ -32,7 +32,9 @@ def _batch_stats_fwd(x, scale, bias, shortcut, epsilon, relu):
   var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
   inv = jax.lax.rsqrt(var + epsilon)
   y = _normalize(x, mean, inv, scale, bias, shortcut, relu)
-  return (y, mean, var), (x, mean, inv, scale, y if relu else None, shortcut is not None)
+  # An empty array of the shortcut's dtype, for its gradient (residuals must be arrays).
+  shortcut_like = None if shortcut is None else jnp.zeros((0,), shortcut.dtype)
+  return (y, mean, var), (x, mean, inv, scale, y if relu else None, shortcut_like)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -50,7 +52,7 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
 
 def _batch_norm_bwd(epsilon, relu, residuals, cotangents):
   del epsilon, relu
-  x, mean, inv, scale, y, has_shortcut = residuals
+  x, mean, inv, scale, y, shortcut_like = residuals
   g = cotangents[0].astype(jnp.float32)
   if y is not None:  # Through the ReLU: zero where it clipped.
     g = jnp.where(y > 0, g, 0.0)
@@ -60,7 +62,8 @@ def _batch_norm_bwd(epsilon, relu, residuals, cotangents):
   d_bias = jnp.sum(g, axes)
   d_scale = jnp.sum(g * x_hat, axes)
   dx = (scale * inv) * (g - d_bias / n - x_hat * (d_scale / n))
-  return dx.astype(x.dtype), d_scale, d_bias, g.astype(x.dtype) if has_shortcut else None
+  d_shortcut = None if shortcut_like is None else g.astype(shortcut_like.dtype)
+  return dx.astype(x.dtype), d_scale, d_bias, d_shortcut
 
 
 batch_norm_train.defvjp(_batch_stats_fwd, _batch_norm_bwd)
