@@ -1,12 +1,14 @@
 r"""Forward + backward time of ResNet-50's layers: XLA's lowering vs this project's forms.
 
-  python benchmarks/layers.py [--batch=16] [--dtype=bfloat16]
+  python benchmarks/layers.py [--batch=16] [--dtype=bfloat16] [--parts=pool --parts=batch_norm]
 
 For each ResNet-50 convolution shape (batch 16, 224 px input) it times the
 gradient of a loss through `nn.Conv` (lax.conv_general_dilated) and through
 `models.precision.Conv` (a matmul for 1x1 windows, lax otherwise), and the same
-for the stem's 3x3/2 max-pool: `nn.max_pool` against `resnet.max_pool_3x3_s2`.
-Both variants run in the same process, interleaved; compare the ratios.
+for the stem's 3x3/2 max-pool (`nn.max_pool` against `resnet.max_pool_3x3_s2`)
+and for BatchNorm-then-ReLU on ResNet-50's activation shapes (`nn.BatchNorm`
+and `nn.relu` against `batch_norm.BatchNorm(relu=True)`). Both variants run in
+the same process; compare the ratios.
 """
 
 import functools
@@ -22,12 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax_ft.models import batch_norm
 from vit_jax_ft.models import precision
 from vit_jax_ft.models import resnet
 
 _BATCH = flags.DEFINE_integer("batch", 16, "Batch size.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per variant (best is kept).")
+_PARTS = flags.DEFINE_multi_enum("parts", ["conv", "pool", "batch_norm"],
+                                 ["conv", "pool", "batch_norm"], "Which layers to time.")
 
 # (input side, in channels, out channels, kernel, stride): ResNet-50 v1.5's distinct convs.
 CONVS = [
@@ -36,6 +41,10 @@ CONVS = [
     (14, 256, 256, 3, 1), (14, 256, 1024, 1, 1), (14, 1024, 256, 1, 1),
     (7, 512, 512, 3, 1), (7, 512, 2048, 1, 1), (7, 2048, 512, 1, 1),
 ]
+
+# (side, channels): ResNet-50's BatchNorm inputs, from the stem to the last stage.
+BATCH_NORMS = [(112, 64), (56, 64), (56, 256), (28, 128), (28, 512), (14, 256), (14, 1024),
+               (7, 512), (7, 2048)]
 
 
 def _best_seconds(fn, *args) -> float:
@@ -69,7 +78,7 @@ def main(argv):
   rng = np.random.default_rng(0)
   print(f"device: {jax.devices()[0].device_kind}, batch {b}, {dtype.name}; "
         "forward + backward (input and weight gradients)")
-  for side, cin, cout, k, s in CONVS:
+  for side, cin, cout, k, s in CONVS if "conv" in _PARTS.value else []:
     kw = dict(features=cout, kernel_size=(k, k), strides=(s, s), use_bias=False, dtype=dtype,
               padding=((k // 2, k // 2),) * 2)
     x = jnp.asarray(rng.normal(size=(b, side, side, cin)), dtype)
@@ -79,12 +88,27 @@ def main(argv):
     _compare(f"conv {k}x{k}/{s} {side}px {cin}->{cout}", flops, {
         "nn.Conv": (_grad_fn(ref.apply), params, x),
         "precision.Conv": (_grad_fn(ours.apply), params, x)})
-  x = jnp.asarray(rng.normal(size=(b, 112, 112, 64)), dtype)
-  pool = functools.partial(nn.max_pool, window_shape=(3, 3), strides=(2, 2),
-                           padding=((1, 1), (1, 1)))
-  _compare("max-pool 3x3/2 112px 64", 0, {
-      "nn.max_pool": (_grad_fn(lambda p, x: pool(x)), {}, x),
-      "max_pool_3x3_s2": (_grad_fn(lambda p, x: resnet.max_pool_3x3_s2(x)), {}, x)})
+  if "pool" in _PARTS.value:
+    x = jnp.asarray(rng.normal(size=(b, 112, 112, 64)), dtype)
+    pool = functools.partial(nn.max_pool, window_shape=(3, 3), strides=(2, 2),
+                             padding=((1, 1), (1, 1)))
+    _compare("max-pool 3x3/2 112px 64", 0, {
+        "nn.max_pool": (_grad_fn(lambda p, x: pool(x)), {}, x),
+        "max_pool_3x3_s2": (_grad_fn(lambda p, x: resnet.max_pool_3x3_s2(x)), {}, x)})
+  for side, channels in BATCH_NORMS if "batch_norm" in _PARTS.value else []:
+    x = jnp.asarray(rng.normal(1.0, 2.0, size=(b, side, side, channels)), dtype)
+    kw = dict(use_running_average=False, momentum=0.9, epsilon=1e-5, dtype=dtype)
+    ref, ours = nn.BatchNorm(**kw), batch_norm.BatchNorm(relu=True, **kw)
+    variables = ref.init(jax.random.PRNGKey(0), x)
+    _compare(f"batch norm + relu {side}px {channels}", 0, {
+        "nn.BatchNorm": (_grad_fn(_train_apply(ref, variables, nn.relu)), variables["params"], x),
+        "batch_norm": (_grad_fn(_train_apply(ours, variables)), variables["params"], x)})
+
+
+def _train_apply(module, variables, activation=lambda y: y):
+  """(params, x) -> activation(module(x)) in training mode (batch statistics)."""
+  return lambda p, x: activation(module.apply({**variables, "params": p}, x,
+                                              mutable=["batch_stats"])[0])
 
 
 if __name__ == "__main__":
