@@ -16,7 +16,8 @@ from vit_jax_ft.pretrained import conversion
 from test_train import tiny_demo_config  # pylint: disable=g-bad-import-order
 
 
-def _write_converted(out_dir, config, *, hidden_size=None, num_classes=1000, seed=1):
+def _write_converted(out_dir, config, *, hidden_size=None, num_classes=1000, seed=1,
+                     model_options=None):
   """A converted checkpoint for the tiny demo ViT (random 'pretrained' weights)."""
   model_cfg = config.model.copy_and_resolve_references()
   if hidden_size:
@@ -27,7 +28,8 @@ def _write_converted(out_dir, config, *, hidden_size=None, num_classes=1000, see
   params = jax.tree.map(np.asarray, params)
   converted = conversion.make_converted(
       params, {}, source="test", fmt="test", normalization="minus_one_to_one",
-      model_options={"gelu_approximate": True, "layer_norm_eps": 1e-6}, unused=[],
+      model_options=model_options or {"gelu_approximate": True, "layer_norm_eps": 1e-6},
+      unused=[],
       image_size=config.data.image_size)
   pretrained.save_converted(converted, str(out_dir))
   return params
@@ -65,3 +67,28 @@ def test_mismatched_checkpoint_fails_before_the_first_step(tmp_path):
   with pytest.raises(pretrained.PretrainedMismatchError):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "checkpoints" / "1")
+
+
+# What Hugging Face ViT weights record: exact GELU, LayerNorm epsilon 1e-12.
+_HF_OPTIONS = {"gelu_approximate": False, "layer_norm_eps": 1e-12}
+
+
+def test_model_options_come_from_the_weights(tmp_path):
+  config = tiny_demo_config(total_steps=2, **{"optimizer.warmup_steps": 1})
+  assert config.model.gelu_approximate and config.model.layer_norm_eps == 1e-6
+  _write_converted(tmp_path / "weights", config, model_options=_HF_OPTIONS)
+  config.init_from = str(tmp_path / "weights")
+  train.train_and_evaluate(config, str(tmp_path / "run"))  # A strict load: options must fit.
+  with open(tmp_path / "run" / "config.json") as f:
+    model = json.load(f)["model"]
+  assert (model["gelu_approximate"], model["layer_norm_eps"]) == (False, 1e-12)
+  assert config.model.gelu_approximate  # The caller's config is left as it was.
+
+
+def test_config_model_options_kept_on_request_and_then_mismatch(tmp_path):
+  config = tiny_demo_config(total_steps=2, **{"optimizer.warmup_steps": 1})
+  _write_converted(tmp_path / "weights", config, model_options=_HF_OPTIONS)
+  config.init_from = str(tmp_path / "weights")
+  config.init_model_options = False
+  with pytest.raises(pretrained.PretrainedMismatchError, match="gelu_approximate"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))

@@ -113,6 +113,26 @@ def init_from_pretrained(config, model, state, workdir: str):
   return state.replace(params=result.params, batch_stats=result.batch_stats), result.metadata
 
 
+def apply_pretrained_model_options(config: ml_collections.ConfigDict) -> None:
+  """Sets config.model's options to those recorded with config.init_from's weights.
+
+  HF and timm ViTs use the exact GELU (and HF a LayerNorm epsilon of 1e-12),
+  Keras ResNets are v1 with conv biases: the weights' metadata says which, so
+  users need not. Each change is logged; init_model_options=False keeps the
+  config's options (a strict load then fails on a mismatch).
+  """
+  if not (config.init_from and config.init_model_options):
+    return
+  from vit_jax_ft import pretrained  # pylint: disable=g-import-not-at-top
+  metadata = pretrained.source_metadata(config.init_from, config.init_cache_dir,
+                                        config.init_strict)
+  for name, value in sorted(metadata.get("model_options", {}).items()):
+    if name in config.model and config.model[name] != value:
+      logging.info("config.model.%s: %r -> %r (what %s was trained with).",
+                   name, config.model[name], value, config.init_from)
+      config.model[name] = value
+
+
 def resolve_normalization(config: ml_collections.ConfigDict, workdir: str,
                           metadata: dict | None) -> str:
   """data.normalization, with 'auto' taken from the pretrained weights' metadata."""
@@ -186,12 +206,14 @@ def _after_eval(config, state, step: int, best_step: int):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) and evaluates; returns the final metrics."""
   os.makedirs(workdir, exist_ok=True)
+  config = config.copy_and_resolve_references()  # Resolved below; the caller's stays as is.
   data_dir, info = load_data_info(config, workdir)
   _check_config(config, info)
   multilabel = info["multilabel"]
   total_steps = total_train_steps(config, info["splits"][config.data.train_split]["num_examples"])
   schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
   tx = optim.make_optimizer(config.optimizer, schedule)
+  apply_pretrained_model_options(config)
   model = models.create_model(config.model, len(info["class_names"]), _DTYPES[config.dtype])
   loss_fn = losses.get_loss_fn(config.loss, _class_weights(config, info))
 
@@ -218,7 +240,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   elif not config.init_from:
     logging.warning("No config.init_from: training %s from random initialisation.",
                     config.model.name)
-  config = config.copy_and_resolve_references()
   config.data.normalization = resolve_normalization(config, workdir, metadata)
   logging.info("Input normalisation: %s.", config.data.normalization)
   if jax.process_index() == 0:  # The config as run ('auto' resolved), to reproduce it.

@@ -25,6 +25,7 @@ from vit_jax_ft.pretrained.loading import load_for_finetuning
 from vit_jax_ft.pretrained.loading import LoadReport
 from vit_jax_ft.pretrained.loading import LoadResult
 from vit_jax_ft.pretrained.loading import PretrainedMismatchError
+from vit_jax_ft.pretrained.loading import source_metadata
 from vit_jax_ft.pretrained.sources import convert
 from vit_jax_ft.pretrained.sources import detect_format
 from vit_jax_ft.pretrained.storage import load as load_converted
@@ -34,5 +35,5 @@ from vit_jax_ft.pretrained.tensor_files import CheckpointFileError
 __all__ = [
     "CheckpointFileError", "ConversionError", "Converted", "LoadReport", "LoadResult",
     "NORMALIZATIONS", "PretrainedMismatchError", "SourceUnavailableError", "convert",
-    "detect_format", "load_converted", "load_for_finetuning", "save_converted",
+    "detect_format", "load_converted", "load_for_finetuning", "save_converted", "source_metadata",
 ]

@@ -225,6 +225,17 @@ def converted_from_source(source: str, cache_dir: str | None = None, strict: boo
   return converted
 
 
+def source_metadata(source: str, cache_dir: str | None = None, strict: bool = True) -> dict:
+  """The metadata of `source` (format, normalisation, model options, ...), converting it if needed.
+
+  A raw source is converted and cached as `load_for_finetuning` would, so a
+  later load reads the cache.
+  """
+  if os.path.isdir(source) and storage.is_converted(source):
+    return storage.load_metadata(source)
+  return dict(converted_from_source(source, cache_dir, strict).metadata)
+
+
 def load_for_finetuning(source: str, model: Any, params: Any, batch_stats: Any, *,
                         image_size: int, strict: bool = True,
                         cache_dir: str | None = None) -> LoadResult:
