@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +84,14 @@ def test_model_options_come_from_the_weights(tmp_path):
     model = json.load(f)["model"]
   assert (model["gelu_approximate"], model["layer_norm_eps"]) == (False, 1e-12)
   assert config.model.gelu_approximate  # The caller's config is left as it was.
+
+  # Resuming needs neither the weights nor the network: the first run recorded the options.
+  shutil.rmtree(tmp_path / "weights")
+  config.total_steps = 3
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  with open(tmp_path / "run" / "config.json") as f:
+    model = json.load(f)["model"]
+  assert (model["gelu_approximate"], model["layer_norm_eps"]) == (False, 1e-12)
 
 
 def test_config_model_options_kept_on_request_and_then_mismatch(tmp_path):

@@ -113,19 +113,25 @@ def init_from_pretrained(config, model, state, workdir: str):
   return state.replace(params=result.params, batch_stats=result.batch_stats), result.metadata
 
 
-def apply_pretrained_model_options(config: ml_collections.ConfigDict) -> None:
+def apply_pretrained_model_options(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Sets config.model's options to those recorded with config.init_from's weights.
 
   HF and timm ViTs use the exact GELU (and HF a LayerNorm epsilon of 1e-12),
   Keras ResNets are v1 with conv biases: the weights' metadata says which, so
   users need not. Each change is logged; init_model_options=False keeps the
-  config's options (a strict load then fails on a mismatch).
+  config's options (a strict load then fails on a mismatch). A resumed run
+  reads the metadata its first run recorded, not the source.
   """
   if not (config.init_from and config.init_model_options):
     return
-  from vit_jax_ft import pretrained  # pylint: disable=g-import-not-at-top
-  metadata = pretrained.source_metadata(config.init_from, config.init_cache_dir,
-                                        config.init_strict)
+  recorded = os.path.join(workdir, "pretrained.json")
+  if os.path.exists(recorded):
+    with open(recorded) as f:
+      metadata = json.load(f)["metadata"]
+  else:
+    from vit_jax_ft import pretrained  # pylint: disable=g-import-not-at-top
+    metadata = pretrained.source_metadata(config.init_from, config.init_cache_dir,
+                                          config.init_strict)
   for name, value in sorted(metadata.get("model_options", {}).items()):
     if name in config.model and config.model[name] != value:
       logging.info("config.model.%s: %r -> %r (what %s was trained with).",
@@ -213,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   total_steps = total_train_steps(config, info["splits"][config.data.train_split]["num_examples"])
   schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
   tx = optim.make_optimizer(config.optimizer, schedule)
-  apply_pretrained_model_options(config)
+  apply_pretrained_model_options(config, workdir)
   model = models.create_model(config.model, len(info["class_names"]), _DTYPES[config.dtype])
   loss_fn = losses.get_loss_fn(config.loss, _class_weights(config, info))
 
