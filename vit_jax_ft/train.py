@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vit_jax_ft import checkpoints
+from vit_jax_ft import init_from
 from vit_jax_ft import input_pipeline
 from vit_jax_ft import losses
 from vit_jax_ft import metrics as metrics_lib
@@ -92,67 +93,6 @@ def _class_weights(config: ml_collections.ConfigDict, info: dict):
   return weights
 
 
-def init_from_pretrained(config, model, state, workdir: str):
-  """Loads config.init_from into a fresh state; writes WORKDIR/pretrained.json.
-
-  Strict by default: fails before the first step if any backbone parameter
-  is not in the checkpoint or the checkpoint holds parameters nobody uses.
-  """
-  from vit_jax_ft import pretrained  # pylint: disable=g-import-not-at-top
-  result = pretrained.load_for_finetuning(
-      config.init_from, model, jax.device_get(state.params), jax.device_get(state.batch_stats),
-      image_size=config.data.image_size, strict=config.init_strict,
-      cache_dir=config.init_cache_dir)
-  # loading.py has logged the parameter report; the fingerprint lets two runs
-  # check that they started from the same weights.
-  logging.info("Pretrained backbone fingerprint: %s", result.fingerprint)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "pretrained.json"), "w") as f:
-      json.dump({"fingerprint": result.fingerprint, "report": str(result.report),
-                 "metadata": result.metadata}, f, indent=2, default=str)
-  return state.replace(params=result.params, batch_stats=result.batch_stats), result.metadata
-
-
-def apply_pretrained_model_options(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Sets config.model's options to those recorded with config.init_from's weights.
-
-  HF and timm ViTs use the exact GELU (and HF a LayerNorm epsilon of 1e-12),
-  Keras ResNets are v1 with conv biases: the weights' metadata says which, so
-  users need not. Each change is logged; init_model_options=False keeps the
-  config's options (a strict load then fails on a mismatch). A resumed run
-  reads the metadata its first run recorded, not the source.
-  """
-  if not (config.init_from and config.init_model_options):
-    return
-  recorded = os.path.join(workdir, "pretrained.json")
-  if os.path.exists(recorded):
-    with open(recorded) as f:
-      metadata = json.load(f)["metadata"]
-  else:
-    from vit_jax_ft import pretrained  # pylint: disable=g-import-not-at-top
-    metadata = pretrained.source_metadata(config.init_from, config.init_cache_dir,
-                                          config.init_strict)
-  for name, value in sorted(metadata.get("model_options", {}).items()):
-    if name in config.model and config.model[name] != value:
-      logging.info("config.model.%s: %r -> %r (what %s was trained with).",
-                   name, config.model[name], value, config.init_from)
-      config.model[name] = value
-
-
-def resolve_normalization(config: ml_collections.ConfigDict, workdir: str,
-                          metadata: dict | None) -> str:
-  """data.normalization, with 'auto' taken from the pretrained weights' metadata."""
-  mode = config.data.normalization
-  if mode != "auto":
-    return mode
-  if not config.init_from:
-    return "imagenet"
-  if metadata is None:  # Resuming: the weights were loaded by the first run.
-    with open(os.path.join(workdir, "pretrained.json")) as f:
-      metadata = json.load(f)["metadata"]
-  return metadata["normalization"]
-
-
 def evaluate(eval_fn, state, config, data_dir, info, split, sharding) -> dict:
   """Exact metrics over a whole split (padded batches, masked)."""
   total = None
@@ -219,7 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   total_steps = total_train_steps(config, info["splits"][config.data.train_split]["num_examples"])
   schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
   tx = optim.make_optimizer(config.optimizer, schedule)
-  apply_pretrained_model_options(config, workdir)
+  init_from.apply_model_options(config, workdir)
   model = models.create_model(config.model, len(info["class_names"]), _DTYPES[config.dtype])
   loss_fn = losses.get_loss_fn(config.loss, _class_weights(config, info))
 
@@ -241,12 +181,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Resumed from %s at step %d.", last_ckpt.directory, int(state.step))
   metadata = None
   if last_ckpt.latest_step() is None and config.init_from:
-    state, metadata = init_from_pretrained(config, model, state, workdir)
+    state, metadata = init_from.load_weights(config, model, state, workdir)
     state = jax.device_put(state, replicated)
   elif not config.init_from:
     logging.warning("No config.init_from: training %s from random initialisation.",
                     config.model.name)
-  config.data.normalization = resolve_normalization(config, workdir, metadata)
+  config.data.normalization = init_from.resolve_normalization(config, workdir, metadata)
   logging.info("Input normalisation: %s.", config.data.normalization)
   if jax.process_index() == 0:  # The config as run ('auto' resolved), to reproduce it.
     with open(os.path.join(workdir, "config.json"), "w") as f:

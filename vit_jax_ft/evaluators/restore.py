@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
 
+from vit_jax_ft import init_from
 from vit_jax_ft import input_pipeline
 from vit_jax_ft import models
 from vit_jax_ft import train
@@ -81,7 +82,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   if config.data.normalization == "auto":  # Written before 'auto' was resolved.
-    config.data.normalization = train.resolve_normalization(config, workdir, None)
+    config.data.normalization = init_from.resolve_normalization(config, workdir, None)
   return config
 
 
@@ -91,7 +92,7 @@ def load_run(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -
     config = load_config(workdir)
   elif config.data.normalization == "auto":  # The config as given, not as run.
     config = config.copy_and_resolve_references()
-    config.data.normalization = train.resolve_normalization(config, workdir, None)
+    config.data.normalization = init_from.resolve_normalization(config, workdir, None)
   data_dir, info = train.load_data_info(config, workdir)
   model = models.create_model(config.model, len(info["class_names"]), jnp.dtype(config.dtype))
   return Run(workdir=workdir, config=config, data_dir=data_dir, info=info, model=model)
