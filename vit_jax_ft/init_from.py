@@ -24,8 +24,9 @@ def load_weights(config, model, state, workdir: str):
   logging.info("Pretrained backbone fingerprint: %s", result.fingerprint)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "pretrained.json"), "w") as f:
-      json.dump({"fingerprint": result.fingerprint, "report": str(result.report),
-                 "metadata": result.metadata}, f, indent=2, default=str)
+      json.dump({"init_from": config.init_from, "fingerprint": result.fingerprint,
+                 "report": str(result.report), "metadata": result.metadata},
+                f, indent=2, default=str)
   return state.replace(params=result.params, batch_stats=result.batch_stats), result.metadata
 
 
@@ -36,14 +37,16 @@ def apply_model_options(config: ml_collections.ConfigDict, workdir: str) -> None
   Keras ResNets are v1 with conv biases: the weights' metadata says which, so
   users need not. Each change is logged; init_model_options=False keeps the
   config's options (a strict load then fails on a mismatch). A resumed run
-  reads the metadata its first run recorded, not the source.
+  reads the metadata its first run recorded from the same init_from, not the source.
   """
   if not (config.init_from and config.init_model_options):
     return
-  recorded = os.path.join(workdir, "pretrained.json")
-  if os.path.exists(recorded):
-    with open(recorded) as f:
-      metadata = json.load(f)["metadata"]
+  path, recorded = os.path.join(workdir, "pretrained.json"), {}
+  if os.path.exists(path):
+    with open(path) as f:
+      recorded = json.load(f)
+  if recorded.get("init_from") == config.init_from:  # This run was started from these weights.
+    metadata = recorded["metadata"]
   else:
     from vit_jax_ft import pretrained  # pylint: disable=g-import-not-at-top
     metadata = pretrained.source_metadata(config.init_from, config.init_cache_dir,
