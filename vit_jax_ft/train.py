@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vit_jax_ft import checkpoints
+from vit_jax_ft import config_ranges
 from vit_jax_ft import init_from
 from vit_jax_ft import input_pipeline
 from vit_jax_ft import losses
@@ -76,6 +77,37 @@ def _check_config(config: ml_collections.ConfigDict, info: dict) -> None:
                     "together they over-correct.", config.data.sampler, config.loss.name)
   if config.best_mode not in ("max", "min"):
     raise ValueError(f"best_mode must be 'max' or 'min', got {config.best_mode!r}.")
+  _check_classes(config, info)
+
+
+def _check_classes(config: ml_collections.ConfigDict, info: dict) -> None:
+  """Refuses a single-label train split with fewer than two labelled classes.
+
+  With one class every loss is zero from the first step and accuracy is 1.0:
+  a run that looks perfect and learned nothing. Eval splits that miss classes
+  train has only get a warning (small sets often do).
+  """
+  splits = info["splits"]
+  train_counts = (splits.get(config.data.train_split) or {}).get("class_counts")
+  if info["multilabel"] or train_counts is None:
+    return
+  names = info["class_names"]
+  present = [n for n, c in zip(names, train_counts) if c > 0]
+  if len(present) < 2:
+    listing = ", ".join(f"{n}: {c}" for n, c in zip(names, train_counts))
+    raise ValueError(
+        f"The {config.data.train_split!r} split has labelled examples of {len(present)} "
+        f"class(es) ({listing}); a classifier needs at least two. Check the source "
+        "folders or label column given to vit_jax_ft.data.prepare.")
+  for split in (config.data.val_split, config.data.test_split):
+    counts = (splits.get(split) or {}).get("class_counts") if split else None
+    if counts is None:
+      continue
+    missing = [n for n, c, e in zip(names, train_counts, counts) if c > 0 and e == 0]
+    if missing:
+      logging.warning("Split %r has no examples of %d class(es) that %r has: %s; their "
+                      "recall there is undefined.", split, len(missing),
+                      config.data.train_split, ", ".join(missing))
 
 
 def _class_weights(config: ml_collections.ConfigDict, info: dict):
@@ -151,8 +183,9 @@ def _after_eval(config, state, step: int, best_step: int):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) and evaluates; returns the final metrics."""
-  os.makedirs(workdir, exist_ok=True)
   config = config.copy_and_resolve_references()  # Resolved below; the caller's stays as is.
+  config_ranges.check_ranges(config)  # Before anything is written.
+  os.makedirs(workdir, exist_ok=True)
   data_dir, info = load_data_info(config, workdir)
   _check_config(config, info)
   multilabel = info["multilabel"]
