@@ -7,6 +7,9 @@ than derived from our model, with random values. big_vision files are derived
 from a small vit_jax one the way big_vision itself lays them out.
 """
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +18,7 @@ import scipy.ndimage
 
 from vit_jax_ft.models import vit
 from vit_jax_ft import pretrained
+from vit_jax_ft.pretrained import completeness
 from vit_jax_ft.pretrained import loading
 from vit_jax_ft.pretrained import testing
 
@@ -190,3 +194,52 @@ def test_bfloat16_npz(small_vit_jax, tmp_path):
   kernel = converted.params["embedding"]["kernel"]
   assert kernel.dtype == np.float32
   np.testing.assert_allclose(kernel, flat["embedding/kernel"], rtol=1e-2, atol=1e-3)
+
+
+def test_incomplete_npz_does_not_convert_and_names_the_missing_tensors(small_vit_jax, tmp_path):
+  _, flat = small_vit_jax
+  dropped = sorted(k for k in flat if k.startswith("Transformer/encoderblock_1/LayerNorm_2/"))
+  dropped += ["Transformer/encoder_norm/scale"]
+  path = tmp_path / "partial.npz"
+  np.savez(path, **{k: v for k, v in flat.items() if k not in dropped})
+  with pytest.raises(pretrained.ConversionError, match="lacks 3 tensors") as e:
+    pretrained.convert(str(path))
+  for name in dropped:
+    assert "params/" + name in str(e.value)
+  assert "--config.init_strict=False" in str(e.value)
+  converted = pretrained.convert(str(path), strict=False)  # Asked for: converts what is there.
+  assert "Transformer/encoder_norm/scale" not in pretrained.conversion.flatten(converted.params)
+  # The command line exits non-zero and writes nothing.
+  out = tmp_path / "out"
+  proc = subprocess.run([sys.executable, "-m", "vit_jax_ft.pretrained", "convert",
+                         f"--source={path}", f"--out={out}"], capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode != 0 and "lacks 3 tensors" in proc.stderr
+  assert not out.exists()
+
+
+def test_complete_npz_without_head_converts(small_vit_jax, tmp_path):
+  model, flat = small_vit_jax
+  path = tmp_path / "backbone.npz"
+  np.savez(path, **{k: v for k, v in flat.items() if not k.startswith("head/")})
+  assert completeness.missing_tensors(pretrained.convert(str(path))) == []
+
+
+def test_overwrite_never_deletes_a_folder_it_did_not_write(small_vit_jax, tmp_path):
+  _, flat = small_vit_jax
+  folder = tmp_path / "downloads"
+  folder.mkdir()
+  np.savez(folder / "ViT.npz", **flat)
+  (folder / "notes.txt").write_text("mine")
+  converted = pretrained.convert(str(folder / "ViT.npz"))
+  with pytest.raises(FileExistsError, match=r"not a converted checkpoint.*ViT.npz, notes.txt"):
+    pretrained.save_converted(converted, str(folder), overwrite=True)
+  assert sorted(p.name for p in folder.iterdir()) == ["ViT.npz", "notes.txt"]
+  # A converted folder is replaced, and only once the new copy is whole.
+  out = tmp_path / "weights"
+  pretrained.save_converted(converted, str(out))
+  pretrained.save_converted(converted, str(out), overwrite=True)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["downloads", "weights"]
+  (out / "extra.bin").write_bytes(b"x")
+  with pytest.raises(FileExistsError, match="extra.bin"):
+    pretrained.save_converted(converted, str(out), overwrite=True)

@@ -202,7 +202,7 @@ def check_unused(unused: Sequence[str], path: str, strict: bool) -> None:
     return
   shown = ", ".join(unused[:12]) + (f", ... ({len(unused)} in all)" if len(unused) > 12 else "")
   message = (f"{len(unused)} tensors in {path} have no place in our model: {shown}. "
-             "Is this the architecture you meant? (convert with strict=False to drop them)")
+             "Is this the architecture you meant? (`pretrained convert --strict=False` or --config.init_strict=False drops them)")
   if strict:
     raise ConversionError(message)
   logging.warning(message)

@@ -285,7 +285,7 @@ def load_for_finetuning(source: str, model: Any, params: Any, batch_stats: Any, 
     message = (f"Pretrained weights {source} do not fit the model:\n  - " + "\n  - ".join(problems)
                + f"\n{report}")
     if strict:
-      raise PretrainedMismatchError(message + "\n(pass strict=False to load what fits)")
+      raise PretrainedMismatchError(message + "\n(set --config.init_strict=False to load what fits)")
     logging.warning(message)
   return LoadResult(params=new_params, batch_stats=new_stats, metadata=metadata, report=report,
                     fingerprint=fingerprint(report, new_params, new_stats))

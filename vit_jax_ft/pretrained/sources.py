@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 
 from vit_jax_ft.pretrained import architecture
+from vit_jax_ft.pretrained import completeness
 from vit_jax_ft.pretrained import conversion
 from vit_jax_ft.pretrained import hub
 from vit_jax_ft.pretrained import huggingface
@@ -89,6 +90,8 @@ def convert(source: str, *, strict: bool = True, normalization: str | None = Non
     converted = _convert_folder(source, source, strict)
   else:
     converted = _convert_file(source, fmt, strict)
+  if fmt != "converted":
+    completeness.check_complete(converted, strict)
   if normalization is not None:
     if normalization not in conversion.NORMALIZATIONS:
       raise ValueError(f"normalization must be one of {conversion.NORMALIZATIONS}, "
