@@ -31,13 +31,28 @@ def is_converted(path: str) -> bool:
           and os.path.isdir(os.path.join(path, STATE_DIR)))
 
 
+def _check_replaceable(out_dir: str) -> None:
+  """--overwrite replaces only a folder this tool wrote, never one with other files.
+
+  (It once deleted a folder holding the source .npz it had just read.)
+  """
+  foreign = sorted(set(os.listdir(out_dir)) - {METADATA_FILE, STATE_DIR}) if os.path.isdir(
+      out_dir) else [os.path.basename(out_dir)]
+  if not is_converted(out_dir) or foreign:
+    shown = ", ".join(foreign[:5]) or "no metadata"
+    raise FileExistsError(
+        f"{out_dir} exists and is not a converted checkpoint written by this tool ({shown}); "
+        "--overwrite only replaces such a folder. Choose another --out.")
+
+
 def save(converted: conversion.Converted, out_dir: str, *, overwrite: bool = False) -> str:
   """Writes `converted` to `out_dir` (which must not exist unless `overwrite`)."""
   out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir):
+  replace = os.path.exists(out_dir)
+  if replace:
     if not overwrite:
       raise FileExistsError(f"{out_dir} already exists; choose another --out or remove it.")
-    shutil.rmtree(out_dir)
+    _check_replaceable(out_dir)
   os.makedirs(os.path.dirname(out_dir), exist_ok=True)
   tmp = out_dir + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
@@ -50,7 +65,14 @@ def save(converted: conversion.Converted, out_dir: str, *, overwrite: bool = Fal
         {"params": converted.params, "batch_stats": converted.batch_stats}))
   with open(os.path.join(tmp, METADATA_FILE), "w") as f:
     json.dump(converted.metadata, f, indent=2, sort_keys=True)
-  os.rename(tmp, out_dir)
+  if replace:  # The old copy goes only once the new one is whole.
+    old = out_dir + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old)
+  else:
+    os.rename(tmp, out_dir)
   logging.info("Saved converted weights to %s", out_dir)
   return out_dir
 
