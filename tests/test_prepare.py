@@ -434,6 +434,21 @@ def test_refuses_to_overwrite_and_crash_leaves_no_dataset(tmp_path, monkeypatch)
       + [f"class_histogram_{s}.png" for s in info["splits"]])
 
 
+def test_overwrite_removes_only_the_files_the_dataset_lists(tmp_path):
+  src = class_tree(tmp_path / "src", {"a": 10, "b": 10})
+  out = tmp_path / "out"
+  first = builder.build(options(src, out))
+  foreign = ["train-00000-of-00009.tfrecord", "mine.tfrecord", "notes.txt"]
+  for name in foreign:
+    (out / name).write_bytes(b"someone else's")
+  info = builder.build(options(src, out, overwrite=True))
+  for name in foreign:
+    assert (out / name).read_bytes() == b"someone else's", name
+  assert info["splits"]["train"]["files"] == first["splits"]["train"]["files"]
+  assert tfrecords.dataset_files(str(out)) == sorted(
+      [f for s in info["splits"].values() for f in s["files"]] + [tfrecords.INFO_FILE])
+
+
 def test_info_keys_and_determinism(tmp_path):
   src = class_tree(tmp_path / "src", {"x": 60, "y": 20})  # Enough files for the process pool.
   first = builder.build(options(src, tmp_path / "o1", seed=5, num_shards=2))

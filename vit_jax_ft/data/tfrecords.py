@@ -95,7 +95,23 @@ def dataset_files(out_dir: str) -> list[str]:
   """
   if not os.path.isdir(out_dir):
     return []
-  return sorted(n for n in os.listdir(out_dir) if _DATASET_FILE.match(n))
+  names = [n for n in os.listdir(out_dir) if _DATASET_FILE.match(n)]
+  listed = _listed_files(out_dir)
+  if listed is not None:
+    # A complete dataset owns the shards its info lists (and temporaries);
+    # another shard-like file in the folder is someone else's.
+    names = [n for n in names if n == INFO_FILE or n.endswith(".tmp") or n in listed]
+  return sorted(names)
+
+
+def _listed_files(out_dir: str) -> set[str] | None:
+  """Shard names `dataset_info.json` lists, or None without a readable one."""
+  try:
+    with open(os.path.join(out_dir, INFO_FILE)) as f:
+      splits = json.load(f)["splits"]
+    return {name for entry in splits.values() for name in entry.get("files", [])}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return None
 
 
 def remove_dataset(out_dir: str) -> list[str]:
