@@ -79,6 +79,24 @@ def test_cli_overrides_reach_the_run(tmp_path):
   assert "optimizer.warmup_steps=100000" in result.stderr.strip().splitlines()[-1]
 
 
+def test_cli_unparsable_value_is_one_line(tmp_path):
+  result = run_main("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.batch_size=abc")
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines() == [
+      "error: flag --config.batch_size=abc: invalid literal for int() with base 10: 'abc'"]
+  result = run_main("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.batch_size=None")
+  assert result.stderr.strip().splitlines() == [
+      "error: config.batch_size cannot be None (it is 64; not an optional field)"]
+
+
+def test_cli_switches_from_epochs_to_total_steps(tmp_path):
+  # The run gets as far as the schedule check, which names total_steps=7.
+  result = run_main("--config=configs/demo.py", f"--workdir={tmp_path}",
+                    "--config.num_epochs=None", "--config.total_steps=7")
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert "total_steps=7)" in result.stderr.strip().splitlines()[-1]
+
+
 def test_tfds_config_fails_fast_without_prepared_data(tmp_path):
   result = run_main("--config=configs/vit_food101.py", f"--workdir={tmp_path}",
                     f"--config.data.tfds_dir={tmp_path}/no_tfds", timeout=60)

@@ -21,6 +21,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+from ml_collections import config_dict
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
@@ -66,7 +67,26 @@ def parse_flags(argv: list[str]) -> list[str]:
       sys.exit(f"error: unknown config key '{key}' (in {path}){hint}")
   elif path:
     sys.exit(f"error: config file {path!r} does not exist")
-  return flags.FLAGS(argv)
+  # absl cannot parse None for a typed field; such overrides are applied after
+  # parsing (e.g. --config.num_epochs=None --config.total_steps=500).
+  nones = [a for a in argv if a.startswith("--config.") and a.split("=", 1)[-1] in ("None", "none")]
+  try:
+    rest = flags.FLAGS([a for a in argv if a not in nones])
+  except flags.Error as e:
+    sys.exit(f"error: {e}")
+  for arg in nones:
+    key = arg[len("--config."):].split("=", 1)[0]
+    *parents, leaf = key.split(".")
+    node = _CONFIG.value
+    for parent in parents:
+      node = node[parent]
+    # Only optional fields (placeholders, or None already) may be None; a
+    # locked ConfigDict would otherwise accept None for any int field.
+    field = node._fields.get(leaf)  # pylint: disable=protected-access
+    if not (node[leaf] is None or isinstance(field, config_dict.FieldReference)):
+      sys.exit(f"error: config.{key} cannot be None (it is {node[leaf]!r}; not an optional field)")
+    node[leaf] = None
+  return rest
 
 
 def _quiet_library_logs() -> None:
