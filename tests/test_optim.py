@@ -1,4 +1,4 @@
-"""Tests for vit_jax_ft.optim: the LR schedule, its validation and AdamW."""
+"""Tests for vit_jax_ft.optim: the LR schedules, their validation and the optimizers."""
 
 import functools
 import math
@@ -289,3 +289,220 @@ def test_optimizer_follows_the_schedule():
   grads = {'w': jnp.full((3, 3), -5.0)}
   (u,) = _adam_two_steps(optim.make_optimizer(cfg, sched), params, [grads])
   np.testing.assert_allclose(u['w'], 1e-2 / 4, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Optimizer choice: each name against a direct optax call.
+# ----------------------------------------------------------------------------
+
+
+def _small_params(seed):
+  rng = np.random.RandomState(seed)
+  return {"dense": {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+                    "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}}
+
+
+def _small_mask(params):
+  return {"dense": {"kernel": True, "bias": False}}
+
+
+def _reference_tx(name, cfg, sched):
+  """What each optimizer name should be, written straight from optax."""
+  wd = cfg.weight_decay
+  l2 = [optax.add_decayed_weights(wd, _small_mask)] if wd > 0 else []
+  return {
+      "adamw": lambda: optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                   weight_decay=wd, mask=_small_mask),
+      "lamb": lambda: optax.lamb(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                 weight_decay=wd, mask=_small_mask),
+      "lion": lambda: optax.lion(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=wd,
+                                 mask=_small_mask),
+      "adam": lambda: optax.chain(*l2, optax.adam(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)),
+      "sgd": lambda: optax.chain(*l2, optax.sgd(sched, momentum=cfg.momentum,
+                                                nesterov=cfg.nesterov)),
+      "adadelta": lambda: optax.chain(*l2, optax.adadelta(sched, rho=cfg.rms_decay, eps=cfg.eps)),
+      "rmsprop": lambda: optax.chain(*l2, optax.rmsprop(sched, decay=cfg.rms_decay, eps=cfg.eps)),
+  }[name]()
+
+
+def _run_steps(tx, params, steps=4):
+  """Applies `steps` updates with fresh gradients; returns every update."""
+  state = tx.init(params)
+  out = []
+  for i in range(steps):
+    grads = _small_params(100 + i)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    out.append(updates)
+  return out
+
+
+def _assert_same_updates(got, ref, rtol=1e-6):
+  for g, r in zip(got, ref):
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(r)):
+      np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_optimizer_matches_direct_optax(name, wd):
+  cfg = _opt(name=name, lr=1e-2, weight_decay=wd, grad_clip_norm=0.0, warmup_steps=2,
+             b1=0.8, b2=0.95, eps=1e-3, momentum=0.7, nesterov=(name == "sgd"), rms_decay=0.85)
+  sched = optim.learning_rate_schedule(cfg, total_steps=10)
+  params = _small_params(0)
+  got = _run_steps(optim.make_optimizer(cfg, sched), params)
+  ref = _run_steps(_reference_tx(name, cfg, sched), params)
+  _assert_same_updates(got, ref)
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_weight_decay_reaches_kernel_not_bias(name):
+  # Same gradients with and without weight decay: only the kernel's updates change.
+  base = dict(name=name, lr=1e-2, grad_clip_norm=0.0, warmup_steps=0)
+  params = _small_params(0)
+  updates = {}
+  for wd in (0.0, 0.5):
+    cfg = _opt(weight_decay=wd, **base)
+    sched = optim.learning_rate_schedule(cfg, total_steps=10)
+    updates[wd] = _run_steps(optim.make_optimizer(cfg, sched), params, steps=2)
+  for plain, decayed in zip(updates[0.0], updates[0.5]):
+    np.testing.assert_allclose(decayed["dense"]["bias"], plain["dense"]["bias"], rtol=1e-6)
+    assert np.abs(np.asarray(decayed["dense"]["kernel"] - plain["dense"]["kernel"])).max() > 1e-6
+
+
+def test_default_is_adamw_unchanged():
+  cfg = _opt(lr=1e-2, grad_clip_norm=0.0, warmup_steps=2)
+  assert cfg.name == "adamw" and cfg.schedule == "cosine"
+  sched = optim.learning_rate_schedule(cfg, total_steps=10)
+  params = _small_params(0)
+  got = _run_steps(optim.make_optimizer(cfg, sched), params)
+  ref = _run_steps(optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                               weight_decay=cfg.weight_decay, mask=_small_mask), params)
+  _assert_same_updates(got, ref, rtol=0)
+
+
+def test_sgd_update_by_hand():
+  # Momentum 0.5, no Nesterov, lr 0.1 constant, L2 0.2 on the kernel only:
+  # trace_t = g_t + 0.5 * trace_{t-1}; update = -lr * trace.
+  cfg = _opt(name="sgd", schedule="constant", lr=0.1, momentum=0.5, weight_decay=0.2,
+             grad_clip_norm=0.0, warmup_steps=0)
+  sched = optim.learning_rate_schedule(cfg, total_steps=10)
+  params = {"dense": {"kernel": jnp.array([2.0]), "bias": jnp.array([2.0])}}
+  tx = optim.make_optimizer(cfg, sched)
+  state = tx.init(params)
+  grads = {"dense": {"kernel": jnp.array([1.0]), "bias": jnp.array([1.0])}}
+  u1, state = tx.update(grads, state, params)
+  u2, _ = tx.update(grads, state, params)
+  np.testing.assert_allclose(u1["dense"]["kernel"], [-0.1 * 1.4], rtol=1e-6)  # g + 0.2 * 2
+  np.testing.assert_allclose(u1["dense"]["bias"], [-0.1], rtol=1e-6)
+  np.testing.assert_allclose(u2["dense"]["kernel"], [-0.1 * (1.4 + 0.7)], rtol=1e-6)
+  np.testing.assert_allclose(u2["dense"]["bias"], [-0.1 * 1.5], rtol=1e-6)
+
+
+def test_unknown_optimizer_is_one_line_error():
+  cfg = _opt(name="adagrad")
+  sched = optim.learning_rate_schedule(cfg, total_steps=10)
+  with pytest.raises(ValueError, match=r"optimizer\.name='adagrad'.*adamw, adam, sgd") as err:
+    optim.make_optimizer(cfg, sched)
+  assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------
+# Schedules: linear, constant, step.
+# ----------------------------------------------------------------------------
+
+
+def test_linear_hand_values():
+  sched = optim.learning_rate_schedule(
+      _opt(schedule="linear", lr=1e-3, warmup_steps=10, min_lr_ratio=0.1), total_steps=110)
+  assert float(sched(0)) == pytest.approx(1e-4, rel=1e-6)
+  assert float(sched(9)) == pytest.approx(1e-3, rel=1e-6)
+  assert float(sched(10)) == pytest.approx(1e-3, rel=1e-6)
+  assert float(sched(60)) == pytest.approx(1e-4 + 9e-4 * 0.5, rel=1e-5)   # half-way
+  assert float(sched(35)) == pytest.approx(1e-4 + 9e-4 * 0.75, rel=1e-5)
+  assert float(sched(109)) == pytest.approx(1e-4 + 9e-4 * 0.01, rel=1e-4)  # last step > floor
+  assert float(sched(110)) == pytest.approx(1e-4, rel=1e-6)
+  assert float(sched(500)) == pytest.approx(1e-4, rel=1e-6)
+
+
+def test_linear_to_zero_floor_last_step_trains():
+  sched = optim.learning_rate_schedule(
+      _opt(schedule="linear", lr=1.0, warmup_steps=0), total_steps=4)
+  np.testing.assert_allclose(_lrs(sched, range(5)), [1.0, 0.75, 0.5, 0.25, 0.0], atol=1e-7)
+
+
+def test_constant_hand_values():
+  sched = optim.learning_rate_schedule(
+      _opt(schedule="constant", lr=2e-3, warmup_steps=4, min_lr_ratio=0.5), total_steps=20)
+  np.testing.assert_allclose(_lrs(sched, range(4)), [5e-4, 1e-3, 1.5e-3, 2e-3], rtol=1e-6)
+  np.testing.assert_allclose(_lrs(sched, range(4, 25)), 2e-3, rtol=1e-6)  # no floor
+
+
+def test_step_hand_values():
+  # Warmup 10, decay phase 100 steps: boundaries at steps 10 + 50 and 10 + 75.
+  sched = optim.learning_rate_schedule(
+      _opt(schedule="step", lr=1.0, warmup_steps=10, step_decay_factor=0.1,
+           step_decay_boundaries="0.5,0.75", min_lr_ratio=0.5), total_steps=110)
+  assert float(sched(0)) == pytest.approx(0.1, rel=1e-6)
+  assert float(sched(9)) == pytest.approx(1.0, rel=1e-6)
+  assert float(sched(10)) == pytest.approx(1.0, rel=1e-6)
+  assert float(sched(59)) == pytest.approx(1.0, rel=1e-6)
+  assert float(sched(60)) == pytest.approx(0.1, rel=1e-6)
+  assert float(sched(84)) == pytest.approx(0.1, rel=1e-6)
+  assert float(sched(85)) == pytest.approx(0.01, rel=1e-5)
+  assert float(sched(109)) == pytest.approx(0.01, rel=1e-5)   # min_lr_ratio does not apply
+  got = jax.jit(sched)(jnp.array([10, 60, 85], jnp.int32))
+  np.testing.assert_allclose(got, [1.0, 0.1, 0.01], rtol=1e-5)
+
+
+def test_step_default_boundaries_and_factor():
+  sched = optim.learning_rate_schedule(_opt(schedule="step", lr=1.0), total_steps=8)
+  np.testing.assert_allclose(_lrs(sched, range(8)),
+                             [1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01], rtol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", optim.SCHEDULES)
+def test_every_schedule_trains_every_step(schedule):
+  sched = optim.learning_rate_schedule(
+      _opt(schedule=schedule, lr=1e-3, warmup_steps=3), total_steps=20)
+  lrs = _lrs(sched, range(20))
+  assert np.all(lrs > 0) and lrs.max() == pytest.approx(1e-3, rel=1e-6)
+
+
+@pytest.mark.parametrize("schedule", optim.SCHEDULES)
+@pytest.mark.parametrize("overrides,total,pattern", [
+    (dict(warmup_steps=10), 10, r"optimizer\.warmup_steps=10"),
+    (dict(lr=0.0), 10, r"optimizer\.lr=0"),
+    (dict(min_lr_ratio=1.5), 10, r"optimizer\.min_lr_ratio=1\.5"),
+    (dict(), 0, r"total_steps"),
+])
+def test_guard_holds_for_every_schedule(schedule, overrides, total, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    optim.learning_rate_schedule(_opt(schedule=schedule, **overrides), total)
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    (dict(step_decay_factor=0.0), r"optimizer\.step_decay_factor=0\.0"),
+    (dict(step_decay_factor=-0.5), r"optimizer\.step_decay_factor=-0\.5"),
+    (dict(step_decay_factor=2.0), r"optimizer\.step_decay_factor=2\.0"),
+    (dict(step_decay_factor=1e-30, step_decay_boundaries="0.2,0.4,0.6"),
+     r"zero in float32"),
+    (dict(step_decay_boundaries="0.75,0.5"), r"step_decay_boundaries='0\.75,0\.5'"),
+    (dict(step_decay_boundaries="0.5,0.5"), r"step_decay_boundaries='0\.5,0\.5'"),
+    (dict(step_decay_boundaries="0,0.5"), r"step_decay_boundaries='0,0\.5'"),
+    (dict(step_decay_boundaries="0.5,1"), r"step_decay_boundaries='0\.5,1'"),
+    (dict(step_decay_boundaries=""), r"step_decay_boundaries=''"),
+    (dict(step_decay_boundaries="half"), r"step_decay_boundaries='half'"),
+])
+def test_step_guard_rejects_bad_values(overrides, pattern):
+  cfg = _opt(schedule="step", **overrides)
+  with pytest.raises(ValueError, match=pattern):
+    optim.validate_schedule(cfg, 100)
+  # The step fields only matter for schedule='step'.
+  optim.validate_schedule(_opt(schedule="cosine", **overrides), 100)
+
+
+def test_unknown_schedule_is_one_line_error():
+  with pytest.raises(ValueError, match=r"optimizer\.schedule='exp'.*cosine, linear, constant, step") as err:
+    optim.learning_rate_schedule(_opt(schedule="exp"), 10)
+  assert "\n" not in str(err.value)
