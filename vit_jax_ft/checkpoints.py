@@ -10,8 +10,35 @@ resume exactly. `WORKDIR/checkpoints_best` holds one state, the best so far by
 import os
 from typing import Any, Optional
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+
+
+class NonFiniteError(FloatingPointError):
+  """A train state (or checkpoint) holds NaN or Inf."""
+
+
+@jax.jit
+def _nonfinite_flags(leaves):
+  # One fused reduction per array; a single device->host copy for the tree.
+  return jnp.stack([~jnp.all(jnp.isfinite(x)) for x in leaves]) if leaves else jnp.zeros(0, bool)
+
+
+def count_nonfinite(tree: Any) -> tuple[int, int]:
+  """(arrays holding NaN/Inf, floating arrays) over the leaves of `tree`.
+
+  Integer leaves (the step, RNG keys) cannot be non-finite and are skipped.
+  """
+  leaves = [x for x in jax.tree.leaves(tree)
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+  return int(jax.device_get(_nonfinite_flags(leaves)).sum()), len(leaves)
+
+
+def all_finite(tree: Any) -> bool:
+  """Whether every floating array of `tree` is finite."""
+  return count_nonfinite(tree)[0] == 0
 
 
 def _multiprocessing(name: str) -> ocp.options.MultiprocessingOptions:
@@ -38,6 +65,16 @@ def make_managers(workdir: str, config: ml_collections.ConfigDict):
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
          metrics: Optional[dict] = None) -> None:
+  """Saves `state` as `step`; refuses (NonFiniteError) a state holding NaN/Inf.
+
+  A non-finite state would become the checkpoint a rerun resumes from and
+  predict/evaluate read, so it is never written.
+  """
+  bad, total = count_nonfinite(state)
+  if bad:
+    raise NonFiniteError(f"Step {step}: {bad} of {total} arrays of the train state (parameters, "
+                         f"BatchNorm statistics, optimizer state) are not finite; not saved "
+                         f"to {manager.directory}.")
   manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
 
 

@@ -137,11 +137,23 @@ def evaluate(eval_fn, state, config, data_dir, info, split, sharding) -> dict:
   return metrics_lib.summarize(total)
 
 
-def _log_train(writer, pending: list, step: int, images_per_sec: float, multilabel: bool):
-  """Writes averaged train metrics; aborts if the loss is not finite.
+def _last_good(last_saved) -> str:
+  """Where a rerun would resume from, for the abort messages."""
+  if last_saved is None:
+    return ("No checkpoint was saved yet; start again with a lower optimizer.lr (in a fresh "
+            "workdir or this one).")
+  return (f"The last finite checkpoint is step {last_saved}; a rerun resumes from it (lower "
+          "optimizer.lr first).")
+
+
+def _log_train(writer, pending: list, step: int, images_per_sec: float, multilabel: bool,
+               last_saved=None):
+  """Writes averaged train metrics; aborts if the loss or gradient norm is not finite.
 
   With float16 loss scaling, skipped (overflowed) steps are counted but left
   out of the averages; only a window in which every step was skipped aborts.
+  Without it, a non-finite gradient norm has already poisoned the parameters
+  even while the loss is still finite, so it aborts too.
   """
   pending = jax.device_get(pending)
   used = [m for m in pending if not m.get("skipped", 0.0)] or pending
@@ -154,7 +166,11 @@ def _log_train(writer, pending: list, step: int, images_per_sec: float, multilab
   if not math.isfinite(means["loss"]) or means.get("skipped", 0) == len(pending):
     raise FloatingPointError(
         f"Train loss is {means['loss']} at step {step}. Lower optimizer.lr, check the input "
-        "normalisation, or train in float32/bfloat16; the last checkpoint is still good.")
+        f"normalisation, or train in float32/bfloat16. {_last_good(last_saved)}")
+  if "skipped" not in means and not math.isfinite(means.get("grad_norm", 0.0)):
+    raise FloatingPointError(
+        f"Gradient norm is {means['grad_norm']} at step {step} (loss {means['loss']}). Lower "
+        f"optimizer.lr or set optimizer.grad_clip_norm. {_last_good(last_saved)}")
   writer.write_scalars(step, {f"train_{k}": v for k, v in means.items()}
                        | {"images_per_sec": images_per_sec})
 
@@ -211,6 +227,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if last_ckpt.latest_step() is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     state = checkpoints.restore(last_ckpt, abstract)
+    bad, total = checkpoints.count_nonfinite(state)
+    if bad:  # Saved before saves were checked: resuming would only fail again.
+      raise FloatingPointError(
+          f"Checkpoint {last_ckpt.directory}/{last_ckpt.latest_step()} holds non-finite values "
+          f"in {bad} of {total} arrays; delete it (or the workdir) and rerun with a lower "
+          "optimizer.lr.")
     logging.info("Resumed from %s at step %d.", last_ckpt.directory, int(state.step))
   metadata = None
   if last_ckpt.latest_step() is None and config.init_from:
@@ -278,6 +300,15 @@ def _train_loop(config, state, train_fn, run_eval, schedule, total_steps, data_d
   best_step = best_ckpt.best_step() or 0
   lr_scale = float(state.lr_scale)
   pending, val_metrics, t0, t0_step = [], None, time.time(), start
+  last_saved = last_ckpt.latest_step()  # Finite: checked on resume and before every save.
+
+  def save(manager, step, state, metrics=None):
+    try:
+      checkpoints.save(manager, step, state, metrics)
+    except checkpoints.NonFiniteError as e:
+      raise checkpoints.NonFiniteError(
+          f"{e} Lower optimizer.lr or set optimizer.grad_clip_norm. {_last_good(last_saved)}"
+      ) from e
   for step in range(start + 1, total_steps + 1):
     batch = jax.make_array_from_process_local_data(data_sharding, next(train_iter))
     state, step_metrics = train_fn(state, batch)
@@ -287,7 +318,7 @@ def _train_loop(config, state, train_fn, run_eval, schedule, total_steps, data_d
     last = step == total_steps
     if step % config.log_every_steps == 0 or last:
       rate = (step - t0_step) * config.batch_size / (time.time() - t0)
-      _log_train(writer, pending, step, rate, info["multilabel"])
+      _log_train(writer, pending, step, rate, info["multilabel"], last_saved)
       pending, t0, t0_step = [], time.time(), step
     if step % config.eval_every_steps == 0 or last:
       val_metrics = run_eval(state, split=config.data.val_split)
@@ -295,19 +326,20 @@ def _train_loop(config, state, train_fn, run_eval, schedule, total_steps, data_d
       value = val_metrics[config.best_metric]
       if _is_better(value, best, config.best_mode, config.min_delta):
         best, best_step = value, step
-        checkpoints.save(best_ckpt, step, state, {f"val_{config.best_metric}": value})
+        save(best_ckpt, step, state, {f"val_{config.best_metric}": value})
       state, stop = _after_eval(config, state, step, best_step)
       lr_scale = float(state.lr_scale)
       if stop and not last:
         logging.info("Early stopping at step %d: no %s improvement since step %d.", step,
                      config.best_metric, best_step)
-        checkpoints.save(last_ckpt, step, state)
+        save(last_ckpt, step, state)
         if jax.process_index() == 0:
           with open(stopped_file, "w") as f:
             json.dump({"step": step, "best_step": best_step, "best": best}, f)
         return state, val_metrics
     if step % config.checkpoint_every_steps == 0 or last:
-      checkpoints.save(last_ckpt, step, state)
+      save(last_ckpt, step, state)
+      last_saved = step
   if start >= total_steps:
     logging.info("Training already complete at step %d; evaluating only.", start)
   return state, val_metrics

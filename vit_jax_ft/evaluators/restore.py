@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
 
+from vit_jax_ft import checkpoints
 from vit_jax_ft import init_from
 from vit_jax_ft import input_pipeline
 from vit_jax_ft import models
@@ -145,8 +146,18 @@ def restore(workdir: str, which: str = "best") -> Checkpoint:
   variables = {"params": restored["params"]}
   if restored["batch_stats"]:
     variables["batch_stats"] = restored["batch_stats"]
+  check_finite(variables, workdir, step)
   logging.info("Restored %s checkpoint at step %d from %s.", which, step, manager.directory)
   return Checkpoint(variables=variables, step=step, label=which, path=path)
+
+
+def check_finite(variables: Any, workdir: str, step: int) -> None:
+  """Refuses weights holding NaN/Inf: they would predict NaN without any error."""
+  bad, total = checkpoints.count_nonfinite(variables)
+  if bad:
+    raise ValueError(f"Checkpoint step {step} of workdir {workdir} is not finite: {bad} of "
+                     f"{total} weight arrays hold NaN or Inf (did training diverge?); pick an "
+                     "earlier --checkpoint or retrain with a lower optimizer.lr.")
 
 
 def from_state(state: Any) -> Checkpoint:

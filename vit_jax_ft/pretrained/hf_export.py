@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vit_jax_ft import checkpoints
 from vit_jax_ft import models
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
@@ -58,7 +59,13 @@ def read_run(workdir: str, step: int | None = None) -> tuple[ml_collections.Conf
       raise FileNotFoundError(f"No checkpoint in {ckpt_dir}.")
     # No target: the TrainState comes back as a dict of its fields.
     state = manager.restore(step, args=ocp.args.StandardRestore())
-  return config, _as_numpy(state["params"]), _as_numpy(state.get("batch_stats") or {}), step
+  params, batch_stats = _as_numpy(state["params"]), _as_numpy(state.get("batch_stats") or {})
+  bad, total = checkpoints.count_nonfinite({"params": params, "batch_stats": batch_stats})
+  if bad:  # An export of NaN weights would load fine and predict NaN.
+    raise ValueError(f"Checkpoint step {step} of workdir {workdir} is not finite: {bad} of "
+                     f"{total} weight arrays hold NaN or Inf; export an earlier step or "
+                     "retrain with a lower optimizer.lr.")
+  return config, params, batch_stats, step
 
 
 def _as_numpy(tree: Mapping) -> dict:

@@ -1,0 +1,92 @@
+"""A diverging run never leaves (or reads back) a checkpoint with NaN/Inf in it."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from test_train import tiny_demo_config  # pylint: disable=g-bad-import-order
+from vit_jax_ft import checkpoints
+from vit_jax_ft import models
+from vit_jax_ft import optim
+from vit_jax_ft import steps
+from vit_jax_ft import train
+from vit_jax_ft.evaluators import restore
+from vit_jax_ft.pretrained import hf_export
+
+
+def _saved_steps(workdir):
+  directory = os.path.join(workdir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def test_diverging_run_keeps_only_finite_checkpoints_and_names_the_last(tmp_path):
+  """The issue's reproduction: lr=1e3, a checkpoint every 2 steps."""
+  workdir = str(tmp_path)
+  config = tiny_demo_config(**{"optimizer.lr": 1e3, "checkpoint_every_steps": 2})
+  with pytest.raises(FloatingPointError) as e:
+    train.train_and_evaluate(config, workdir)
+  saved = _saved_steps(workdir)
+  for step in saved:  # Every checkpoint left is one a rerun may resume from.
+    tree = ocp.StandardCheckpointer().restore(
+        os.path.join(workdir, "checkpoints", str(step), "default"))
+    # Checked here with NumPy, not the code under test.
+    arrays = [np.asarray(x) for x in jax.tree.leaves(tree)]
+    arrays = [x for x in arrays if np.issubdtype(x.dtype, np.floating)]
+    bad = sum(not np.isfinite(x).all() for x in arrays)
+    assert arrays and bad == 0, f"checkpoint {step}: {bad} of {len(arrays)} arrays not finite"
+  message = str(e.value)
+  if saved:
+    assert f"last finite checkpoint is step {max(saved)}" in message, message
+  else:
+    assert "No checkpoint was saved" in message, message
+
+
+def _tiny_state():
+  config = tiny_demo_config()
+  model = models.create_model(config.model, 10, jnp.float32)
+  tx = optim.make_optimizer(config.optimizer, optim.learning_rate_schedule(config.optimizer, 10))
+  return config, steps.create_train_state(model, tx, config.data.image_size, 0, 1.0)
+
+
+def test_save_refuses_a_non_finite_state(tmp_path):
+  config, state = _tiny_state()
+  leaves, treedef = jax.tree.flatten(state.params)
+  state = state.replace(params=jax.tree.unflatten(treedef, [leaves[0] * jnp.nan] + leaves[1:]))
+  last, _ = checkpoints.make_managers(str(tmp_path), config)
+  with pytest.raises(checkpoints.NonFiniteError, match="Step 3: 1 of"):
+    checkpoints.save(last, 3, state)
+  last.wait_until_finished()
+  assert last.latest_step() is None
+
+
+def test_restore_and_export_refuse_a_checkpoint_with_nan(tmp_path):
+  workdir = str(tmp_path)
+  config, state = _tiny_state()
+  leaves, treedef = jax.tree.flatten(state.params)
+  leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)  # One NaN in one array.
+  state = state.replace(params=jax.tree.unflatten(treedef, leaves))
+  last, best = checkpoints.make_managers(workdir, config)
+  # Written past checkpoints.save, as an older version of the code would have.
+  for manager in (last, best):
+    manager.save(4, args=ocp.args.StandardSave(state),
+                 metrics={f"val_{config.best_metric}": 0.5}, force=True)
+    manager.wait_until_finished()
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config.to_dict(), f)
+  for which in ("last", "best", "4"):  # What predict and evaluate call.
+    with pytest.raises(ValueError, match=r"step 4 of workdir .* 1 of \d+ weight arrays"):
+      restore.restore(workdir, which)
+  with pytest.raises(ValueError, match=r"step 4 of workdir .* 1 of \d+ weight arrays"):
+    hf_export.read_run(workdir)
+
+
+def test_count_nonfinite_skips_integer_leaves():
+  tree = {"a": np.ones(3, np.float32), "b": np.array([np.inf]), "step": np.int32(5)}
+  assert checkpoints.count_nonfinite(tree) == (1, 2)
+  assert not checkpoints.all_finite(tree)
+  assert checkpoints.all_finite({"a": np.zeros(2)})
