@@ -7,7 +7,7 @@ Prepares `--source` with `python -m vit_jax_ft.data.prepare` into a temporary
 folder (or uses `--prepared`, a folder that has a dataset_info.json), then
 times, in this one process and on the same cores, images/s of
 
-* tf.data: `input_pipeline.train_iterator` (decode, random-resized crop,
+* tf.data: `inputs.pipeline.train_iterator` (decode, random-resized crop,
   224 px, flip, RandAugment, ImageNet normalisation, Mixup/CutMix per batch)
   over every record of every split, and
 * PIL: the same operations with PIL and numpy, per image in a
@@ -44,8 +44,8 @@ from PIL import ImageOps
 import tensorflow as tf
 
 from vit_jax_ft import base_config
-from vit_jax_ft import input_pipeline
 from vit_jax_ft.data import tfrecords
+from vit_jax_ft.inputs import pipeline
 
 _SOURCE = flags.DEFINE_string("source", "../shared/data/artdl_sample/labels.csv",
                               "Raw data for vit_jax_ft.data.prepare (folder or CSV).")
@@ -88,7 +88,7 @@ def _random_resized_box(rng, width, height, min_scale=0.08):
 
 
 def _pil_randaugment(img, rng, num_layers, magnitude):
-  """The same ops and arguments as vit_jax_ft.augment.randaugment, in PIL."""
+  """The same ops and arguments as vit_jax_ft.inputs.augment.randaugment, in PIL."""
   level = magnitude / 10.0
   fill = (128, 128, 128)
   enhance = 0.1 + 1.8 * level
@@ -156,7 +156,7 @@ def _pil_example(args):
 
 
 def _numpy_mix(images, targets, rng, mixup_alpha, cutmix_alpha):
-  """Per-batch Mixup or CutMix with the reversed batch, as vit_jax_ft.mixing."""
+  """Per-batch Mixup or CutMix with the reversed batch, as vit_jax_ft.inputs.mixing."""
   if not (mixup_alpha or cutmix_alpha):
     return images, targets
   n, h, w, _ = images.shape
@@ -221,7 +221,7 @@ def time_pil(records, pool, num_images, batch, size, num_layers, magnitude, mixu
 
 def time_tf(cfg, data_dir, info, num_images, batch, seed):
   """(images/s, CPU-ms per image) of train_iterator (after one warm-up batch)."""
-  it = input_pipeline.train_iterator(cfg, data_dir, info, batch_size=batch, seed=seed)
+  it = pipeline.train_iterator(cfg, data_dir, info, batch_size=batch, seed=seed)
   next(it)  # Builds the pipeline and fills the prefetch buffers' first batch.
   steps = max(1, num_images // batch)
   start, cpu = time.perf_counter(), _cpu_seconds()

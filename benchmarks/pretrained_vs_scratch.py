@@ -25,7 +25,7 @@ from absl import app  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from absl import flags
 
 from vit_jax_ft import base_config
-from vit_jax_ft import train
+from vit_jax_ft.training import train
 
 _DATA = flags.DEFINE_string("data_dir", None, "Prepared skin-lesion dataset.", required=True)
 _WEIGHTS = flags.DEFINE_string(

@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax_ft import base_config
-from vit_jax_ft import losses
 from vit_jax_ft import models
-from vit_jax_ft import optim
-from vit_jax_ft import steps
+from vit_jax_ft.training import losses
+from vit_jax_ft.training import optim
+from vit_jax_ft.training import steps
 
 _MODEL = flags.DEFINE_string("model", "vit_b16", "vit_b16 | resnet50 | any model.name")
 _BATCH = flags.DEFINE_integer("batch", 8, "Batch size.")

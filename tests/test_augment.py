@@ -1,4 +1,4 @@
-"""Tests for vit_jax_ft.augment (RandAugment, colour jitter), mixing and sampling.
+"""Tests for vit_jax_ft.inputs.augment (RandAugment, colour jitter), mixing and sampling.
 
 The RandAugment ops are checked against PIL's ImageOps / ImageEnhance, which
 define them; mixing against hand-computed boxes and the pixels themselves.
@@ -11,9 +11,9 @@ from PIL import Image
 from PIL import ImageEnhance
 from PIL import ImageOps
 
-from vit_jax_ft import augment
-from vit_jax_ft import mixing
-from vit_jax_ft import sampling
+from vit_jax_ft.inputs import augment
+from vit_jax_ft.inputs import mixing
+from vit_jax_ft.inputs import sampling
 
 
 def _image(seed=0, h=24, w=20):

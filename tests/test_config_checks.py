@@ -7,7 +7,7 @@ from absl import logging
 
 from vit_jax_ft import base_config
 from vit_jax_ft import config_ranges
-from vit_jax_ft import train
+from vit_jax_ft.training import train
 from test_train import tiny_demo_config  # pylint: disable=g-bad-import-order
 
 

@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 
-from vit_jax_ft import input_pipeline
 from vit_jax_ft.data import digits
+from vit_jax_ft.inputs import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,7 +17,7 @@ import json, os, runpy, sys
 sys.path.insert(0, {tests!r})
 import jax, numpy as np, orbax.checkpoint as ocp
 from test_train import tiny_demo_config
-from vit_jax_ft import train
+from vit_jax_ft.training import train
 assert jax.device_count() == {devices}, jax.devices()
 results = train.train_and_evaluate(tiny_demo_config(total_steps=6), {workdir!r})
 mgr = ocp.CheckpointManager(os.path.join({workdir!r}, "checkpoints"))
@@ -54,8 +54,8 @@ def test_process_shards_partition_the_global_batches(tmp_path):
   import runpy  # pylint: disable=g-import-not-at-top
   cfg = runpy.run_path(os.path.join(REPO, "configs", "demo.py"))["get_config"]().data
   kw = dict(batch_size=8, seed=3, start_step=178)  # Crosses the epoch boundary (1437 / 8).
-  whole = input_pipeline.train_iterator(cfg, str(tmp_path), info, **kw)
-  parts = [input_pipeline.train_iterator(cfg, str(tmp_path), info, process_index=p,
+  whole = pipeline.train_iterator(cfg, str(tmp_path), info, **kw)
+  parts = [pipeline.train_iterator(cfg, str(tmp_path), info, process_index=p,
                                          process_count=2, **kw) for p in range(2)]
   for _ in range(3):
     batch = next(whole)
@@ -68,7 +68,7 @@ def test_process_shards_partition_the_global_batches(tmp_path):
 
   counts = []
   for p in range(3):
-    batches = list(input_pipeline.eval_iterator(cfg, str(tmp_path), info, "val", batch_size=48,
+    batches = list(pipeline.eval_iterator(cfg, str(tmp_path), info, "val", batch_size=48,
                                                 process_index=p, process_count=3))
     counts.append((len(batches), sum(b["mask"].sum() for b in batches)))
   assert len({n for n, _ in counts}) == 1  # Same number of batches in every process.

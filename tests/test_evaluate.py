@@ -14,16 +14,17 @@ from test_train import tiny_demo_config  # pylint: disable=g-bad-import-order
 from vit_jax_ft import checkpoints
 from vit_jax_ft import evaluate
 from vit_jax_ft import models
-from vit_jax_ft import optim
-from vit_jax_ft import steps
-from vit_jax_ft import train
+from vit_jax_ft import workdir as workdir_lib
 from vit_jax_ft.data import tfrecords
-from vit_jax_ft.evaluators import calibration
-from vit_jax_ft.evaluators import classification
-from vit_jax_ft.evaluators import curves
-from vit_jax_ft.evaluators import multilabel
-from vit_jax_ft.evaluators import report as report_lib
-from vit_jax_ft.evaluators import restore
+from vit_jax_ft.reports import calibration
+from vit_jax_ft.reports import classification
+from vit_jax_ft.reports import curves
+from vit_jax_ft.reports import multilabel
+from vit_jax_ft.reports import report as report_lib
+from vit_jax_ft.reports import writer as report_writer
+from vit_jax_ft.training import optim
+from vit_jax_ft.training import steps
+from vit_jax_ft.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -176,7 +177,7 @@ def test_figures_of_a_tiny_split_skip_undefined_curves(tmp_path, n):
   # no class has both positives and negatives, so there is no ROC curve to draw.
   names = ["a", "b", "c"]
   probs = _random_probs(np.random.default_rng(0), n, 3)
-  preds = restore.Predictions(probs=probs, targets=np.eye(3)[np.arange(n) % 3], ids=[
+  preds = workdir_lib.Predictions(probs=probs, targets=np.eye(3)[np.arange(n) % 3], ids=[
       str(i) for i in range(n)])
   report = report_lib.single_label(preds, names, report_lib.Options())
   files = report_lib.write_pngs(str(tmp_path), preds, report, names, "val")
@@ -193,7 +194,7 @@ def test_report_end_to_end_matches_training_metrics_and_sklearn(tmp_path):
   # The tiny demo, 12 steps: checkpoints kept at 8 and 12, evaluations at 6 and 12.
   workdir = str(tmp_path)
   results = train.train_and_evaluate(tiny_demo_config(), workdir)
-  dirs = evaluate.write_reports(None, workdir, splits=("val", "test"), checkpoint="last")
+  dirs = report_writer.write_reports(None, workdir, splits=("val", "test"), checkpoint="last")
   assert set(dirs) == {"val", "test"}
   out = dirs["test"]
   assert out == os.path.join(workdir, "reports", "test_last")
@@ -207,8 +208,8 @@ def test_report_end_to_end_matches_training_metrics_and_sklearn(tmp_path):
   assert report["log_loss"] == pytest.approx(results["test_loss"], rel=1e-4)
   assert np.sum(report["confusion_matrix"]) == report["num_examples"] == 180  # Padding dropped.
   # And sklearn on the same predictions.
-  run = restore.load_run(workdir)
-  preds = restore.predict_split(run, restore.restore(workdir, "last"), "test")
+  run = workdir_lib.load_run(workdir)
+  preds = workdir_lib.predict_split(run, workdir_lib.restore(workdir, "last"), "test")
   theirs = skm.classification_report(preds.labels, preds.probs.argmax(1), output_dict=True,
                                      target_names=[run.class_names[c] for c in np.unique(
                                          np.r_[preds.labels, preds.probs.argmax(1)])],
@@ -231,7 +232,7 @@ def test_report_end_to_end_matches_training_metrics_and_sklearn(tmp_path):
 
   # Another kept step, with options (one training for both: it is the slow part).
   options = report_lib.Options(top_k=(2,), recall_classes={"3": 0.999})
-  out = evaluate.write_reports(None, workdir, splits=("val",), checkpoint="8",
+  out = report_writer.write_reports(None, workdir, splits=("val",), checkpoint="8",
                                options=options)["val"]
   assert out.endswith(os.path.join("reports", "val_8"))
   with open(os.path.join(out, "report.json")) as f:
@@ -242,7 +243,7 @@ def test_report_end_to_end_matches_training_metrics_and_sklearn(tmp_path):
   assert ops["3"]["at_required_recall"]["recall"] >= 0.999
   assert list(report["top_k_accuracy"]) == ["2"]
   with pytest.raises(FileNotFoundError, match="available: \\[8, 12\\]"):
-    restore.find_step(workdir, "5")
+    checkpoints.find_step(workdir, "5")
 
 
 def test_command_line_fails_with_one_line(tmp_path):
@@ -306,13 +307,13 @@ def make_multilabel_workdir(root):
 
 def test_multilabel_thresholds_tuned_on_val_and_applied_to_test(tmp_path):
   workdir = make_multilabel_workdir(str(tmp_path))
-  out = evaluate.write_reports(None, workdir, splits=("test",))["test"]
+  out = report_writer.write_reports(None, workdir, splits=("test",))["test"]
   with open(os.path.join(out, "report.json")) as f:
     report = json.load(f)
-  run = restore.load_run(workdir)
-  ck = restore.restore(workdir, "best")
-  val = restore.predict_split(run, ck, "val")
-  test = restore.predict_split(run, ck, "test")
+  run = workdir_lib.load_run(workdir)
+  ck = workdir_lib.restore(workdir, "best")
+  val = workdir_lib.predict_split(run, ck, "val")
+  test = workdir_lib.predict_split(run, ck, "test")
   expected = multilabel.tune_thresholds(val.probs, val.targets > 0.5)
   got = np.array([report["thresholds"]["values"][n] for n in run.class_names])
   np.testing.assert_allclose(got, expected)
@@ -325,7 +326,7 @@ def test_multilabel_thresholds_tuned_on_val_and_applied_to_test(tmp_path):
   assert tuned["exact_match"] == pytest.approx(skm.accuracy_score(truth, pred))
   assert report["at_0.5"]["exact_match"] == pytest.approx(
       skm.accuracy_score(truth, test.probs >= 0.5))
-  with open(evaluate.thresholds_path(workdir, "best")) as f:
+  with open(workdir_lib.thresholds_path(workdir, "best")) as f:
     saved = json.load(f)
   assert saved["thresholds"] == report["thresholds"]["values"]
   assert os.path.exists(os.path.join(out, "error_cooccurrence.png"))

@@ -16,12 +16,12 @@ from test_train import tiny_demo_config
 from test_train import tiny_vit
 from vit_jax_ft import base_config
 from vit_jax_ft import explain
-from vit_jax_ft import input_pipeline
 from vit_jax_ft import models
-from vit_jax_ft import steps
-from vit_jax_ft.evaluators import restore
-from vit_jax_ft.evaluators import saliency
+from vit_jax_ft import workdir as workdir_lib
+from vit_jax_ft.inputs import pipeline
 from vit_jax_ft.models import resnet
+from vit_jax_ft.reports import saliency
+from vit_jax_ft.training import steps
 
 IMAGE = 32
 QUADRANT = IMAGE // 2
@@ -138,16 +138,16 @@ def test_heat_maps_fall_on_the_region_that_decides_the_class(family):
 def test_explain_writes_overlays_for_files_and_split_examples(tmp_path):
   config = tiny_demo_config(**{"model.head_init": "lecun_normal"})
   workdir = make_workdir(str(tmp_path / "run"), config, 10)
-  run = restore.load_run(workdir)
+  run = workdir_lib.load_run(workdir)
   _export_split(run, "val", str(tmp_path / "images"), limit=2)
   (tmp_path / "images" / "bad.png").write_bytes(b"not an image")
   written = explain.explain(workdir, str(tmp_path / "files"), images=str(tmp_path / "images"))
   assert len(written) == 2 and all(os.path.getsize(p) > 5000 for p in written)
   written = explain.explain(workdir, str(tmp_path / "split"), split="test", num_images=1)
   assert [os.path.basename(p) for p in written] == [
-      f"000_{restore.split_ids(run.data_dir, run.info, 'test')[0]}.png"]
+      f"000_{workdir_lib.split_ids(run.data_dir, run.info, 'test')[0]}.png"]
   norm = run.config.data.normalization
   image = np.linspace(0, 255, 12, dtype=np.float32).reshape(2, 2, 3)
   for mode in ("imagenet", "minus_one_to_one", "zero_one", "caffe_bgr", norm):
-    normalized = input_pipeline.normalize(tf.constant(image), mode).numpy()
+    normalized = pipeline.normalize(tf.constant(image), mode).numpy()
     np.testing.assert_array_equal(explain.denormalize(normalized, mode), np.round(image))

@@ -1,4 +1,4 @@
-"""Tests for vit_jax_ft.input_pipeline and the dataset writers in vit_jax_ft.data.
+"""Tests for vit_jax_ft.inputs.pipeline and the dataset writers in vit_jax_ft.data.
 
 The synthetic images carry their identity in their pixels: the red channel is a
 constant that encodes the example's index, the green channel a constant that
@@ -19,9 +19,9 @@ from PIL import Image
 from sklearn import datasets as sk_datasets
 
 from vit_jax_ft import base_config
-from vit_jax_ft import input_pipeline
 from vit_jax_ft.data import digits
 from vit_jax_ft.data import tfrecords
+from vit_jax_ft.inputs import pipeline
 
 NUM_CLASSES = 3
 NUM_TRAIN = 10
@@ -119,7 +119,7 @@ def _take(it, n):
 
 def _train(dataset, batch_size=4, seed=0, start_step=0, **cfg_overrides):
   data_dir, info = dataset
-  return input_pipeline.train_iterator(_cfg(**cfg_overrides), data_dir, info,
+  return pipeline.train_iterator(_cfg(**cfg_overrides), data_dir, info,
                                        batch_size=batch_size, seed=seed,
                                        start_step=start_step)
 
@@ -202,7 +202,7 @@ def test_unknown_crop_raises(dataset):
 @pytest.mark.parametrize('batch_size', [3, 4, 7, 10])
 def test_eval_visits_every_example_once_and_pads_the_last_batch(dataset, batch_size):
   data_dir, info = dataset
-  batches = list(input_pipeline.eval_iterator(_cfg(), data_dir, info, 'val',
+  batches = list(pipeline.eval_iterator(_cfg(), data_dir, info, 'val',
                                               batch_size=batch_size))
   assert len(batches) == -(-NUM_VAL // batch_size)
   for b in batches:
@@ -224,8 +224,8 @@ def test_eval_visits_every_example_once_and_pads_the_last_batch(dataset, batch_s
 
 def test_eval_is_a_centre_crop_and_deterministic(dataset):
   data_dir, info = dataset
-  first = list(input_pipeline.eval_iterator(_cfg(), data_dir, info, 'val', batch_size=4))
-  second = list(input_pipeline.eval_iterator(_cfg(), data_dir, info, 'val', batch_size=4))
+  first = list(pipeline.eval_iterator(_cfg(), data_dir, info, 'val', batch_size=4))
+  second = list(pipeline.eval_iterator(_cfg(), data_dir, info, 'val', batch_size=4))
   for a, b in zip(first, second):
     np.testing.assert_array_equal(a['image'], b['image'])
   ramp = first[0]['image'][0, ..., 2].mean(0) * 255.0
@@ -238,12 +238,12 @@ def test_eval_is_a_centre_crop_and_deterministic(dataset):
 
 def test_pad_batch():
   batch = {'image': np.ones((2, 3, 3, 3), np.float32), 'targets': np.eye(3)[:2]}
-  out = input_pipeline.pad_batch(batch, 5)
+  out = pipeline.pad_batch(batch, 5)
   assert out['image'].shape == (5, 3, 3, 3) and out['targets'].shape == (5, 3)
   np.testing.assert_array_equal(out['mask'], [1, 1, 0, 0, 0])
   assert out['image'][2:].sum() == 0 and out['targets'][2:].sum() == 0
   assert out['image'].dtype == np.float32
-  full = input_pipeline.pad_batch(batch, 2)
+  full = pipeline.pad_batch(batch, 2)
   np.testing.assert_array_equal(full['mask'], [1, 1])
 
 
@@ -257,14 +257,14 @@ def test_multi_label_records_give_multi_hot_targets(tmp_path):
   examples = [(_png(_coded_image(i, 0)), ls, f'm{i}') for i, ls in enumerate(labels)]
   info = _write_dataset(tmp_path, {'train': examples, 'val': examples}, multilabel=True)
   assert info['splits']['val']['class_counts'] == [2, 2, 4]
-  (batch,) = list(input_pipeline.eval_iterator(_cfg(), str(tmp_path), info, 'val',
+  (batch,) = list(pipeline.eval_iterator(_cfg(), str(tmp_path), info, 'val',
                                                batch_size=4))
   index, _ = _decode_ids(batch['image'])
   expected = np.zeros((4, 3), np.float32)
   for row, i in enumerate(index):
     expected[row, labels[i]] = 1.0
   np.testing.assert_array_equal(batch['targets'], expected)
-  (train_batch,) = _take(input_pipeline.train_iterator(
+  (train_batch,) = _take(pipeline.train_iterator(
       _cfg(), str(tmp_path), info, batch_size=4, seed=0), 1)
   index, _ = _decode_ids(train_batch['image'])
   for row, i in enumerate(index):
@@ -274,7 +274,7 @@ def test_multi_label_records_give_multi_hot_targets(tmp_path):
 def test_multi_label_record_without_labels_gives_zero_targets(tmp_path):
   examples = [(_png(_coded_image(0, 0)), [], 'none'), (_png(_coded_image(1, 0)), [1], 'one')]
   info = _write_dataset(tmp_path, {'val': examples}, multilabel=True)
-  (batch,) = list(input_pipeline.eval_iterator(_cfg(), str(tmp_path), info, 'val',
+  (batch,) = list(pipeline.eval_iterator(_cfg(), str(tmp_path), info, 'val',
                                                batch_size=2))
   index, _ = _decode_ids(batch['image'])
   expected = {0: [0, 0, 0], 1: [0, 1, 0]}
@@ -290,7 +290,7 @@ def test_grayscale_rgba_and_jpeg_decode_to_rgb(tmp_path):
   rgb[...] = (200, 40, 90)
   examples = [(_png(grey), [0], 'grey'), (_png(rgba), [1], 'rgba'), (_jpeg(rgb), [2], 'jpeg')]
   info = _write_dataset(tmp_path, {'train': examples, 'val': examples})
-  batches = list(input_pipeline.eval_iterator(_cfg(), str(tmp_path), info, 'val',
+  batches = list(pipeline.eval_iterator(_cfg(), str(tmp_path), info, 'val',
                                               batch_size=3))
   images = np.concatenate([b['image'] for b in batches]) * 255.0
   targets = np.concatenate([b['targets'] for b in batches])
@@ -301,32 +301,32 @@ def test_grayscale_rgba_and_jpeg_decode_to_rgb(tmp_path):
                              atol=0.01)
   np.testing.assert_allclose(by_class[2], np.broadcast_to([200.0, 40.0, 90.0], (SIZE, SIZE, 3)),
                              atol=4.0)  # JPEG is lossy
-  (train_batch,) = _take(input_pipeline.train_iterator(
+  (train_batch,) = _take(pipeline.train_iterator(
       _cfg(), str(tmp_path), info, batch_size=3, seed=0), 1)
   assert train_batch['image'].shape == (3, SIZE, SIZE, 3)
 
 
 def test_normalize_hand_values():
   pixels = tf.constant([[[0.0, 127.5, 255.0]]])
-  np.testing.assert_allclose(input_pipeline.normalize(pixels, 'zero_one'),
+  np.testing.assert_allclose(pipeline.normalize(pixels, 'zero_one'),
                              [[[0.0, 0.5, 1.0]]], atol=1e-6)
-  np.testing.assert_allclose(input_pipeline.normalize(pixels, 'minus_one_to_one'),
+  np.testing.assert_allclose(pipeline.normalize(pixels, 'minus_one_to_one'),
                              [[[-1.0, 0.0, 1.0]]], atol=1e-6)
   # imagenet: (x / 255 - mean) / std per channel, mean (0.485, 0.456, 0.406),
   # std (0.229, 0.224, 0.225).
   expected = [(0.0 - 0.485) / 0.229, (0.5 - 0.456) / 0.224, (1.0 - 0.406) / 0.225]
-  np.testing.assert_allclose(input_pipeline.normalize(pixels, 'imagenet'), [[expected]],
+  np.testing.assert_allclose(pipeline.normalize(pixels, 'imagenet'), [[expected]],
                              rtol=1e-5)
   white = tf.fill([2, 2, 3], 255.0)
   np.testing.assert_allclose(
-      input_pipeline.normalize(white, 'imagenet')[0, 0],
+      pipeline.normalize(white, 'imagenet')[0, 0],
       [(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225], rtol=1e-5)
 
 
 def test_normalize_caffe_bgr_hand_values():
   pixels = tf.constant([[[10.0, 20.0, 30.0]]])
   # Channels reversed to BGR, then the Keras ResNet50 means subtracted.
-  np.testing.assert_allclose(input_pipeline.normalize(pixels, 'caffe_bgr'),
+  np.testing.assert_allclose(pipeline.normalize(pixels, 'caffe_bgr'),
                              [[[30 - 103.939, 20 - 116.779, 10 - 123.68]]], rtol=1e-6)
 
 
@@ -346,7 +346,7 @@ def test_jpeg_crop_window_decoding_matches_a_full_decode(height, width):
   ratios = []
   for k in range(6):
     crop_key = tf.random.experimental.stateless_split(tf.constant([k, 5], tf.int64), 2)[0]
-    got = input_pipeline._decode_and_crop(data, crop_key, cfg).numpy().astype(np.float32)
+    got = pipeline._decode_and_crop(data, crop_key, cfg).numpy().astype(np.float32)
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(full), tf.zeros([0, 0, 4]), seed=crop_key, area_range=(0.3, 1.0),
         aspect_ratio_range=(3 / 4, 4 / 3), min_object_covered=0.0,
@@ -367,14 +367,14 @@ def test_jpeg_crop_window_decoding_matches_a_full_decode(height, width):
 
 def test_normalize_unknown_mode_names_it():
   with pytest.raises(ValueError, match='imagenet_mean'):
-    input_pipeline.normalize(tf.zeros([1, 1, 3]), 'imagenet_mean')
+    pipeline.normalize(tf.zeros([1, 1, 3]), 'imagenet_mean')
 
 
 def test_pipeline_applies_the_configured_normalization(dataset):
   data_dir, info = dataset
-  (batch,) = _take(input_pipeline.eval_iterator(_cfg(normalization='minus_one_to_one'),
+  (batch,) = _take(pipeline.eval_iterator(_cfg(normalization='minus_one_to_one'),
                                                 data_dir, info, 'val', batch_size=2), 1)
-  (ref,) = _take(input_pipeline.eval_iterator(_cfg(), data_dir, info, 'val',
+  (ref,) = _take(pipeline.eval_iterator(_cfg(), data_dir, info, 'val',
                                               batch_size=2), 1)
   np.testing.assert_allclose(batch['image'], ref['image'] * 2.0 - 1.0, atol=1e-5)
 
@@ -400,7 +400,7 @@ def test_read_info_incomplete_file(tmp_path):
 def test_missing_split_names_it(dataset):
   data_dir, info = dataset
   with pytest.raises(ValueError, match='tset'):
-    next(input_pipeline.eval_iterator(_cfg(), data_dir, info, 'tset', batch_size=2))
+    next(pipeline.eval_iterator(_cfg(), data_dir, info, 'tset', batch_size=2))
   with pytest.raises(ValueError, match='trian'):
     _train(dataset, train_split='trian')
 
@@ -408,7 +408,7 @@ def test_missing_split_names_it(dataset):
 def test_missing_shard_raises(tmp_path, dataset):
   _, info = dataset
   with pytest.raises(FileNotFoundError, match='val-00000-of-00002'):
-    next(input_pipeline.eval_iterator(_cfg(), str(tmp_path), info, 'val', batch_size=2))
+    next(pipeline.eval_iterator(_cfg(), str(tmp_path), info, 'val', batch_size=2))
 
 
 def test_write_split_round_robin_and_class_counts(tmp_path):
@@ -479,7 +479,7 @@ def test_prepare_digits_splits(digits_dataset):
 def test_digits_through_the_eval_pipeline(digits_dataset):
   out, info = digits_dataset
   cfg = _cfg(image_size=16)
-  batches = list(input_pipeline.eval_iterator(cfg, out, info, 'val', batch_size=64))
+  batches = list(pipeline.eval_iterator(cfg, out, info, 'val', batch_size=64))
   assert len(batches) == 3
   assert sum(b['mask'].sum() for b in batches) == 180
   assert batches[-1]['mask'].sum() == 180 - 128
@@ -647,7 +647,7 @@ def test_balanced_sampler_multilabel_favours_the_rare_label(tmp_path):
 
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from vit_jax_ft.data import tfds_source  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vit_jax_ft.inputs import tfds_source  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 with tfds.core.registered.skip_registration():
 
@@ -693,7 +693,7 @@ def test_tfds_source_reads_a_prepared_dataset(tfds_dir):
   assert {s: v['num_examples'] for s, v in info['splits'].items()} == {
       'train[:60%]': 6, 'train[60%:]': 4, 'test': NUM_VAL}
   # The eval stream visits the test split once, labels following the images.
-  batches = list(input_pipeline.eval_iterator(cfg, data_dir, info, 'test', batch_size=4))
+  batches = list(pipeline.eval_iterator(cfg, data_dir, info, 'test', batch_size=4))
   mask = np.concatenate([b['mask'] for b in batches]) > 0
   index, label = _decode_ids(np.concatenate([b['image'] for b in batches])[mask])
   assert sorted(index) == list(range(NUM_TRAIN, NUM_TRAIN + NUM_VAL))
@@ -702,10 +702,10 @@ def test_tfds_source_reads_a_prepared_dataset(tfds_dir):
   np.testing.assert_array_equal(label, [_label_of(i) for i in index])
   assert info['splits']['test']['class_counts'] == np.bincount(label, minlength=3).tolist()
   # Train epochs over a sub-split are permutations of exactly its examples.
-  train = _take(input_pipeline.train_iterator(cfg, data_dir, info, batch_size=3, seed=0), 4)
+  train = _take(pipeline.train_iterator(cfg, data_dir, info, batch_size=3, seed=0), 4)
   index, label = _decode_ids(np.concatenate([b['image'] for b in train]))
   val_index, _ = _decode_ids(np.concatenate(
-      [b['image'] for b in input_pipeline.eval_iterator(cfg, data_dir, info, 'train[60%:]',
+      [b['image'] for b in pipeline.eval_iterator(cfg, data_dir, info, 'train[60%:]',
                                                         batch_size=4)]))
   assert sorted(index[:6]) == sorted(index[6:]) and len(set(index[:6])) == 6
   assert not set(index) & set(val_index) and len(set(index) | set(val_index)) == NUM_TRAIN

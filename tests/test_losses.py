@@ -1,4 +1,4 @@
-"""Tests for vit_jax_ft.losses against independent float64 numpy references."""
+"""Tests for vit_jax_ft.training.losses against independent float64 numpy references."""
 
 import math
 
@@ -12,7 +12,8 @@ import scipy.special
 import sklearn.metrics
 import sklearn.utils.class_weight
 
-from vit_jax_ft import losses
+from vit_jax_ft.data import class_weights as class_weights_lib
+from vit_jax_ft.training import losses
 
 B, C = 6, 5
 
@@ -471,7 +472,7 @@ def test_compute_class_weights_matches_sklearn_balanced(seed):
   y = np.repeat(np.arange(7), counts)
   want = sklearn.utils.class_weight.compute_class_weight(
       "balanced", classes=np.arange(7), y=y)
-  got = losses.compute_class_weights(counts)
+  got = class_weights_lib.compute_class_weights(counts)
   np.testing.assert_array_equal(got, want)
   # sklearn's 'balanced' already has count-weighted mean 1.
   np.testing.assert_allclose(np.sum(counts * got) / np.sum(counts), 1.0,
@@ -480,7 +481,7 @@ def test_compute_class_weights_matches_sklearn_balanced(seed):
 
 def test_compute_class_weights_sqrt_mode():
   counts = np.array([1000, 100, 10, 1])
-  w = losses.compute_class_weights(counts, mode="inverse_sqrt_frequency")
+  w = class_weights_lib.compute_class_weights(counts, mode="inverse_sqrt_frequency")
   np.testing.assert_allclose(np.sum(counts * w) / np.sum(counts), 1.0,
                              rtol=1e-12)
   np.testing.assert_allclose(w[1:] / w[:-1], np.sqrt(10.0), rtol=1e-12)
@@ -488,6 +489,6 @@ def test_compute_class_weights_sqrt_mode():
 
 def test_compute_class_weights_errors():
   with pytest.raises(ValueError, match=r"\[2, 4\]"):
-    losses.compute_class_weights([5, 3, 0, 1, 0])
+    class_weights_lib.compute_class_weights([5, 3, 0, 1, 0])
   with pytest.raises(ValueError, match="balanced_sqrt"):
-    losses.compute_class_weights([1, 2], mode="balanced_sqrt")
+    class_weights_lib.compute_class_weights([1, 2], mode="balanced_sqrt")

@@ -1,4 +1,4 @@
-"""Tests for vit_jax_ft.metrics against scikit-learn on the unpadded examples."""
+"""Tests for vit_jax_ft.training.metrics against scikit-learn on the unpadded examples."""
 
 import warnings
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from vit_jax_ft import metrics
+from vit_jax_ft.training import metrics
 
 _batch_stats = jax.jit(metrics.batch_stats, static_argnames=('multilabel', 'threshold'))
 

@@ -8,9 +8,9 @@ import numpy as np
 import optax
 
 from vit_jax_ft import base_config
-from vit_jax_ft import losses
 from vit_jax_ft import models
-from vit_jax_ft import steps
+from vit_jax_ft.training import losses
+from vit_jax_ft.training import steps
 
 
 def tiny_vit(dtype):

@@ -1,4 +1,4 @@
-"""Tests for vit_jax_ft.optim: the LR schedules, their validation and the optimizers."""
+"""Tests for vit_jax_ft.training.optim: the LR schedules, their validation and the optimizers."""
 
 import functools
 import math
@@ -11,8 +11,8 @@ import optax
 import pytest
 
 from vit_jax_ft import base_config
-from vit_jax_ft import optim
 from vit_jax_ft.models import vit
+from vit_jax_ft.training import optim
 
 
 def _opt(**overrides):

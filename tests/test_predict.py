@@ -13,10 +13,10 @@ import tensorflow as tf
 from test_evaluate import make_multilabel_workdir  # pylint: disable=g-bad-import-order
 from test_evaluate import make_workdir
 from test_train import tiny_demo_config
-from vit_jax_ft import evaluate
-from vit_jax_ft import input_pipeline
 from vit_jax_ft import predict
-from vit_jax_ft.evaluators import restore
+from vit_jax_ft import workdir as workdir_lib
+from vit_jax_ft.inputs import image_files
+from vit_jax_ft.inputs import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +26,7 @@ def _export_split(run, split, out_dir, limit):
   spec = {"image": tf.io.FixedLenFeature([], tf.string),
           "label": tf.io.VarLenFeature(tf.int64), "id": tf.io.FixedLenFeature([], tf.string)}
   ids = []
-  for shard in input_pipeline.split_shards(run.data_dir, run.info, split):
+  for shard in pipeline.split_shards(run.data_dir, run.info, split):
     for record in tf.data.TFRecordDataset(shard.path).as_numpy_iterator():
       ex = tf.io.parse_single_example(record, spec)
       name = run.class_names[int(ex["label"].values[0])]
@@ -46,7 +46,7 @@ def digits_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("predict")
   config = tiny_demo_config(**{"model.head_init": "lecun_normal"})
   workdir = make_workdir(str(root / "run"), config, 10)
-  run = restore.load_run(workdir)  # Prepares WORKDIR/data.
+  run = workdir_lib.load_run(workdir)  # Prepares WORKDIR/data.
   images = str(root / "images")
   ids = _export_split(run, "test", images, limit=24)
   with open(os.path.join(images, "3", "broken.png"), "wb") as f:
@@ -73,8 +73,8 @@ def test_predict_cli_matches_eval_and_lists_unreadable_files(digits_run, tmp_pat
   assert "empty file" in bad["empty.jpg"]["error"] and bad["broken.png"]["predicted"] == ""
   assert "unreadable:" in proc.stdout and "broken.png" in proc.stdout
   # The same probabilities as evaluation's pipeline on the same records.
-  run = restore.load_run(workdir)
-  preds = restore.predict_split(run, restore.restore(workdir, "best"), "test")
+  run = workdir_lib.load_run(workdir)
+  preds = workdir_lib.predict_split(run, workdir_lib.restore(workdir, "best"), "test")
   by_id = dict(zip(preds.ids, preds.probs))
   good = [r for r in rows if not r["error"]]
   assert len(good) == len(ids)
@@ -94,16 +94,16 @@ def test_list_images_folders_globs_and_missing_files(tmp_path):
   (tmp_path / ".hidden").mkdir()
   for name in ("a/x.jpg", "a/y.PNG", "a/notes.txt", ".hidden/z.jpg", "b.png"):
     (tmp_path / name).write_bytes(b"")
-  got = predict.list_images(f"{tmp_path / 'a'},{tmp_path}/*.png,{tmp_path}/missing.jpg")
+  got = image_files.list_images(f"{tmp_path / 'a'},{tmp_path}/*.png,{tmp_path}/missing.jpg")
   assert [os.path.relpath(p, tmp_path) for p in got] == ["a/x.jpg", "a/y.PNG", "b.png",
                                                          "missing.jpg"]
   with pytest.raises(FileNotFoundError, match="No image files"):
-    predict.list_images(f"{tmp_path}/*.gif")
+    image_files.list_images(f"{tmp_path}/*.gif")
 
 
 def test_multilabel_predictions_use_the_tuned_thresholds(tmp_path):
   workdir = make_multilabel_workdir(str(tmp_path))
-  run = restore.load_run(workdir)
+  run = workdir_lib.load_run(workdir)
   images = tmp_path / "images"
   images.mkdir()
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -116,7 +116,7 @@ def test_multilabel_predictions_use_the_tuned_thresholds(tmp_path):
     expected = [n for n, p in zip(run.class_names, row.probs) if p >= 0.5]
     assert predict.predicted_labels(row.probs, run.class_names, np.full(3, 0.5)) == expected
   # Thresholds as evaluate saves them: red always, green never, blue at 0.5.
-  path = evaluate.thresholds_path(workdir, "best")
+  path = workdir_lib.thresholds_path(workdir, "best")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
     json.dump({"thresholds": {"red": 0.0, "green": 1.01, "blue": 0.5}}, f)

@@ -10,11 +10,11 @@ import sys
 import pytest
 import tensorflow as tf
 
-from vit_jax_ft import train
 from vit_jax_ft.data import builder
 from vit_jax_ft.data import images
 from vit_jax_ft.data import sources
 from vit_jax_ft.data import tfrecords
+from vit_jax_ft.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTDL_CLASSES = ("11F(MARY),11H(ANTONY OF PADUA),11H(DOMINIC),11H(FRANCIS),11H(JEROME),"

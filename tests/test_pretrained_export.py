@@ -21,6 +21,7 @@ import pytest
 from vit_jax_ft import base_config
 from vit_jax_ft import models
 from vit_jax_ft import pretrained
+from vit_jax_ft.inputs import normalization as normalization_lib
 from vit_jax_ft.pretrained import conversion
 from vit_jax_ft.pretrained import hf_export
 from vit_jax_ft.pretrained import testing
@@ -62,7 +63,7 @@ def _make_workdir(path, config, image_size, seed=0):
   if batch_stats:
     # Running statistics measured on real photos (momentum 0 keeps the batch's),
     # then jittered: a trained network's scale, but not batch statistics.
-    x = testing.normalize(testing.photos(image_size), config.data.normalization)
+    x = normalization_lib.normalize(testing.photos(image_size), config.data.normalization)
     _, mutated = model.clone(bn_momentum=0.0).apply(
         {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
     batch_stats = jax.tree.map(
@@ -85,7 +86,7 @@ def _check_transformers_parity(model, params, batch_stats, out_dir, hf_class, im
                                normalization):
   hf_model = hf_class.from_pretrained(out_dir).eval()
   assert hf_model.config.id2label == dict(enumerate(CLASSES))
-  x = testing.normalize(testing.photos(image_size), normalization)
+  x = normalization_lib.normalize(testing.photos(image_size), normalization)
   variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
   ours = np.asarray(model.apply(variables, x, train=False))
   with torch.no_grad():

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vit_jax_ft import pretrained
+from vit_jax_ft.inputs import normalization as normalization_lib
 from vit_jax_ft.models import resnet
 from vit_jax_ft.models import vit
-from vit_jax_ft import pretrained
 from vit_jax_ft.pretrained import testing
 
 torch = pytest.importorskip("torch")
@@ -60,7 +61,7 @@ def test_vit_b16_logits_and_features_match_transformers(hf_vit_dir):
   assert meta["model_options"] == {"gelu_approximate": False, "layer_norm_eps": 1e-12}
   assert meta["num_classes_original"] == 10 and meta["normalization"] == "minus_one_to_one"
 
-  x = testing.normalize(testing.photos(224), "minus_one_to_one")
+  x = normalization_lib.normalize(testing.photos(224), "minus_one_to_one")
   model = vit.VisionTransformer(num_classes=10, **vit.VIT_PRESETS["vit_b16"],
                                 **meta["model_options"])
   logits = _apply(model, {"params": converted.params}, x)
@@ -84,7 +85,7 @@ def test_resnet50_logits_and_features_match_transformers(hf_resnet_dir):
   assert meta["model_options"] == {"variant": "v1.5", "conv_bias": False, "bn_epsilon": 1e-5}
   assert meta["normalization"] == "imagenet" and meta["num_classes_original"] == 7
 
-  x = testing.normalize(testing.photos(224), "imagenet")
+  x = normalization_lib.normalize(testing.photos(224), "imagenet")
   model = resnet.ResNet(num_classes=7, **resnet.resnet_preset("resnet50"), **meta["model_options"])
   variables = {"params": converted.params, "batch_stats": converted.batch_stats}
   logits = _apply(model, variables, x)

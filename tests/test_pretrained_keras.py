@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax_ft.models import resnet
 from vit_jax_ft import pretrained
+from vit_jax_ft.inputs import normalization as normalization_lib
+from vit_jax_ft.models import resnet
 from vit_jax_ft.pretrained import keras as keras_convert
 from vit_jax_ft.pretrained import testing
 
@@ -98,7 +99,7 @@ def test_real_photos_are_classified(converted_tfjs, tfjs_dir):
   labels = _labels(tfjs_dir)
   model = resnet.ResNet(num_classes=1000, **resnet.resnet_preset("resnet50"),
                         **converted_tfjs.metadata["model_options"])
-  logits = _logits(model, converted_tfjs, testing.normalize(testing.photos(224), "caffe_bgr"))
+  logits = _logits(model, converted_tfjs, normalization_lib.normalize(testing.photos(224), "caffe_bgr"))
   top5 = np.argsort(-logits, axis=1)[:, :5]
   for name, row in zip(("chelsea", "coffee"), top5):
     print(name, "top-5:", [(int(i), labels[str(i)]) for i in row])
@@ -136,7 +137,7 @@ def _get(tree, path):
 
 
 def test_keras_applications_parity(keras_resnet50, converted_tfjs):
-  x = testing.normalize(testing.photos(224), "caffe_bgr")
+  x = normalization_lib.normalize(testing.photos(224), "caffe_bgr")
   ref = np.asarray(keras_resnet50(x, training=False))
   # keras.applications' ResNet50 uses BatchNorm epsilon 1.001e-5.
   assert {l.epsilon for l in keras_resnet50.layers if hasattr(l, "epsilon")} == {1.001e-5}
@@ -158,7 +159,7 @@ def test_keras_h5_roundtrip_loads_strictly(keras_resnet50, tmp_path):
   assert meta["format"] == "keras_h5" and meta["model_options"]["bn_epsilon"] == 1.001e-5
   assert not result.report.missing and not result.report.unexpected
   features_model = model.clone(num_classes=0)
-  x = testing.normalize(testing.photos(224), "caffe_bgr")
+  x = normalization_lib.normalize(testing.photos(224), "caffe_bgr")
   features = _logits(features_model, result, x)
   keras = pytest.importorskip("keras")
   pooled = keras.Model(keras_resnet50.input, keras_resnet50.get_layer("avg_pool").output)

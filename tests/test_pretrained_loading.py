@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vit_jax_ft import pretrained
 from vit_jax_ft.models import resnet
 from vit_jax_ft.models import vit
-from vit_jax_ft import pretrained
 from vit_jax_ft.pretrained import conversion
 from vit_jax_ft.pretrained import storage
 

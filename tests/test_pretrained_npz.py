@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from vit_jax_ft.models import vit
 from vit_jax_ft import pretrained
+from vit_jax_ft.inputs import normalization as normalization_lib
+from vit_jax_ft.models import vit
 from vit_jax_ft.pretrained import completeness
 from vit_jax_ft.pretrained import loading
 from vit_jax_ft.pretrained import testing
@@ -96,7 +97,7 @@ def test_vit_jax_b16_finetunes_at_384(b16_npz, tmp_path):
   expected = scipy.ndimage.zoom(old[0, 1:].reshape(14, 14, -1), (24 / 14, 24 / 14, 1), order=1)
   np.testing.assert_allclose(new[0, 1:], expected.reshape(576, -1), atol=1e-7)
   features = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(
-      result.params, testing.normalize(testing.photos(384), "minus_one_to_one"))
+      result.params, normalization_lib.normalize(testing.photos(384), "minus_one_to_one"))
   assert features.shape == (2, 768) and np.all(np.isfinite(features))
 
 
@@ -129,7 +130,7 @@ def small_vit_jax():
 
 
 def _logits(model, params):
-  x = testing.normalize(testing.photos(32), "minus_one_to_one")
+  x = normalization_lib.normalize(testing.photos(32), "minus_one_to_one")
   return np.asarray(model.apply({"params": params}, x, train=False))
 
 

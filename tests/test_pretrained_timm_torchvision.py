@@ -17,9 +17,10 @@ import jax
 import numpy as np
 import pytest
 
+from vit_jax_ft import pretrained
+from vit_jax_ft.inputs import normalization as normalization_lib
 from vit_jax_ft.models import resnet
 from vit_jax_ft.models import vit
-from vit_jax_ft import pretrained
 from vit_jax_ft.pretrained import tensor_files
 from vit_jax_ft.pretrained import testing
 
@@ -119,7 +120,7 @@ def test_timm_vit_safetensors_parity(vit_s16, tmp_path):
   meta = converted.metadata
   assert meta["format"] == "timm" and meta["normalization"] == "minus_one_to_one"
   assert meta["model_options"] == {"gelu_approximate": False, "layer_norm_eps": 1e-6}
-  x = testing.normalize(testing.photos(224), "minus_one_to_one")
+  x = normalization_lib.normalize(testing.photos(224), "minus_one_to_one")
   model = vit.VisionTransformer(num_classes=5, **vit.VIT_PRESETS["vit_s16"],
                                 **meta["model_options"])
   logits = _apply(model, {"params": converted.params}, x)
@@ -151,7 +152,7 @@ def test_torchvision_resnet50_pth_parity(resnet50, tmp_path, monkeypatch, withou
   meta = converted.metadata
   assert meta["format"] == "torchvision" and meta["normalization"] == "imagenet"
   assert meta["model_options"] == {"variant": "v1.5", "conv_bias": False, "bn_epsilon": 1e-5}
-  x = testing.normalize(testing.photos(224), "imagenet")
+  x = normalization_lib.normalize(testing.photos(224), "imagenet")
   model = resnet.ResNet(num_classes=6, **resnet.resnet_preset("resnet50"), **meta["model_options"])
   logits = _apply(model, {"params": converted.params, "batch_stats": converted.batch_stats}, x)
   with torch.no_grad():

@@ -12,11 +12,11 @@ import pytest
 from test_train import tiny_demo_config  # pylint: disable=g-bad-import-order
 from vit_jax_ft import checkpoints
 from vit_jax_ft import models
-from vit_jax_ft import optim
-from vit_jax_ft import steps
-from vit_jax_ft import train
-from vit_jax_ft.evaluators import restore
+from vit_jax_ft import workdir as workdir_lib
 from vit_jax_ft.pretrained import hf_export
+from vit_jax_ft.training import optim
+from vit_jax_ft.training import steps
+from vit_jax_ft.training import train
 
 
 def _saved_steps(workdir):
@@ -80,7 +80,7 @@ def test_restore_and_export_refuse_a_checkpoint_with_nan(tmp_path):
     json.dump(config.to_dict(), f)
   for which in ("last", "best", "4"):  # What predict and evaluate call.
     with pytest.raises(ValueError, match=r"step 4 of workdir .* 1 of \d+ weight arrays"):
-      restore.restore(workdir, which)
+      workdir_lib.restore(workdir, which)
   with pytest.raises(ValueError, match=r"step 4 of workdir .* 1 of \d+ weight arrays"):
     hf_export.read_run(workdir)
 

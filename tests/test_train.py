@@ -15,13 +15,13 @@ import orbax.checkpoint as ocp
 import pytest
 
 from vit_jax_ft import base_config
-from vit_jax_ft import input_pipeline
-from vit_jax_ft import losses
 from vit_jax_ft import models
-from vit_jax_ft import optim
-from vit_jax_ft import steps
-from vit_jax_ft import train
+from vit_jax_ft.inputs import pipeline
 from vit_jax_ft.models import resnet
+from vit_jax_ft.training import losses
+from vit_jax_ft.training import optim
+from vit_jax_ft.training import steps
+from vit_jax_ft.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -132,7 +132,7 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
   # Crash while fetching the batch of step 11: checkpoints exist for steps 4
   # and 8, so steps 9-10 are lost and must be redone identically.
   crashed = str(tmp_path / "crashed")
-  real_iterator = input_pipeline.train_iterator
+  real_iterator = pipeline.train_iterator
 
   def crashing_iterator(*args, **kwargs):
     for i, batch in enumerate(real_iterator(*args, **kwargs)):
@@ -140,11 +140,11 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
         raise KeyboardInterrupt("simulated kill")
       yield batch
 
-  monkeypatch.setattr(input_pipeline, "train_iterator", crashing_iterator)
+  monkeypatch.setattr(pipeline, "train_iterator", crashing_iterator)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, crashed)
   assert _final_params(crashed)[0] == 8
-  monkeypatch.setattr(input_pipeline, "train_iterator", real_iterator)
+  monkeypatch.setattr(pipeline, "train_iterator", real_iterator)
   results = train.train_and_evaluate(config, crashed)
 
   step_a, state_a = _final_params(straight)

@@ -11,8 +11,8 @@ import pytest
 
 from vit_jax_ft import models
 from vit_jax_ft import pretrained
-from vit_jax_ft import train
 from vit_jax_ft.pretrained import conversion
+from vit_jax_ft.training import train
 
 from test_train import tiny_demo_config  # pylint: disable=g-bad-import-order
 

@@ -6,7 +6,7 @@ r"""Heat maps of where a run's model looks: `python -m vit_jax_ft.explain --work
 ViT: attention rollout (Abnar & Zuidema 2020: heads averaged, the residual
 as 0.5 identity, layers multiplied) and the last layer's class-token
 attention. ResNet: Grad-CAM on the last stage for the predicted class
-(`vit_jax_ft.evaluators.saliency`). One PNG per image: the model's input
+(`vit_jax_ft.reports.saliency`). One PNG per image: the model's input
 crop, then each map laid over it, titled with the prediction (and the true
 label when known). Without --images, the first --num_images examples of
 --split are explained.
@@ -25,13 +25,14 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from vit_jax_ft import input_pipeline
-from vit_jax_ft import predict
+from vit_jax_ft import cli
+from vit_jax_ft import workdir as workdir_lib
 from vit_jax_ft.data import images as images_lib
-from vit_jax_ft.evaluators import cli
-from vit_jax_ft.evaluators import plots
-from vit_jax_ft.evaluators import restore
-from vit_jax_ft.evaluators import saliency
+from vit_jax_ft.inputs import image_files
+from vit_jax_ft.inputs import normalization
+from vit_jax_ft.inputs import pipeline
+from vit_jax_ft.reports import plots
+from vit_jax_ft.reports import saliency
 
 _BATCH_SIZE = 16
 # One item to explain: (name, model input, display image uint8, true label or '').
@@ -39,42 +40,27 @@ Item = tuple[str, np.ndarray, np.ndarray, str]
 
 
 def denormalize(image: np.ndarray, mode: str) -> np.ndarray:
-  """Inverse of input_pipeline.normalize: back to uint8 RGB for display."""
-  # pylint: disable=protected-access
-  mean, std = np.asarray(input_pipeline._IMAGENET_MEAN), np.asarray(input_pipeline._IMAGENET_STD)
-  caffe_mean = np.asarray(input_pipeline._CAFFE_BGR_MEAN)
-  # pylint: enable=protected-access
-  image = np.asarray(image, np.float32)
-  if mode == "imagenet":
-    image = (image * std + mean) * 255.0
-  elif mode == "minus_one_to_one":
-    image = (image + 1.0) * 127.5
-  elif mode == "zero_one":
-    image = image * 255.0
-  elif mode == "caffe_bgr":
-    image = (image + caffe_mean)[..., ::-1]
-  else:
-    raise ValueError(f"Unknown normalization {mode!r}.")
-  return np.clip(np.round(image), 0, 255).astype(np.uint8)
+  """Inverse of pipeline.normalize: back to uint8 RGB for display."""
+  return normalization.denormalize(image, mode)
 
 
-def items_from_files(run: restore.Run, spec: str) -> Iterator[Item]:
+def items_from_files(run: workdir_lib.Run, spec: str) -> Iterator[Item]:
   """Files (as predict reads them); unreadable ones are skipped with a warning."""
-  preprocess = predict.make_preprocess(run.config.data)
-  options = images_lib.ImageOptions(max_side=predict.max_side(run.info))
-  for path in predict.list_images(spec):
-    image, display, error = predict.load_image(path, options, preprocess)
+  preprocess = image_files.make_preprocess(run.config.data)
+  options = images_lib.ImageOptions(max_side=image_files.max_side(run.info))
+  for path in image_files.list_images(spec):
+    image, display, error = image_files.load_image(path, options, preprocess)
     if error:
       logging.warning("Skipping %s: %s", path, error)
       continue
     yield (os.path.splitext(os.path.basename(path))[0], image, display,
-           predict._true_label(path, run.class_names))  # pylint: disable=protected-access
+           image_files.true_label(path, run.class_names))
 
 
-def items_from_split(run: restore.Run, split: str, limit: int) -> Iterator[Item]:
+def items_from_split(run: workdir_lib.Run, split: str, limit: int) -> Iterator[Item]:
   """The first `limit` examples of `split`, named by their ids."""
-  ids = restore.split_ids(run.data_dir, run.info, split)
-  batches = input_pipeline.eval_iterator(run.config.data, run.data_dir, run.info, split,
+  ids = workdir_lib.split_ids(run.data_dir, run.info, split)
+  batches = pipeline.eval_iterator(run.config.data, run.data_dir, run.info, split,
                                          batch_size=min(limit, 64))
   n = 0
   for batch in batches:
@@ -98,10 +84,10 @@ def _safe(name: str) -> str:
   return re.sub(r"[^\w.-]+", "_", name)[:100] or "image"
 
 
-def _explain_chunk(run: restore.Run, checkpoint: restore.Checkpoint, explainer,
+def _explain_chunk(run: workdir_lib.Run, checkpoint: workdir_lib.Checkpoint, explainer,
                    chunk: list[Item], out_dir: str, first: int) -> list[str]:
   """Overlays for `chunk`, numbered from `first` (two files may share a name)."""
-  images = input_pipeline.pad_batch({"image": np.stack([item[1] for item in chunk])},
+  images = pipeline.pad_batch({"image": np.stack([item[1] for item in chunk])},
                                     _BATCH_SIZE)["image"]  # One shape: one compilation.
   logits, maps = explainer(checkpoint.variables, images)
   logits = np.asarray(logits)[:len(chunk)]
@@ -127,8 +113,8 @@ def explain(workdir: str, out_dir: str, images: Optional[str] = None,
             checkpoint: str = "best", split: Optional[str] = None,
             num_images: int = 8) -> list[str]:
   """Writes one overlay PNG per image into `out_dir`; returns their paths."""
-  run = restore.load_run(workdir)
-  ck = restore.restore(workdir, checkpoint)
+  run = workdir_lib.load_run(workdir)
+  ck = workdir_lib.restore(workdir, checkpoint)
   split = split or run.config.data.test_split or run.config.data.val_split
   items = (items_from_files(run, images) if images
            else items_from_split(run, split, num_images))

@@ -14,7 +14,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import difflib  # pylint: disable=g-import-not-at-top,g-bad-import-order
-import logging as std_logging
 import runpy
 import sys
 
@@ -89,18 +88,6 @@ def parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
-def _quiet_library_logs() -> None:
-  """Drops INFO lines from Orbax (dozens per save) and JAX's backend probing."""
-  std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
-  noisy = ("/orbax/",)
-
-  def keep(record) -> bool:
-    return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in noisy)
-
-  # Orbax logs through absl, i.e. the standard library's 'absl' logger.
-  std_logging.getLogger("absl").addFilter(keep)
-
-
 def _maybe_initialize_distributed() -> None:
   """Joins a multi-host job when the environment describes one.
 
@@ -126,19 +113,15 @@ def _maybe_initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  _quiet_library_logs()
   # Imported here so that --help and flag errors come back fast.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
-  _maybe_initialize_distributed()
-  from vit_jax_ft import train  # pylint: disable=g-import-not-at-top
-  try:
+  from vit_jax_ft import cli  # pylint: disable=g-import-not-at-top
+  from vit_jax_ft.training import train  # pylint: disable=g-import-not-at-top
+
+  def body():
+    _maybe_initialize_distributed()
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    # Bad configs and data are the usual cause: one line, not a traceback.
-    # `--verbosity=1` logs the traceback too.
-    logging.debug("Traceback:", exc_info=True)
-    sys.exit(f"error: {e}")
+
+  cli.run_main(body)
 
 
 if __name__ == "__main__":

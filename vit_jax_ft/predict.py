@@ -26,7 +26,6 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import csv  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import dataclasses
-import glob
 import json
 from typing import Optional, Sequence
 
@@ -34,14 +33,13 @@ from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
-import tensorflow as tf
 
-from vit_jax_ft import evaluate
-from vit_jax_ft import input_pipeline
+from vit_jax_ft import cli
+from vit_jax_ft import workdir as workdir_lib
 from vit_jax_ft.data import images as images_lib
-from vit_jax_ft.evaluators import cli
-from vit_jax_ft.evaluators import plots
-from vit_jax_ft.evaluators import restore
+from vit_jax_ft.inputs import image_files
+from vit_jax_ft.inputs import pipeline
+from vit_jax_ft.reports import plots
 
 GRID_SIZE = 16
 
@@ -56,84 +54,30 @@ class Row:
   true_label: str = ""
 
 
-def list_images(spec: str) -> list[str]:
-  """Files named by a comma-separated list of files, folders and globs, in order."""
-  paths = []
-  for item in (s.strip() for s in spec.split(",") if s.strip()):
-    if os.path.isdir(item):
-      for root, dirs, files in os.walk(item):
-        # Hidden and macOS resource folders hold no real images.
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX")
-        paths += [os.path.join(root, f) for f in sorted(files)
-                  if images_lib.is_image_name(f) and not f.startswith(".")]
-    elif glob.has_magic(item):
-      paths += sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
-    else:
-      paths.append(item)  # A missing file is reported as unreadable, with the rest predicted.
-  if not paths:
-    raise FileNotFoundError(f"No image files found for --images={spec!r}.")
-  return list(dict.fromkeys(paths))
-
-
-def max_side(info: dict) -> Optional[int]:
-  """The longest side the prepared dataset stored its images at (None: unchanged)."""
-  return ((info.get("options") or {}).get("image") or {}).get("max_side")
-
-
-def make_preprocess(data_cfg):
-  """Encoded bytes -> (model input, the [0, 255] crop for display), as in eval."""
-
-  @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
-  def preprocess(image_bytes):
-    # The very function eval_iterator maps over records.
-    image = input_pipeline._eval_preprocess(  # pylint: disable=protected-access
-        image_bytes, data_cfg)
-    return input_pipeline.normalize(image, data_cfg.normalization), image
-
-  return preprocess
-
-
-def load_image(path: str, options: images_lib.ImageOptions, preprocess):
-  """(model input, display image, error): errors never raise."""
-  result = images_lib.process_image(path, options, encode=True)
-  if result.error:
-    return None, None, result.error
-  try:
-    image, display = preprocess(tf.constant(result.data))
-  except tf.errors.OpError as e:  # Decodable by PIL but not by TensorFlow.
-    return None, None, f"cannot decode ({e.message.splitlines()[0]})"
-  return image.numpy(), np.clip(display.numpy(), 0, 255).astype(np.uint8), None
-
-
-def _true_label(path: str, class_names: Sequence[str]) -> str:
-  parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
-  return parent if parent in class_names else ""
-
-
 def _sample_indices(n: int, k: int) -> set[int]:
   return set(np.linspace(0, n - 1, min(n, k)).round().astype(int).tolist()) if n else set()
 
 
-def predict_files(run: restore.Run, checkpoint: restore.Checkpoint, paths: Sequence[str],
+def predict_files(run: workdir_lib.Run, checkpoint: workdir_lib.Checkpoint, paths: Sequence[str],
                   batch_size: int = 64, grid_size: int = GRID_SIZE
                   ) -> tuple[list[Row], list[tuple[np.ndarray, Row]]]:
   """Rows for every path (in order), and (display image, row) pairs for a sample grid."""
-  apply = restore.make_apply(run.model, run.multilabel)
-  preprocess = make_preprocess(run.config.data)
-  options = images_lib.ImageOptions(max_side=max_side(run.info))
+  apply = workdir_lib.make_apply(run.model, run.multilabel)
+  preprocess = image_files.make_preprocess(run.config.data)
+  options = images_lib.ImageOptions(max_side=image_files.max_side(run.info))
   sample = _sample_indices(len(paths), grid_size)
   rows, shown, pending = [], [], []
 
   def flush():
-    batch = input_pipeline.pad_batch({"image": np.stack([x for x, _ in pending])}, batch_size)
+    batch = pipeline.pad_batch({"image": np.stack([x for x, _ in pending])}, batch_size)
     probs = np.asarray(apply(checkpoint.variables, batch["image"]), np.float64)
     for (_, row), p in zip(pending, probs):
       row.probs = p
     pending.clear()
 
   for i, path in enumerate(paths):
-    row = Row(path=path, true_label=_true_label(path, run.class_names))
-    image, display, row.error = load_image(path, options, preprocess)
+    row = Row(path=path, true_label=image_files.true_label(path, run.class_names))
+    image, display, row.error = image_files.load_image(path, options, preprocess)
     rows.append(row)
     if row.error:
       logging.warning("Unreadable: %s: %s", path, row.error)
@@ -151,7 +95,7 @@ def predict_files(run: restore.Run, checkpoint: restore.Checkpoint, paths: Seque
 def load_thresholds(workdir: str, checkpoint: str, class_names: Sequence[str]
                     ) -> tuple[np.ndarray, str]:
   """Tuned multi-label thresholds of `checkpoint` if evaluate saved them, else 0.5."""
-  path = evaluate.thresholds_path(workdir, checkpoint)
+  path = workdir_lib.thresholds_path(workdir, checkpoint)
   if not os.path.exists(path):
     logging.warning("No %s (run vit_jax_ft.evaluate first): using 0.5 for every label.", path)
     return np.full(len(class_names), 0.5), "0.5 (no tuned thresholds)"
@@ -210,9 +154,9 @@ def write_grid(path: str, shown: Sequence[tuple[np.ndarray, Row]], class_names: 
 def predict(workdir: str, images: str, out: str, top_k: int = 5, checkpoint: str = "best",
             grid: Optional[str] = None) -> list[Row]:
   """Predicts every file of `images` into the CSV `out` and a sample grid PNG."""
-  run = restore.load_run(workdir)
-  ck = restore.restore(workdir, checkpoint)
-  paths = list_images(images)
+  run = workdir_lib.load_run(workdir)
+  ck = workdir_lib.restore(workdir, checkpoint)
+  paths = image_files.list_images(images)
   rows, shown = predict_files(run, ck, paths, batch_size=run.config.eval_batch_size)
   thresholds = (load_thresholds(workdir, ck.label, run.class_names)[0] if run.multilabel
                 else None)

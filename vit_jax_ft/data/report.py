@@ -8,7 +8,7 @@ from matplotlib.backends import backend_agg
 from matplotlib import figure
 import numpy as np
 
-from vit_jax_ft import losses
+from vit_jax_ft.data import class_weights as class_weights_lib
 from vit_jax_ft.data import duplicates
 
 
@@ -21,7 +21,7 @@ def class_weights(counts: Sequence[int]) -> list[Optional[float]]:
   present = counts > 0
   weights = [None] * len(counts)
   if present.any():
-    for i, w in zip(np.flatnonzero(present), losses.compute_class_weights(counts[present])):
+    for i, w in zip(np.flatnonzero(present), class_weights_lib.compute_class_weights(counts[present])):
       weights[i] = round(float(w), 6)
   return weights
 

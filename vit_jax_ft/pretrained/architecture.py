@@ -16,9 +16,12 @@ from typing import Any
 
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
-from vit_jax_ft.pretrained import conversion
 
 _VIT_FIELDS = ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim")
+
+
+class ConversionError(ValueError):
+  """A checkpoint cannot be mapped onto our models."""
 
 
 def vit_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -31,7 +34,7 @@ def vit_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
     mlp = block0["MlpBlock_3"]["Dense_0"]["kernel"]
     posemb = blocks["posembed_input"]["pos_embedding"]
   except KeyError as e:
-    raise conversion.ConversionError(f"Not a complete ViT parameter tree: missing {e}.") from e
+    raise ConversionError(f"Not a complete ViT parameter tree: missing {e}.") from e
   arch = {
       "family": "vit",
       "patch_size": int(kernel.shape[0]),
@@ -53,7 +56,7 @@ def vit_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
 def resnet_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
   """ResNet architecture from a tree in our layout."""
   if "conv_init" not in params:
-    raise conversion.ConversionError("Not a ResNet parameter tree: no conv_init.")
+    raise ConversionError("Not a ResNet parameter tree: no conv_init.")
   stage_sizes = []
   for i in range(1, 10):
     n = sum(1 for k in params if re.fullmatch(rf"stage{i}_block\d+", k))

@@ -17,17 +17,16 @@ from typing import Any
 from absl import logging
 import numpy as np
 
+from vit_jax_ft.inputs import normalization as normalization_lib
+from vit_jax_ft.pretrained import architecture
 from vit_jax_ft.pretrained import tensor_files
+from vit_jax_ft.pretrained.architecture import ConversionError  # Raised by every converter.
 
 # Input scalings understood by our input pipeline (`config.data.normalization`).
-NORMALIZATIONS = ("minus_one_to_one", "imagenet", "caffe_bgr", "zero_one")
+NORMALIZATIONS = normalization_lib.MODES
 
 # Bumped whenever a converter's output changes, so cached conversions are redone.
 CONVERTER_VERSION = 1
-
-
-class ConversionError(ValueError):
-  """A checkpoint cannot be mapped onto our models."""
 
 
 @dataclasses.dataclass
@@ -213,7 +212,6 @@ def make_converted(params: dict, batch_stats: dict, *, source: str, fmt: str,
                    unused: Sequence[str], image_size: int | None = None,
                    class_names: Sequence[str] | None = None) -> Converted:
   """Assembles a `Converted` with the metadata every format reports."""
-  from vit_jax_ft.pretrained import architecture  # pylint: disable=g-import-not-at-top
   if normalization not in NORMALIZATIONS:
     raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
   arch = architecture.from_params(params)

@@ -22,23 +22,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from absl import logging
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
-from vit_jax_ft import checkpoints
-from vit_jax_ft import models
+from vit_jax_ft import workdir as workdir_lib
+from vit_jax_ft.inputs import normalization as normalization_lib
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
 from vit_jax_ft.pretrained import tensor_files
-
-_MEAN_STD = {
-    "minus_one_to_one": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
-    "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-    "zero_one": ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0]),
-}
-
 
 class ExportError(ValueError):
   """The run cannot be expressed in the requested format."""
@@ -47,25 +38,11 @@ class ExportError(ValueError):
 def read_run(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict,
                                                              dict, int]:
   """(config, params, batch_stats, step) of a workdir's latest (or given) checkpoint."""
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{config_path} not found: is {workdir} a training workdir?")
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-  with ocp.CheckpointManager(ckpt_dir) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {ckpt_dir}.")
-    # No target: the TrainState comes back as a dict of its fields.
-    state = manager.restore(step, args=ocp.args.StandardRestore())
-  params, batch_stats = _as_numpy(state["params"]), _as_numpy(state.get("batch_stats") or {})
-  bad, total = checkpoints.count_nonfinite({"params": params, "batch_stats": batch_stats})
-  if bad:  # An export of NaN weights would load fine and predict NaN.
-    raise ValueError(f"Checkpoint step {step} of workdir {workdir} is not finite: {bad} of "
-                     f"{total} weight arrays hold NaN or Inf; export an earlier step or "
-                     "retrain with a lower optimizer.lr.")
-  return config, params, batch_stats, step
+  config = workdir_lib.load_config(workdir)
+  # Refuses NaN weights: an export of them would load fine and predict NaN.
+  ck = workdir_lib.restore(workdir, "last" if step is None else str(step))
+  params = _as_numpy(ck.variables["params"])
+  return config, params, _as_numpy(ck.variables.get("batch_stats") or {}), ck.step
 
 
 def _as_numpy(tree: Mapping) -> dict:
@@ -187,9 +164,9 @@ def resnet_config(model: resnet_lib.ResNet) -> dict[str, Any]:
 
 
 def _preprocessor_config(normalization: str, image_size: int, is_vit: bool) -> dict | None:
-  if normalization not in _MEAN_STD:
+  if normalization not in normalization_lib.MEAN_STD:
     return None
-  mean, std = _MEAN_STD[normalization]
+  mean, std = normalization_lib.MEAN_STD[normalization]
   return {"image_processor_type": "ViTImageProcessor" if is_vit else "ConvNextImageProcessor",
           "do_resize": True, "size": ({"height": image_size, "width": image_size} if is_vit
                                       else {"shortest_edge": image_size}),
@@ -201,7 +178,7 @@ def export_huggingface(workdir: str, out_dir: str, *, step: int | None = None) -
   """Writes the run's fine-tuned model as a transformers folder; returns out_dir."""
   config, params, batch_stats, step = read_run(workdir, step)
   num_classes = int(params["head"]["kernel"].shape[-1])
-  model = models.create_model(config.model, num_classes, jnp.float32)
+  model = workdir_lib.build_model(config, num_classes)
   image_size = int(config.data.image_size)
   if isinstance(model, vit_lib.VisionTransformer):
     hf_config, state = vit_config(model, image_size), vit_state_dict(params)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from vit_jax_ft.inputs import normalization as normalization_lib
 from vit_jax_ft.pretrained import architecture
 from vit_jax_ft.pretrained import conversion
 from vit_jax_ft.pretrained import hub
@@ -115,11 +116,7 @@ def normalization_from_mean_std(mean, std, default: str) -> str:
   if mean is None or std is None:
     return default
   mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
-  known = {
-      "minus_one_to_one": ([0.5] * 3, [0.5] * 3),
-      "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-      "zero_one": ([0.0] * 3, [1.0] * 3),
-  }
+  known = normalization_lib.MEAN_STD
   for name, (m, s) in known.items():
     if np.allclose(mean, m, atol=2e-3) and np.allclose(std, s, atol=2e-3):
       return name

@@ -10,16 +10,11 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from vit_jax_ft.inputs import normalization as normalization_lib
+
 # ImageNet classes used by the real-photo checks (index -> label).
 IMAGENET_CATS = (281, 282, 283, 284, 285)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 IMAGENET_COFFEE = (504, 967, 968)          # coffee mug, espresso, cup
-
-_MEAN_STD = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "minus_one_to_one": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "zero_one": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-}
-_CAFFE_BGR_MEAN = np.array([103.939, 116.779, 123.68], np.float32)
 
 
 def photos(size: int) -> np.ndarray:
@@ -27,15 +22,6 @@ def photos(size: int) -> np.ndarray:
   import skimage.data  # pylint: disable=g-import-not-at-top
   return np.stack([np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
                    for img in (skimage.data.chelsea(), skimage.data.coffee())])
-
-
-def normalize(images: np.ndarray, normalization: str) -> np.ndarray:
-  """uint8 NHWC -> float32 model input, as our input pipeline's names mean."""
-  x = images.astype(np.float32)
-  if normalization == "caffe_bgr":
-    return x[..., ::-1] - _CAFFE_BGR_MEAN
-  mean, std = _MEAN_STD[normalization]
-  return (x / 255.0 - np.array(mean, np.float32)) / np.array(std, np.float32)
 
 
 def perturb_torch_model(model, seed: int = 0, scale: float = 0.02) -> None:
@@ -62,7 +48,7 @@ def perturb_torch_model(model, seed: int = 0, scale: float = 0.02) -> None:
         module.momentum = None  # Cumulative average over the calibration batches.
       model.train()
       # Real photos, as a trained network's statistics come from real images.
-      model(torch_nchw(normalize(photos(160), "imagenet")))
+      model(torch_nchw(normalization_lib.normalize(photos(160), "imagenet")))
       for module in batchnorms:
         module.momentum = 0.1
         module.running_mean.add_(noise(module.running_mean, 0.05))

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from vit_jax_ft.pretrained import conversion
-from vit_jax_ft.pretrained import huggingface
 from vit_jax_ft.pretrained import hub
+from vit_jax_ft.pretrained import huggingface
 from vit_jax_ft.pretrained import tensor_files
 from vit_jax_ft.pretrained import torchvision
 

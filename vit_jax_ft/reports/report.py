@@ -6,12 +6,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from vit_jax_ft.evaluators import calibration
-from vit_jax_ft.evaluators import classification
-from vit_jax_ft.evaluators import curves
-from vit_jax_ft.evaluators import multilabel
-from vit_jax_ft.evaluators import plots
-from vit_jax_ft.evaluators import restore
+from vit_jax_ft import workdir as workdir_lib
+from vit_jax_ft.reports import calibration
+from vit_jax_ft.reports import classification
+from vit_jax_ft.reports import curves
+from vit_jax_ft.reports import multilabel
+from vit_jax_ft.reports import plots
 
 # TensorBoard tags of the reports' scalars: report/<split>_<checkpoint>/<metric>.
 REPORT_TAG_PREFIX = "report/"
@@ -47,7 +47,7 @@ class Options:
     return {class_names.index(n): float(r) for n, r in wanted.items()}
 
 
-def single_label(preds: restore.Predictions, class_names: Sequence[str],
+def single_label(preds: workdir_lib.Predictions, class_names: Sequence[str],
                  options: Options) -> dict:
   """Per-class report, top-k, confusion matrix, operating points, calibration."""
   labels, probs = preds.labels, preds.probs
@@ -67,7 +67,7 @@ def single_label(preds: restore.Predictions, class_names: Sequence[str],
   }
 
 
-def multi_label(preds: restore.Predictions, class_names: Sequence[str], options: Options,
+def multi_label(preds: workdir_lib.Predictions, class_names: Sequence[str], options: Options,
                 thresholds: np.ndarray, thresholds_source: str) -> dict:
   """Metrics at 0.5 and at the tuned thresholds, error analysis, operating points."""
   probs, truth = preds.probs, preds.targets > 0.5
@@ -106,7 +106,7 @@ def headline(report: dict, multilabel_data: bool) -> dict[str, float]:
   return out
 
 
-def write_pngs(out_dir: str, preds: restore.Predictions, report: dict,
+def write_pngs(out_dir: str, preds: workdir_lib.Predictions, report: dict,
                class_names: Sequence[str], title: str, scalars: Optional[dict] = None,
                best_step: Optional[int] = None) -> dict[str, str]:
   """Draws the report's figures into `out_dir`; returns {what: file name}."""

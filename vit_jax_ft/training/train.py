@@ -11,44 +11,22 @@ from clu import metric_writers
 from clu import periodic_actions
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from vit_jax_ft import checkpoints
 from vit_jax_ft import config_ranges
-from vit_jax_ft import init_from
-from vit_jax_ft import input_pipeline
-from vit_jax_ft import losses
-from vit_jax_ft import metrics as metrics_lib
-from vit_jax_ft import models
-from vit_jax_ft import optim
-from vit_jax_ft import steps
-from vit_jax_ft.data import digits
-from vit_jax_ft.data import tfrecords
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def load_data_info(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, dict]:
-  """Returns (data_dir, dataset_info), preparing the built-in demo data if needed."""
-  if config.data.source == "digits":
-    data_dir = config.data.dir or os.path.join(workdir, "data")
-    if jax.process_index() == 0:  # One writer on a shared filesystem.
-      digits.prepare_digits(data_dir, seed=config.seed)
-    multihost_utils.sync_global_devices("digits prepared")
-    return data_dir, tfrecords.read_info(data_dir)
-  if config.data.source == "tfds":
-    from vit_jax_ft.data import tfds_source  # pylint: disable=g-import-not-at-top
-    return tfds_source.load_data_info(config.data)
-  if config.data.source != "tfrecord":
-    raise ValueError(f"data.source must be 'tfrecord', 'tfds' or 'digits', got "
-                     f"{config.data.source!r}")
-  if not config.data.dir:
-    raise ValueError(f"config.data.dir is not set. {config.data.help}".strip())
-  return config.data.dir, tfrecords.read_info(config.data.dir, config.data.help)
-
+from vit_jax_ft import workdir as workdir_lib
+from vit_jax_ft.data import class_weights as class_weights_lib
+from vit_jax_ft.inputs import dataset
+from vit_jax_ft.inputs import pipeline
+from vit_jax_ft.reports import writer as report_writer
+from vit_jax_ft.training import init_from
+from vit_jax_ft.training import losses
+from vit_jax_ft.training import metrics as metrics_lib
+from vit_jax_ft.training import optim
+from vit_jax_ft.training import steps
 
 def total_train_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
   """Steps from exactly one of config.total_steps and config.num_epochs."""
@@ -61,8 +39,6 @@ def total_train_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
 
 
 def _check_config(config: ml_collections.ConfigDict, info: dict) -> None:
-  if config.dtype not in _DTYPES:
-    raise ValueError(f"config.dtype must be one of {sorted(_DTYPES)}, got {config.dtype!r}.")
   if info["multilabel"] and not losses.is_multilabel_loss(config.loss.name):
     raise ValueError(f"The dataset is multi-label but loss.name={config.loss.name!r} is a "
                      "softmax loss; use 'sigmoid_bce' or 'sigmoid_focal'.")
@@ -121,14 +97,14 @@ def _class_weights(config: ml_collections.ConfigDict, info: dict):
     return np.asarray([1.0 if w is None else w for w in info["class_weights"]], np.float32)
   counts = np.asarray(info["splits"][config.data.train_split]["class_counts"])
   weights = np.ones(len(counts))
-  weights[counts > 0] = losses.compute_class_weights(counts[counts > 0])
+  weights[counts > 0] = class_weights_lib.compute_class_weights(counts[counts > 0])
   return weights
 
 
 def evaluate(eval_fn, state, config, data_dir, info, split, sharding) -> dict:
   """Exact metrics over a whole split (padded batches, masked)."""
   total = None
-  for batch in input_pipeline.eval_iterator(config.data, data_dir, info, split,
+  for batch in pipeline.eval_iterator(config.data, data_dir, info, split,
                                             batch_size=config.eval_batch_size,
                                             process_index=jax.process_index(),
                                             process_count=jax.process_count()):
@@ -202,14 +178,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config = config.copy_and_resolve_references()  # Resolved below; the caller's stays as is.
   config_ranges.check_ranges(config)  # Before anything is written.
   os.makedirs(workdir, exist_ok=True)
-  data_dir, info = load_data_info(config, workdir)
+  data_dir, info = dataset.load_data_info(config, workdir)
   _check_config(config, info)
   multilabel = info["multilabel"]
   total_steps = total_train_steps(config, info["splits"][config.data.train_split]["num_examples"])
   schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
   tx = optim.make_optimizer(config.optimizer, schedule)
   init_from.apply_model_options(config, workdir)
-  model = models.create_model(config.model, len(info["class_names"]), _DTYPES[config.dtype])
+  model = workdir_lib.build_model(config, len(info["class_names"]))
   loss_fn = losses.get_loss_fn(config.loss, _class_weights(config, info))
 
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
@@ -241,11 +217,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   elif not config.init_from:
     logging.warning("No config.init_from: training %s from random initialisation.",
                     config.model.name)
-  config.data.normalization = init_from.resolve_normalization(config, workdir, metadata)
+  config.data.normalization = workdir_lib.resolve_normalization(config, workdir, metadata)
   logging.info("Input normalisation: %s.", config.data.normalization)
-  if jax.process_index() == 0:  # The config as run ('auto' resolved), to reproduce it.
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  workdir_lib.write_config(config, workdir)  # As run ('auto' resolved), to reproduce it.
   best = checkpoints.best_value(best_ckpt, config.best_metric)
 
   # Per-step scalars (the learning rate) go to TensorBoard only; the console
@@ -274,9 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.flush()
   results = _final_eval(run_eval, state, config, workdir, val_metrics)
   if config.final_report:
-    # Imported here: the evaluators import this module.
-    from vit_jax_ft import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-    evaluate_lib.write_reports(config, workdir)
+    report_writer.write_reports(config, workdir)
   return results
 
 
@@ -290,7 +262,7 @@ def _train_loop(config, state, train_fn, run_eval, schedule, total_steps, data_d
   if os.path.exists(stopped_file):
     logging.info("The run stopped early before (%s); evaluating only.", stopped_file)
     return state, None
-  train_iter = input_pipeline.train_iterator(config.data, data_dir, info,
+  train_iter = pipeline.train_iterator(config.data, data_dir, info,
                                              batch_size=config.batch_size, seed=config.seed,
                                              start_step=start,
                                              process_index=jax.process_index(),

@@ -1,4 +1,4 @@
-"""Shared start-up for the command-line tools (evaluate, predict, explain, sweep)."""
+"""Shared start-up for the command-line tools (main, evaluate, predict, explain, sweep)."""
 
 import logging as std_logging
 import sys
@@ -24,11 +24,15 @@ def hide_gpus_from_tensorflow() -> None:
 
 
 def run_main(body: Callable[[], object]) -> None:
-  """Runs `body`; bad inputs end with one line instead of a traceback."""
+  """Runs `body`; bad inputs end with one line instead of a traceback.
+
+  Bad configs and data are the usual cause of these errors (and a diverged
+  run of FloatingPointError); `--verbosity=1` logs the traceback too.
+  """
   quiet_library_logs()
   hide_gpus_from_tensorflow()
   try:
     body()
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
     logging.debug("Traceback:", exc_info=True)
     sys.exit(f"error: {e}")

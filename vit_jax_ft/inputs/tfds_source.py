@@ -8,7 +8,7 @@ command to run where there is network, when it is not there. (tfds.load
 would instead start a download, which offline means minutes of retries.)
 
 `load_data_info` returns (data_dir, info) with `info` in the shape of a
-prepared dataset's `dataset_info.json`, so `input_pipeline.train_iterator` /
+prepared dataset's `dataset_info.json`, so `pipeline.train_iterator` /
 `eval_iterator` read TFDS records as they read our own TFRecords:
 
   class_names, multilabel: from the label feature (ClassLabel, or a
@@ -27,7 +27,7 @@ import time
 from absl import logging
 import ml_collections
 
-from vit_jax_ft import input_pipeline
+from vit_jax_ft.inputs import pipeline
 
 _VERSION = re.compile(r"^\d+\.\d+\.\d+$")
 _INFO_FILE = "dataset_info.json"
@@ -147,8 +147,8 @@ def info_from_builder(builder, splits: list[str]) -> dict:
       raise FileNotFoundError(f"TFDS dataset {name} is incomplete: {missing[:3]} do not exist "
                               f"in {builder.data_dir}. Prepare it again.")
     t0 = time.time()
-    labels, _ = input_pipeline.scan_labels(
-        [input_pipeline.Shard(*s) for s in shards], len(class_names), label_key)
+    labels, _ = pipeline.scan_labels(
+        [pipeline.Shard(*s) for s in shards], len(class_names), label_key)
     logging.info("TFDS %s[%s]: %d examples, labels read in %.1fs.", name, split,
                  len(labels), time.time() - t0)
     out_splits[split] = dict(num_examples=int(len(labels)), shards=shards,

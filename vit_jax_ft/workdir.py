@@ -1,10 +1,10 @@
-"""A finished (or running) run's config, data, model and weights, and its predictions.
+"""The one owner of a run's folder: its paths, config, weights, model and predictions.
 
 A workdir holds `config.json` (the config as run, 'auto' normalisation
-resolved), `checkpoints/` (the last K full train states) and
-`checkpoints_best/` (the best one). Only the parameters and BatchNorm
-statistics are read back: evaluation needs neither the optimizer state nor
-the optimizer that made it.
+resolved), `pretrained.json` (with init_from: the load report and the
+weights' metadata), `checkpoints/` (the last K full train states),
+`checkpoints_best/` (the best one) and `reports/`. The train loop writes
+them; evaluate, predict, explain and export read them back through here.
 """
 
 import dataclasses
@@ -12,24 +12,75 @@ import json
 import os
 from typing import Any, Iterator, Optional
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import tensorflow as tf
 
 from vit_jax_ft import checkpoints
-from vit_jax_ft import init_from
-from vit_jax_ft import input_pipeline
 from vit_jax_ft import models
-from vit_jax_ft import train
+from vit_jax_ft.inputs import dataset
+from vit_jax_ft.inputs import pipeline
 
 CONFIG_FILE = "config.json"
-LAST_DIR = "checkpoints"
-BEST_DIR = "checkpoints_best"
+PRETRAINED_FILE = "pretrained.json"
+REPORTS_DIR = "reports"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def thresholds_path(workdir: str, label: str) -> str:
+  """Where the tuned multi-label thresholds of checkpoint `label` are kept."""
+  return os.path.join(workdir, REPORTS_DIR, f"thresholds_{label}.json")
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  """The model of `config` (compute dtype config.dtype; parameters stay float32)."""
+  if config.dtype not in DTYPES:
+    raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}.")
+  return models.create_model(config.model, num_classes, DTYPES[config.dtype])
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """WORKDIR/config.json: the config as run ('auto' resolved), to reproduce or read it back."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def read_pretrained(workdir: str) -> dict:
+  """WORKDIR/pretrained.json ({} when the run did not start from pretrained weights)."""
+  path = os.path.join(workdir, PRETRAINED_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_pretrained(workdir: str, record: dict) -> None:
+  """WORKDIR/pretrained.json: init_from, the backbone fingerprint, load report and metadata."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, PRETRAINED_FILE), "w") as f:
+      json.dump(record, f, indent=2, default=str)
+
+
+def resolve_normalization(config: ml_collections.ConfigDict, workdir: str,
+                          metadata: dict | None) -> str:
+  """data.normalization, with 'auto' taken from the pretrained weights' metadata."""
+  mode = config.data.normalization
+  if mode != "auto":
+    return mode
+  if not config.init_from:
+    return "imagenet"
+  if metadata is None:  # Resuming or evaluating: the first run recorded the weights' metadata.
+    recorded = read_pretrained(workdir)
+    if not recorded:
+      raise FileNotFoundError(
+          f"{os.path.join(workdir, PRETRAINED_FILE)} not found: data.normalization='auto' "
+          f"needs the metadata of init_from={config.init_from!r}, which the run records there.")
+    metadata = recorded["metadata"]
+  return metadata["normalization"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +134,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   if config.data.normalization == "auto":  # Written before 'auto' was resolved.
-    config.data.normalization = init_from.resolve_normalization(config, workdir, None)
+    config.data.normalization = resolve_normalization(config, workdir, None)
   return config
 
 
@@ -93,61 +144,16 @@ def load_run(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -
     config = load_config(workdir)
   elif config.data.normalization == "auto":  # The config as given, not as run.
     config = config.copy_and_resolve_references()
-    config.data.normalization = init_from.resolve_normalization(config, workdir, None)
-  data_dir, info = train.load_data_info(config, workdir)
-  model = models.create_model(config.model, len(info["class_names"]), jnp.dtype(config.dtype))
+    config.data.normalization = resolve_normalization(config, workdir, None)
+  data_dir, info = dataset.load_data_info(config, workdir)
+  model = build_model(config, len(info["class_names"]))
   return Run(workdir=workdir, config=config, data_dir=data_dir, info=info, model=model)
-
-
-def _manager(workdir: str, which: str) -> ocp.CheckpointManager:
-  directory = os.path.join(os.path.abspath(workdir), BEST_DIR if which == "best" else LAST_DIR)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"No checkpoints at {directory}.")
-  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
-                               item_handlers=ocp.StandardCheckpointHandler())
-
-
-def find_step(workdir: str, which: str) -> tuple[ocp.CheckpointManager, int]:
-  """(manager, step) for `which`: 'best', 'last' or a step number (in either folder)."""
-  if which in ("best", "last"):
-    manager = _manager(workdir, which)
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"No {which} checkpoint in {manager.directory}.")
-    return manager, step
-  if not which.isdigit():
-    raise ValueError(f"--checkpoint must be 'best', 'last' or a step number, got {which!r}.")
-  available = []
-  for kind in ("last", "best"):
-    try:
-      manager = _manager(workdir, kind)
-    except FileNotFoundError:
-      continue
-    if int(which) in manager.all_steps():
-      return manager, int(which)
-    available += manager.all_steps()
-  raise FileNotFoundError(f"No checkpoint for step {which} in {workdir}; "
-                          f"available: {sorted(set(available))}.")
 
 
 def restore(workdir: str, which: str = "best") -> Checkpoint:
   """Parameters and BatchNorm statistics of checkpoint `which` (on the default device)."""
-  manager, step = find_step(workdir, which)
-  path = os.path.join(str(manager.directory), str(step), "default")
-  tree = manager.item_metadata(step)
-  tree = getattr(tree, "tree", tree)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          {"params": tree["params"], "batch_stats": tree["batch_stats"]})
-  # partial_restore reads only these two entries, not the optimizer state.
-  restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-      partial_restore=True))
-  variables = {"params": restored["params"]}
-  if restored["batch_stats"]:
-    variables["batch_stats"] = restored["batch_stats"]
+  variables, step, path = checkpoints.restore_variables(workdir, which)
   check_finite(variables, workdir, step)
-  logging.info("Restored %s checkpoint at step %d from %s.", which, step, manager.directory)
   return Checkpoint(variables=variables, step=step, label=which, path=path)
 
 
@@ -178,7 +184,7 @@ def split_ids(data_dir: str, info: dict, split: str) -> list[str]:
   """Example ids of `split` in eval order (its records' 'id'; the index if absent)."""
   ids = []
   spec = {"id": tf.io.FixedLenFeature([], tf.string, default_value="")}
-  for shard in input_pipeline.split_shards(data_dir, info, split):
+  for shard in pipeline.split_shards(data_dir, info, split):
     records = tf.data.TFRecordDataset(shard.path).skip(shard.skip).take(shard.take)
     ds = records.map(lambda r: tf.io.parse_single_example(r, spec)["id"]).batch(1024)
     for batch in ds.as_numpy_iterator():
@@ -187,7 +193,7 @@ def split_ids(data_dir: str, info: dict, split: str) -> list[str]:
 
 
 def _batches(run: Run, split: str, batch_size: int) -> Iterator[dict]:
-  return input_pipeline.eval_iterator(run.config.data, run.data_dir, run.info, split,
+  return pipeline.eval_iterator(run.config.data, run.data_dir, run.info, split,
                                       batch_size=batch_size)
 
 

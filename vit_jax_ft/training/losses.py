@@ -28,7 +28,7 @@ Conventions worth knowing when switching between losses:
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +44,6 @@ SOFTMAX_LOSSES = ("ce", "weighted_ce", "focal", "weighted_focal")
 SIGMOID_LOSSES = ("sigmoid_bce", "sigmoid_focal")
 LOSS_NAMES = SOFTMAX_LOSSES + SIGMOID_LOSSES
 
-CLASS_WEIGHT_MODES = ("inverse_frequency", "inverse_sqrt_frequency")
 
 # Lower clamp for (1 - p) before raising it to `gamma`: keeps the gradient of
 # x**gamma finite (it is infinite at x=0 for gamma < 1) and costs nothing in
@@ -105,7 +104,7 @@ def softmax_cross_entropy(
   `CrossEntropyLoss(weight=w, reduction='mean')` returns
   sum_i w_i l_i / sum_i w_i. Ours keeps the loss scale (and so the effective
   learning rate) independent of the batch's class composition; with weights
-  from `compute_class_weights` (count-weighted mean 1), E[w_i] = 1 over the
+  from `data.class_weights.compute_class_weights` (count-weighted mean 1), E[w_i] = 1 over the
   training distribution, so both agree in expectation.
 
   Args:
@@ -278,7 +277,7 @@ def get_loss_fn(
       the name, `label_smoothing` ('ce', 'weighted_ce'), `focal_gamma` and
       `focal_alpha` (float or None; the focal and sigmoid_focal losses). Only
       the fields the chosen loss uses are read.
-    class_weights: [C] per-class weights, e.g. from `compute_class_weights`.
+    class_weights: [C] per-class weights, e.g. from `data.class_weights.compute_class_weights`.
       Required by the 'weighted_*' losses. The sigmoid losses apply them per
       label column if given. 'ce' and 'focal' ignore them (with a warning),
       so the train loop may pass them unconditionally.
@@ -298,7 +297,7 @@ def get_loss_fn(
   if name.startswith("weighted_") and class_weights is None:
     raise ValueError(
         f"Loss {name!r} requires class_weights (e.g. from "
-        "losses.compute_class_weights(train_class_counts)), got None.")
+        "class_weights.compute_class_weights(train_class_counts)), got None.")
   if class_weights is not None:
     if name in ("ce", "focal"):
       logging.warning(
@@ -342,53 +341,3 @@ def _check_class_weights(class_weights: ArrayLike) -> Array:
   if not np.all(np.isfinite(w)) or np.any(w < 0):
     raise ValueError("class_weights must be finite and non-negative.")
   return jnp.asarray(w, jnp.float32)
-
-
-def compute_class_weights(
-    counts: Union[Sequence[float], np.ndarray],
-    mode: str = "inverse_frequency",
-) -> np.ndarray:
-  """Per-class loss weights from training-set class counts.
-
-  Weights are normalised so that the count-weighted mean weight is 1,
-  sum_c n_c w_c / sum_c n_c = 1, i.e. the average loss scale over the
-  training distribution is unchanged by weighting.
-
-  Modes:
-    'inverse_frequency': w_c = N / (C n_c). This already has count-weighted
-      mean 1 and equals sklearn's compute_class_weight('balanced').
-    'inverse_sqrt_frequency': w_c proportional to 1 / sqrt(n_c) (milder
-      reweighting for long-tailed data), normalised as above.
-
-  Args:
-    counts: [C] number of training examples per class (all > 0).
-    mode: one of CLASS_WEIGHT_MODES.
-
-  Returns:
-    [C] float64 numpy array.
-
-  Raises:
-    ValueError: on an unknown mode, malformed counts, or a class with zero
-      (or negative) count, naming the offending class indices.
-  """
-  counts = np.asarray(counts, dtype=np.float64)
-  if counts.ndim != 1 or counts.size == 0:
-    raise ValueError(f"counts must be a non-empty [C] vector, got shape "
-                     f"{counts.shape}.")
-  if not np.all(np.isfinite(counts)):
-    raise ValueError("counts must be finite.")
-  bad = np.flatnonzero(counts <= 0)
-  if bad.size:
-    raise ValueError(
-        f"Class(es) {bad.tolist()} have zero or negative count "
-        f"{counts[bad].tolist()}; class weights are undefined for classes "
-        "absent from the training set.")
-  total, num_classes = counts.sum(), counts.size
-  if mode == "inverse_frequency":
-    # Same expression (and float ops) as sklearn's 'balanced'.
-    return total / (num_classes * counts)
-  if mode == "inverse_sqrt_frequency":
-    w = 1.0 / np.sqrt(counts)
-    return w * (total / np.sum(counts * w))
-  raise ValueError(f"Unknown class weight mode {mode!r}; valid modes are: "
-                   f"{', '.join(CLASS_WEIGHT_MODES)}.")

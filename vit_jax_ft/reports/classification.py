@@ -3,7 +3,7 @@
 Single-label numbers follow `sklearn.metrics.classification_report`: the
 per-class rows and the macro / weighted averages run over the classes that
 occur in the labels or the predictions (sklearn's default label set, and the
-set `vit_jax_ft.metrics` averages its macro-F1 over during training); an
+set `vit_jax_ft.training.metrics` averages its macro-F1 over during training); an
 undefined precision, recall or F1 counts as 0. Classes that occur in neither
 are listed separately instead of diluting the averages.
 

@@ -8,9 +8,9 @@ the first s * batch_size records (cheaply: before decoding).
 
 Per example (train): decode (JPEGs: only the crop window), random-resized
 crop, resize, flip, optional colour jitter and RandAugment
-(`vit_jax_ft.augment`), normalisation. Per batch: optional Mixup / CutMix
-(`vit_jax_ft.mixing`) keyed by (seed, step). With `data.sampler` set, each
-epoch repeats rare classes and thins frequent ones (`vit_jax_ft.sampling`).
+(`vit_jax_ft.inputs.augment`), normalisation. Per batch: optional Mixup / CutMix
+(`vit_jax_ft.inputs.mixing`) keyed by (seed, step). With `data.sampler` set, each
+epoch repeats rare classes and thins frequent ones (`vit_jax_ft.inputs.sampling`).
 
 Evaluation visits every example of a split exactly once; the last partial
 batch is padded and carries `mask` = 0 on the padding.
@@ -31,15 +31,13 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from vit_jax_ft import augment
-from vit_jax_ft import mixing
-from vit_jax_ft import sampling
 from vit_jax_ft.data import tfrecords
+from vit_jax_ft.inputs import augment
+from vit_jax_ft.inputs import mixing
+from vit_jax_ft.inputs import normalization
+from vit_jax_ft.inputs import sampling
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-_CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)  # Keras Applications ResNet50.
-NORMALIZATIONS = ("imagenet", "minus_one_to_one", "zero_one", "caffe_bgr")
+NORMALIZATIONS = normalization.MODES
 _DEFAULT_FEATURES = {"image": "image", "label": "label"}
 # Fold-in constants that separate the random streams derived from one
 # example key (crop and flip use stateless_split of the key itself).
@@ -139,15 +137,16 @@ def normalize(image: tf.Tensor, mode: str) -> tf.Tensor:
   if mode == "imagenet":
     # (x / 255 - mean) / std as one multiply-add with full-shape constants
     # (broadcasting a [3] vector is several times slower on CPU).
-    scale = 1.0 / (255.0 * np.asarray(_IMAGENET_STD))
-    offset = -np.asarray(_IMAGENET_MEAN) / np.asarray(_IMAGENET_STD)
+    mean, std = np.asarray(normalization.IMAGENET_MEAN), np.asarray(normalization.IMAGENET_STD)
+    scale = 1.0 / (255.0 * std)
+    offset = -mean / std
     return image * augment.per_channel(scale, image) + augment.per_channel(offset, image)
   if mode == "minus_one_to_one":
     return image / 127.5 - 1.0
   if mode == "zero_one":
     return image / 255.0
   if mode == "caffe_bgr":
-    return image[..., ::-1] - augment.per_channel(_CAFFE_BGR_MEAN, image)
+    return image[..., ::-1] - augment.per_channel(normalization.CAFFE_BGR_MEAN, image)
   raise ValueError(f"data.normalization must be one of {NORMALIZATIONS}, got {mode!r}")
 
 
@@ -238,7 +237,7 @@ def _train_preprocess(image_bytes, seed, cfg: ml_collections.ConfigDict) -> tf.T
   return image
 
 
-def _eval_preprocess(image_bytes, cfg: ml_collections.ConfigDict) -> tf.Tensor:
+def eval_preprocess(image_bytes, cfg: ml_collections.ConfigDict) -> tf.Tensor:
   """Resize the shorter side to image_size / fraction, then centre-crop."""
   image = tf.cast(_decode(image_bytes), tf.float32)
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
@@ -377,7 +376,7 @@ def eval_iterator(cfg: ml_collections.ConfigDict, data_dir: str, info: dict, spl
 
   def preprocess(record):
     image_bytes, targets = _parse(record, num_classes, names)
-    image = normalize(_eval_preprocess(image_bytes, cfg), cfg.normalization)
+    image = normalize(eval_preprocess(image_bytes, cfg), cfg.normalization)
     return {"image": tf.cast(image, tf.float32), "targets": targets}
 
   ds = _records(shards).shard(process_count, process_index).map(

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 import numpy as np
 from sklearn import metrics as skm
 
-from vit_jax_ft.evaluators import curves as curves_lib
+from vit_jax_ft.reports import curves as curves_lib
 
 MAX_ANNOTATED_CLASSES = 25  # Above this, numbers in the confusion cells are unreadable.
 MAX_CURVE_PANELS = 48

@@ -2,7 +2,7 @@
 
 from typing import Any, Optional, Sequence
 
-from vit_jax_ft.evaluators import calibration
+from vit_jax_ft.reports import calibration
 
 ECE_DEFINITION = (
     f"Expected calibration error over {calibration.NUM_BINS} equal-width confidence bins "

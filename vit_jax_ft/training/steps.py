@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vit_jax_ft import metrics as metrics_lib
+from vit_jax_ft.training import metrics as metrics_lib
 
 
 @flax.struct.dataclass

@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 from absl import logging
 import numpy as np
 
-from vit_jax_ft.evaluators import restore
+from vit_jax_ft import checkpoints
 
 
 class Series(NamedTuple):
@@ -66,7 +66,7 @@ def _dir_bytes(path: str) -> int:
 
 def _best_checkpoint(workdir: str) -> Optional[dict]:
   try:
-    manager, step = restore.find_step(workdir, "best")
+    manager, step = checkpoints.find_step(workdir, "best")
   except FileNotFoundError:
     return None
   metrics = manager.metrics(step) or {}
@@ -76,7 +76,7 @@ def _best_checkpoint(workdir: str) -> Optional[dict]:
 
 def _last_step(workdir: str) -> Optional[int]:
   try:
-    return int(restore.find_step(workdir, "last")[1])
+    return int(checkpoints.find_step(workdir, "last")[1])
   except FileNotFoundError:
     return None
 

@@ -1,0 +1,29 @@
+"""Where a run's data lives and what it holds: (data_dir, dataset_info) for each source."""
+
+import os
+
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+
+from vit_jax_ft.data import digits
+from vit_jax_ft.data import tfrecords
+from vit_jax_ft.inputs import tfds_source
+
+
+def load_data_info(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, dict]:
+  """Returns (data_dir, dataset_info), preparing the built-in demo data if needed."""
+  if config.data.source == "digits":
+    data_dir = config.data.dir or os.path.join(workdir, "data")
+    if jax.process_index() == 0:  # One writer on a shared filesystem.
+      digits.prepare_digits(data_dir, seed=config.seed)
+    multihost_utils.sync_global_devices("digits prepared")
+    return data_dir, tfrecords.read_info(data_dir)
+  if config.data.source == "tfds":
+    return tfds_source.load_data_info(config.data)
+  if config.data.source != "tfrecord":
+    raise ValueError(f"data.source must be 'tfrecord', 'tfds' or 'digits', got "
+                     f"{config.data.source!r}")
+  if not config.data.dir:
+    raise ValueError(f"config.data.dir is not set. {config.data.help}".strip())
+  return config.data.dir, tfrecords.read_info(config.data.dir, config.data.help)
