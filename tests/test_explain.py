@@ -145,7 +145,7 @@ def test_explain_writes_overlays_for_files_and_split_examples(tmp_path):
   assert len(written) == 2 and all(os.path.getsize(p) > 5000 for p in written)
   written = explain.explain(workdir, str(tmp_path / "split"), split="test", num_images=1)
   assert [os.path.basename(p) for p in written] == [
-      f"000_{workdir_lib.split_ids(run.data_dir, run.info, 'test')[0]}.png"]
+      f"000_{pipeline.split_ids(run.data_dir, run.info, 'test')[0]}.png"]
   norm = run.config.data.normalization
   image = np.linspace(0, 255, 12, dtype=np.float32).reshape(2, 2, 3)
   for mode in ("imagenet", "minus_one_to_one", "zero_one", "caffe_bgr", norm):

@@ -98,6 +98,17 @@ def test_schedule_matches_reference(lr, warmup, total, ratio):
   assert np.all(ref[:total] > 0)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant", "step"])
+def test_host_schedule_matches_the_schedule(schedule):
+  opt = _opt(lr=3e-4, warmup_steps=5, schedule=schedule, min_lr_ratio=0.1)
+  fn = optim.learning_rate_schedule(opt, 40)
+  host = optim.on_host(fn)
+  got = [host(step) for step in range(41)]
+  assert all(isinstance(v, float) for v in got)
+  assert got == [float(fn(step)) for step in range(41)]
+  np.testing.assert_allclose(got, np.asarray(fn(jnp.arange(41))), rtol=1e-6)
+
+
 def test_monotone_after_warmup_and_increasing_during_warmup():
   sched = optim.learning_rate_schedule(
       _opt(lr=1e-3, warmup_steps=20, min_lr_ratio=0.05), total_steps=300)

@@ -59,7 +59,7 @@ def items_from_files(run: workdir_lib.Run, spec: str) -> Iterator[Item]:
 
 def items_from_split(run: workdir_lib.Run, split: str, limit: int) -> Iterator[Item]:
   """The first `limit` examples of `split`, named by their ids."""
-  ids = workdir_lib.split_ids(run.data_dir, run.info, split)
+  ids = pipeline.split_ids(run.data_dir, run.info, split)
   batches = pipeline.eval_iterator(run.config.data, run.data_dir, run.info, split,
                                          batch_size=min(limit, 64))
   n = 0

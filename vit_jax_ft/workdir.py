@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
 from vit_jax_ft import checkpoints
 from vit_jax_ft import models
@@ -180,18 +179,6 @@ def make_apply(model: nn.Module, multilabel: bool):
   return jax.jit(lambda v, x: activation(model.apply(v, x, train=False)))
 
 
-def split_ids(data_dir: str, info: dict, split: str) -> list[str]:
-  """Example ids of `split` in eval order (its records' 'id'; the index if absent)."""
-  ids = []
-  spec = {"id": tf.io.FixedLenFeature([], tf.string, default_value="")}
-  for shard in pipeline.split_shards(data_dir, info, split):
-    records = tf.data.TFRecordDataset(shard.path).skip(shard.skip).take(shard.take)
-    ds = records.map(lambda r: tf.io.parse_single_example(r, spec)["id"]).batch(1024)
-    for batch in ds.as_numpy_iterator():
-      ids += [b.decode("utf-8", "replace") for b in batch]
-  return [i or f"#{n}" for n, i in enumerate(ids)]
-
-
 def _batches(run: Run, split: str, batch_size: int) -> Iterator[dict]:
   return pipeline.eval_iterator(run.config.data, run.data_dir, run.info, split,
                                       batch_size=batch_size)
@@ -207,7 +194,7 @@ def predict_split(run: Run, checkpoint: Checkpoint, split: str,
     out = np.asarray(apply(checkpoint.variables, batch["image"]), np.float64)
     probs.append(out[keep])
     targets.append(batch["targets"][keep])
-  ids = split_ids(run.data_dir, run.info, split)
+  ids = pipeline.split_ids(run.data_dir, run.info, split)
   probs, targets = np.concatenate(probs), np.concatenate(targets)
   if len(ids) != len(probs):  # An id per record; eval visits each record once.
     raise ValueError(f"Split {split!r}: {len(probs)} predictions but {len(ids)} records.")

@@ -77,12 +77,25 @@ def split_shards(data_dir: str, info: dict, split: str) -> list[Shard]:
   return shards
 
 
+def _shard_records(path, skip, take) -> tf.data.Dataset:
+  """The records of one shard: the one place a TFRecord file is opened."""
+  return tf.data.TFRecordDataset(path).skip(skip).take(take)
+
+
 def _records(shards: list[Shard]) -> tf.data.Dataset:
   """All records of `shards`, in order."""
   paths, skips, takes = (tf.constant(list(x)) for x in zip(*shards))
   return tf.data.Dataset.from_tensor_slices((paths, tf.cast(skips, tf.int64),
-                                             tf.cast(takes, tf.int64))).flat_map(
-      lambda p, s, t: tf.data.TFRecordDataset(p).skip(s).take(t))
+                                             tf.cast(takes, tf.int64))).flat_map(_shard_records)
+
+
+def split_ids(data_dir: str, info: dict, split: str) -> list[str]:
+  """Example ids of `split` in eval order (its records' 'id'; the index if absent)."""
+  spec = {"id": tf.io.FixedLenFeature([], tf.string, default_value="")}
+  ds = _records(split_shards(data_dir, info, split)).map(
+      lambda r: tf.io.parse_single_example(r, spec)["id"]).batch(1024)
+  ids = [b.decode("utf-8", "replace") for batch in ds.as_numpy_iterator() for b in batch]
+  return [i or f"#{n}" for n, i in enumerate(ids)]
 
 
 def _feature_names(info: dict) -> dict:
@@ -113,7 +126,7 @@ def scan_labels(shards: list[Shard], num_classes: int,
   paths, skips, takes = (tf.constant(list(x)) for x in zip(*shards))
 
   def shard(i, path, skip, take):
-    return tf.data.TFRecordDataset(path).skip(skip).take(take).map(lambda r: (i, r))
+    return _shard_records(path, skip, take).map(lambda r: (i, r))
 
   def labels(i, record):
     ex = tf.io.parse_single_example(record, {label_key: tf.io.VarLenFeature(tf.int64)})
@@ -314,7 +327,7 @@ def train_iterator(cfg: ml_collections.ConfigDict, data_dir: str, info: dict, *,
       return sampling.epoch_copies(rates, sampling.epoch_key(seed, e))
 
   def shard_records(i):
-    ds = tf.data.TFRecordDataset(paths[i]).skip(skips[i]).take(takes[i])
+    ds = _shard_records(paths[i], skips[i], takes[i])
     if copies_of_epoch is None:
       return ds
     return ds.enumerate(offsets[i])

@@ -97,6 +97,22 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
   return schedule
 
 
+def on_host(schedule: optax.Schedule):
+  """`schedule` as a step -> float function evaluated on the host CPU.
+
+  The train loop logs the learning rate every step; evaluated on the default
+  device, `float(schedule(step))` would queue behind the (asynchronously
+  dispatched) train step on a GPU and wait for it.
+  """
+  cpu = jax.devices("cpu")[0]
+
+  def value(step: int) -> float:
+    with jax.default_device(cpu):
+      return float(schedule(step))
+
+  return value
+
+
 def _decay_mask(params):
   # Weight decay on Dense/Conv kernels only: not on biases (attention biases
   # are 2-D, so a rank rule would catch them), norm scales, position

@@ -271,6 +271,7 @@ def _train_loop(config, state, train_fn, run_eval, schedule, total_steps, data_d
                                               every_steps=config.log_every_steps)
   best_step = best_ckpt.best_step() or 0
   lr_scale = float(state.lr_scale)
+  learning_rate = optim.on_host(schedule)
   pending, val_metrics, t0, t0_step = [], None, time.time(), start
   last_saved = last_ckpt.latest_step()  # Finite: checked on resume and before every save.
 
@@ -285,7 +286,7 @@ def _train_loop(config, state, train_fn, run_eval, schedule, total_steps, data_d
     batch = jax.make_array_from_process_local_data(data_sharding, next(train_iter))
     state, step_metrics = train_fn(state, batch)
     pending.append(step_metrics)
-    tensorboard.write_scalars(step, {"learning_rate": float(schedule(step - 1)) * lr_scale})
+    tensorboard.write_scalars(step, {"learning_rate": learning_rate(step - 1) * lr_scale})
     progress(step)
     last = step == total_steps
     if step % config.log_every_steps == 0 or last:
