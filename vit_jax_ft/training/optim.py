@@ -104,7 +104,7 @@ def on_host(schedule: optax.Schedule):
   device, `float(schedule(step))` would queue behind the (asynchronously
   dispatched) train step on a GPU and wait for it.
   """
-  cpu = jax.devices("cpu")[0]
+  cpu = jax.local_devices(backend="cpu")[0]  # This process's own: others' are not addressable.
 
   def value(step: int) -> float:
     with jax.default_device(cpu):
