@@ -5,11 +5,16 @@ batch statistics, RNG, step) of the most recent saves; the data position is a
 function of the step (see input_pipeline), so restoring the state is enough to
 resume exactly. `WORKDIR/checkpoints_best` holds one state, the best so far by
 `config.best_metric`, with its metrics.
+
+With `config.ema_decay` > 0 the state also holds the weights' moving average
+(`ema`); checkpoints written without it (EMA off, or older code) still resume.
 """
 
+import dataclasses
 import os
 from typing import Any, Optional
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -48,17 +53,33 @@ def _multiprocessing(name: str) -> ocp.options.MultiprocessingOptions:
   return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
 
 
+def evaluates_ema(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run's final eval, reports, predict, explain and export use its EMA weights.
+
+  Also answers for the config.json of a run older than the EMA fields (False).
+  """
+  return "ema_decay" in config and config.ema_decay > 0 and bool(config.eval_ema)
+
+
+def best_key(config: ml_collections.ConfigDict) -> str:
+  """The metric that selects the best checkpoint: 'val_[ema_]{best_metric}'."""
+  ema = "ema_" if config.ema_decay > 0 and config.best_on_ema else ""
+  return f"val_{ema}{config.best_metric}"
+
+
 def make_managers(workdir: str, config: ml_collections.ConfigDict):
   """Returns (last, best) CheckpointManagers under `workdir`."""
   last = ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            multiprocessing_options=_multiprocessing("last")))
-  metric = f"val_{config.best_metric}"
+  metric = best_key(config)
+  # A best checkpoint saved without this metric (EMA turned on since) ranks last.
+  worst = -float("inf") if config.best_mode == "max" else float("inf")
   best = ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints_best"),
       options=ocp.CheckpointManagerOptions(
-          max_to_keep=1, create=True, best_fn=lambda m: m[metric],
+          max_to_keep=1, create=True, best_fn=lambda m: m.get(metric, worst),
           best_mode=config.best_mode, multiprocessing_options=_multiprocessing("best")))
   return last, best
 
@@ -73,26 +94,61 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
   bad, total = count_nonfinite(state)
   if bad:
     raise NonFiniteError(f"Step {step}: {bad} of {total} arrays of the train state (parameters, "
-                         f"BatchNorm statistics, optimizer state) are not finite; not saved "
-                         f"to {manager.directory}.")
+                         f"BatchNorm statistics, optimizer state, EMA) are not finite; not "
+                         f"saved to {manager.directory}.")
   manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any,
             step: Optional[int] = None) -> Any:
-  """Restores `step` (default: latest) into the structure of `abstract_state`."""
+  """Restores `step` (default: latest) into the structure of `abstract_state`.
+
+  A checkpoint without EMA weights (EMA off, or written before the field
+  existed) comes back with ema={}: the caller starts the average if it wants
+  one. One with EMA weights into a state without: they are read and dropped.
+  """
   step = manager.latest_step() if step is None else step
+  target = abstract_state
+  saved = _saved_ema(manager, step)
+  if saved is None or bool(saved) != bool(abstract_state.ema):
+    target = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+    if saved is None:
+      del target["ema"]
+    else:
+      target["ema"] = ({"params": abstract_state.params,
+                        "batch_stats": abstract_state.batch_stats} if saved else {})
   try:
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
   except (ValueError, KeyError) as e:
     raise ValueError(
         f"Checkpoint {manager.directory}/{step} does not match the model built from the "
         f"config (was the workdir used with another model or dataset?): {e}") from e
+  if target is abstract_state:
+    return restored
+  if saved:
+    logging.info("Checkpoint %s/%d holds EMA weights; not used (config.ema_decay is 0).",
+                 manager.directory, step)
+  restored["ema"] = {}
+  return abstract_state.replace(**restored)
 
 
-def best_value(manager: ocp.CheckpointManager, metric: str) -> Optional[float]:
-  """The metric value of the kept best checkpoint, or None if there is none."""
+def _saved_ema(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
+  """The EMA entry of checkpoint `step`'s metadata: {} (EMA off) or a tree; None if absent."""
+  path = os.path.join(str(manager.directory), str(step), "default")
+  metadata = ocp.StandardCheckpointer().metadata(path)
+  tree = getattr(metadata, "item_metadata", metadata)
+  tree = getattr(tree, "tree", tree)
+  return tree.get("ema") if tree is not None and "ema" in tree else None
+
+
+def best_value(manager: ocp.CheckpointManager, key: str) -> Optional[float]:
+  """The `key` metric (see best_key) of the kept best checkpoint, or None if there is none."""
   step = manager.best_step()
   if step is None:
     return None
-  return manager.metrics(step)[f"val_{metric}"]
+  metrics = manager.metrics(step) or {}
+  if key not in metrics:  # Saved while the best checkpoint was chosen by another metric.
+    logging.warning("The best checkpoint (step %d) has no %s; the next evaluation replaces it.",
+                    step, key)
+    return None
+  return metrics[key]

@@ -31,6 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from vit_jax_ft import checkpoints
 from vit_jax_ft.evaluators import cli
 from vit_jax_ft.evaluators import curves
 from vit_jax_ft.evaluators import markdown
@@ -87,7 +88,8 @@ def _split_report(ev: _Evaluation, split: str, options: report_lib.Options) -> d
   else:
     body = report_lib.single_label(preds, run.class_names, options)
   meta = {"workdir": os.path.abspath(run.workdir), "split": split,
-          "checkpoint": {"label": ck.label, "step": ck.step, "path": ck.path},
+          "checkpoint": {"label": ck.label, "step": ck.step, "path": ck.path,
+                         "weights": ck.weights},
           "model": run.config.model.name, "multilabel": run.multilabel,
           "class_names": run.class_names}
   return meta | body
@@ -148,7 +150,8 @@ def write_reports(config: Optional[ml_collections.ConfigDict], workdir: str, *,
   if jax.process_index() != 0:  # Evaluation runs on one process, which writes.
     return {}
   run = restore.load_run(workdir, config)
-  ck = restore.from_state(state) if state is not None else restore.restore(workdir, checkpoint)
+  ck = (restore.from_state(state, ema=checkpoints.evaluates_ema(run.config)) if state is not None
+        else restore.restore(workdir, checkpoint))
   if splits is None:
     splits = [s for s in (run.config.data.val_split, run.config.data.test_split) if s]
   options = options or report_lib.Options()

@@ -4,7 +4,8 @@ A workdir holds `config.json` (the config as run, 'auto' normalisation
 resolved), `checkpoints/` (the last K full train states) and
 `checkpoints_best/` (the best one). Only the parameters and BatchNorm
 statistics are read back: evaluation needs neither the optimizer state nor
-the optimizer that made it.
+the optimizer that made it. A run with `ema_decay` > 0 and `eval_ema` (see
+checkpoints.evaluates_ema) is evaluated with the EMA of those weights.
 """
 
 import dataclasses
@@ -59,6 +60,7 @@ class Checkpoint:
   step: int
   label: str  # 'best', 'last' or the step number: names the report folder.
   path: str
+  weights: str = "raw"  # 'ema': the weights' moving average, else the optimizer's.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,25 +132,47 @@ def find_step(workdir: str, which: str) -> tuple[ocp.CheckpointManager, int]:
                           f"available: {sorted(set(available))}.")
 
 
-def restore(workdir: str, which: str = "best") -> Checkpoint:
-  """Parameters and BatchNorm statistics of checkpoint `which` (on the default device)."""
+def run_uses_ema(workdir: str) -> bool:
+  """Whether the run in `workdir` chose its EMA weights for evaluation (config.json)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return checkpoints.evaluates_ema(ml_collections.ConfigDict(json.load(f)))
+
+
+def restore(workdir: str, which: str = "best", ema: Optional[bool] = None) -> Checkpoint:
+  """Parameters and BatchNorm statistics of checkpoint `which` (on the default device).
+
+  ema: read the EMA weights instead of the optimizer's; None: what the run
+  chose (run_uses_ema).
+  """
   manager, step = find_step(workdir, which)
   path = os.path.join(str(manager.directory), str(step), "default")
   tree = manager.item_metadata(step)
   tree = getattr(tree, "tree", tree)
+  ema = run_uses_ema(workdir) if ema is None else ema
+  if ema and not tree.get("ema"):
+    raise ValueError(f"Checkpoint step {step} of workdir {workdir} holds no EMA weights (was "
+                     "it trained with ema_decay=0?).")
+  source = tree["ema"] if ema else tree
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          {"params": tree["params"], "batch_stats": tree["batch_stats"]})
+                          {"params": source["params"], "batch_stats": source["batch_stats"]})
+  item = {"ema": abstract} if ema else abstract
   # partial_restore reads only these two entries, not the optimizer state.
   restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
       partial_restore=True))
+  restored = restored["ema"] if ema else restored
   variables = {"params": restored["params"]}
   if restored["batch_stats"]:
     variables["batch_stats"] = restored["batch_stats"]
   check_finite(variables, workdir, step)
-  logging.info("Restored %s checkpoint at step %d from %s.", which, step, manager.directory)
-  return Checkpoint(variables=variables, step=step, label=which, path=path)
+  weights = "ema" if ema else "raw"
+  logging.info("Restored %s checkpoint at step %d (%s weights) from %s.", which, step,
+               weights.upper() if ema else weights, manager.directory)
+  return Checkpoint(variables=variables, step=step, label=which, path=path, weights=weights)
 
 
 def check_finite(variables: Any, workdir: str, step: int) -> None:
@@ -160,12 +184,18 @@ def check_finite(variables: Any, workdir: str, step: int) -> None:
                      "earlier --checkpoint or retrain with a lower optimizer.lr.")
 
 
-def from_state(state: Any) -> Checkpoint:
-  """A Checkpoint of an in-memory steps.TrainState (at the end of training: 'last')."""
-  variables = {"params": state.params}
-  if state.batch_stats:
-    variables["batch_stats"] = state.batch_stats
-  return Checkpoint(variables=variables, step=int(state.step), label="last", path="")
+def from_state(state: Any, ema: bool = False) -> Checkpoint:
+  """A Checkpoint of an in-memory steps.TrainState (at the end of training: 'last').
+
+  ema: its EMA weights instead of the optimizer's.
+  """
+  params, batch_stats = ((state.ema["params"], state.ema["batch_stats"]) if ema
+                         else (state.params, state.batch_stats))
+  variables = {"params": params}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+  return Checkpoint(variables=variables, step=int(state.step), label="last", path="",
+                    weights="ema" if ema else "raw")
 
 
 def make_apply(model: nn.Module, multilabel: bool):

@@ -12,6 +12,9 @@ transformers is needed to write it.
 What HF's classes cannot express is refused rather than approximated: ViTs
 with 'gap' pooling or a pre-logits layer, ResNets with conv biases (Keras) or a
 BatchNorm epsilon other than 1e-5.
+
+A run that chose its EMA weights for evaluation (`ema_decay` > 0 and
+`eval_ema`) is exported with them.
 """
 
 from __future__ import annotations
@@ -46,7 +49,10 @@ class ExportError(ValueError):
 
 def read_run(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict,
                                                              dict, int]:
-  """(config, params, batch_stats, step) of a workdir's latest (or given) checkpoint."""
+  """(config, params, batch_stats, step) of a workdir's latest (or given) checkpoint.
+
+  The EMA weights when the run chose them (checkpoints.evaluates_ema).
+  """
   config_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"{config_path} not found: is {workdir} a training workdir?")
@@ -59,6 +65,12 @@ def read_run(workdir: str, step: int | None = None) -> tuple[ml_collections.Conf
       raise FileNotFoundError(f"No checkpoint in {ckpt_dir}.")
     # No target: the TrainState comes back as a dict of its fields.
     state = manager.restore(step, args=ocp.args.StandardRestore())
+  if checkpoints.evaluates_ema(config):
+    if not state.get("ema"):
+      raise ValueError(f"Checkpoint step {step} of workdir {workdir} holds no EMA weights "
+                       "although its config.json has ema_decay > 0 and eval_ema.")
+    logging.info("Exporting the EMA weights of step %d (config.eval_ema).", step)
+    state = state["ema"]
   params, batch_stats = _as_numpy(state["params"]), _as_numpy(state.get("batch_stats") or {})
   bad, total = checkpoints.count_nonfinite({"params": params, "batch_stats": batch_stats})
   if bad:  # An export of NaN weights would load fine and predict NaN.
