@@ -35,7 +35,7 @@ FIELD_DOCS = {
     "plateau_patience": "Multiply the learning rate by plateau_factor after this many evaluations without improvement (0: never).",
     "plateau_factor": "Learning-rate factor applied at each plateau.",
     "ema_decay": "EMA of the weights (and BatchNorm statistics) after every step, e.g. 0.9998; 0 disables (no copy kept).",
-    "ema_warmup": "EMA decay at step t is min(ema_decay, (1 + t) / (10 + t)) (TF ExponentialMovingAverage), else ema_decay throughout.",
+    "ema_warmup": "EMA decay min(ema_decay, (1 + t) / (10 + t)), t the steps taken before (TF ExponentialMovingAverage); False: ema_decay throughout.",
     "best_on_ema": "With EMA: select the best checkpoint (and early stopping, plateau) by val_ema_{best_metric}.",
     "eval_ema": "With EMA: the final eval, reports, predict, explain and export use the EMA weights.",
     "final_report": "After training, write the evaluation report (WORKDIR/reports) for val and test.",
