@@ -170,7 +170,6 @@ def test_restore_predict_and_export_use_the_ema_weights(ema_run):
   assert ck.weights == "ema"
   _, saved = _saved(workdir, "checkpoints_best", ck.step)
   ema_vars = {"params": saved["ema"]["params"]}
-  raw_vars = {"params": saved["params"]}
   # Manual apply of the saved EMA parameters on the test split.
   manual = []
   for batch in input_pipeline.eval_iterator(config.data, run.data_dir, run.info, "test",
@@ -180,7 +179,11 @@ def test_restore_predict_and_export_use_the_ema_weights(ema_run):
   manual = np.concatenate(manual)
   preds = restore.predict_split(run, ck, "test")  # What evaluate and predict run.
   np.testing.assert_allclose(preds.probs, manual, atol=1e-6)
-  raw = restore.predict_split(run, restore.restore(workdir, "best", ema=False), "test")
+  raw_ck = restore.restore(workdir, "best", ema=False)
+  assert raw_ck.weights == "raw"
+  for x, y in zip(jax.tree.leaves(raw_ck.variables["params"]), jax.tree.leaves(saved["params"])):
+    np.testing.assert_array_equal(x, y)
+  raw = restore.predict_split(run, raw_ck, "test")
   assert np.abs(raw.probs - manual).max() > 1e-3  # The choice of weights matters here.
   # Export: the last checkpoint's EMA parameters.
   _, params, _, step = hf_export.read_run(workdir)
