@@ -34,6 +34,10 @@ FIELD_DOCS = {
     "early_stopping_patience": "Stop after this many evaluations without improvement (0: never).",
     "plateau_patience": "Multiply the learning rate by plateau_factor after this many evaluations without improvement (0: never).",
     "plateau_factor": "Learning-rate factor applied at each plateau.",
+    "ema_decay": "EMA of the weights (and BatchNorm statistics) after every step, e.g. 0.9998; 0 disables (no copy kept).",
+    "ema_warmup": "EMA decay min(ema_decay, (1 + t) / (10 + t)), t the steps taken before (TF ExponentialMovingAverage); False: ema_decay throughout.",
+    "best_on_ema": "With EMA: select the best checkpoint (and early stopping, plateau) by val_ema_{best_metric}.",
+    "eval_ema": "With EMA: the final eval, reports, predict, explain and export use the EMA weights.",
     "final_report": "After training, write the evaluation report (WORKDIR/reports) for val and test.",
     "init_from": "Pretrained weights: a converted dir, .npz, HF folder or id, timm/torchvision/Keras file.",
     "init_strict": "Fail unless every backbone parameter loads and nothing in the checkpoint is unused.",
@@ -171,6 +175,10 @@ def get_base_config() -> config_dict.ConfigDict:
   c.early_stopping_patience = 0
   c.plateau_patience = 0
   c.plateau_factor = 0.5
+  c.ema_decay = 0.0
+  c.ema_warmup = True
+  c.best_on_ema = True
+  c.eval_ema = True
   c.final_report = True
   c.init_from = placeholder(str)
   c.init_strict = True

@@ -7,8 +7,12 @@ resume exactly. `WORKDIR/checkpoints_best` holds one state, the best so far by
 `config.best_metric`, with its metrics. This module is the only one that
 talks to Orbax: the train loop restores full states, the tools read
 parameters only (`restore_variables`).
+
+With `config.ema_decay` > 0 the state also holds the weights' moving average
+(`ema`); checkpoints written without it (EMA off, or older code) still resume.
 """
 
+import dataclasses
 import os
 from typing import Any, Optional
 
@@ -21,7 +25,6 @@ import orbax.checkpoint as ocp
 
 LAST_DIR = "checkpoints"
 BEST_DIR = "checkpoints_best"
-
 
 class NonFiniteError(FloatingPointError):
   """A train state (or checkpoint) holds NaN or Inf."""
@@ -55,17 +58,33 @@ def _multiprocessing(name: str) -> ocp.options.MultiprocessingOptions:
   return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
 
 
+def evaluates_ema(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run's final eval, reports, predict, explain and export use its EMA weights.
+
+  Also answers for the config.json of a run older than the EMA fields (False).
+  """
+  return "ema_decay" in config and config.ema_decay > 0 and bool(config.eval_ema)
+
+
+def best_key(config: ml_collections.ConfigDict) -> str:
+  """The metric that selects the best checkpoint: 'val_[ema_]{best_metric}'."""
+  ema = "ema_" if config.ema_decay > 0 and config.best_on_ema else ""
+  return f"val_{ema}{config.best_metric}"
+
+
 def make_managers(workdir: str, config: ml_collections.ConfigDict):
   """Returns (last, best) CheckpointManagers under `workdir`."""
   last = ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), LAST_DIR),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            multiprocessing_options=_multiprocessing("last")))
-  metric = f"val_{config.best_metric}"
+  metric = best_key(config)
+  # A best checkpoint saved without this metric (EMA turned on since) ranks last.
+  worst = -float("inf") if config.best_mode == "max" else float("inf")
   best = ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), BEST_DIR),
       options=ocp.CheckpointManagerOptions(
-          max_to_keep=1, create=True, best_fn=lambda m: m[metric],
+          max_to_keep=1, create=True, best_fn=lambda m: m.get(metric, worst),
           best_mode=config.best_mode, multiprocessing_options=_multiprocessing("best")))
   return last, best
 
@@ -80,29 +99,64 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
   bad, total = count_nonfinite(state)
   if bad:
     raise NonFiniteError(f"Step {step}: {bad} of {total} arrays of the train state (parameters, "
-                         f"BatchNorm statistics, optimizer state) are not finite; not saved "
-                         f"to {manager.directory}.")
+                         f"BatchNorm statistics, optimizer state, EMA) are not finite; not "
+                         f"saved to {manager.directory}.")
   manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any,
             step: Optional[int] = None) -> Any:
-  """Restores `step` (default: latest) into the structure of `abstract_state`."""
+  """Restores `step` (default: latest) into the structure of `abstract_state`.
+
+  A checkpoint without EMA weights (EMA off, or written before the field
+  existed) comes back with ema={}: the caller starts the average if it wants
+  one. One with EMA weights into a state without: they are read and dropped.
+  """
   step = manager.latest_step() if step is None else step
+  target = abstract_state
+  saved = _saved_ema(manager, step)
+  if saved is None or bool(saved) != bool(abstract_state.ema):
+    target = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+    if saved is None:
+      del target["ema"]
+    else:
+      target["ema"] = ({"params": abstract_state.params,
+                        "batch_stats": abstract_state.batch_stats} if saved else {})
   try:
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
   except (ValueError, KeyError) as e:
     raise ValueError(
         f"Checkpoint {manager.directory}/{step} does not match the model built from the "
         f"config (was the workdir used with another model or dataset?): {e}") from e
+  if target is abstract_state:
+    return restored
+  if saved:
+    logging.info("Checkpoint %s/%d holds EMA weights; not used (config.ema_decay is 0).",
+                 manager.directory, step)
+  restored["ema"] = {}
+  return abstract_state.replace(**restored)
 
 
-def best_value(manager: ocp.CheckpointManager, metric: str) -> Optional[float]:
-  """The metric value of the kept best checkpoint, or None if there is none."""
+def _saved_ema(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
+  """The EMA entry of checkpoint `step`'s metadata: {} (EMA off) or a tree; None if absent."""
+  path = os.path.join(str(manager.directory), str(step), "default")
+  metadata = ocp.StandardCheckpointer().metadata(path)
+  tree = getattr(metadata, "item_metadata", metadata)
+  tree = getattr(tree, "tree", tree)
+  return tree.get("ema") if tree is not None and "ema" in tree else None
+
+
+def best_value(manager: ocp.CheckpointManager, key: str) -> Optional[float]:
+  """The `key` metric (see best_key) of the kept best checkpoint, or None if there is none."""
   step = manager.best_step()
   if step is None:
     return None
-  return manager.metrics(step)[f"val_{metric}"]
+  metrics = manager.metrics(step) or {}
+  if key not in metrics:  # Saved while the best checkpoint was chosen by another metric.
+    logging.warning("The best checkpoint (step %d) has no %s; the next evaluation replaces it.",
+                    step, key)
+    return None
+  return metrics[key]
 
 
 def _manager(workdir: str, which: str) -> ocp.CheckpointManager:
@@ -136,24 +190,34 @@ def find_step(workdir: str, which: str) -> tuple[ocp.CheckpointManager, int]:
                           f"available: {sorted(set(available))}.")
 
 
-def restore_variables(workdir: str, which: str = "best") -> tuple[dict, int, str]:
+def restore_variables(workdir: str, which: str = "best",
+                      ema: bool = False) -> tuple[dict, int, str]:
   """(variables, step, path) of checkpoint `which`: parameters and BatchNorm statistics only.
 
   Evaluation needs neither the optimizer state nor the optimizer that made
-  it, so only these two entries are read (on the default device).
+  it, so only these entries are read (on the default device). ema: read the
+  moving average of the weights instead of the optimizer's.
   """
   manager, step = find_step(workdir, which)
   path = os.path.join(str(manager.directory), str(step), "default")
   tree = manager.item_metadata(step)
   tree = getattr(tree, "tree", tree)
+  if ema and not tree.get("ema"):
+    raise ValueError(f"Checkpoint step {step} of workdir {workdir} holds no EMA weights (was "
+                     "it trained with ema_decay=0?).")
+  source = tree["ema"] if ema else tree
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          {"params": tree["params"], "batch_stats": tree["batch_stats"]})
+                          {"params": source["params"], "batch_stats": source["batch_stats"]})
+  item = {"ema": abstract} if ema else abstract
+  # partial_restore reads only these entries, not the optimizer state.
   restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
       partial_restore=True))
+  restored = restored["ema"] if ema else restored
   variables = {"params": restored["params"]}
   if restored["batch_stats"]:
     variables["batch_stats"] = restored["batch_stats"]
-  logging.info("Restored %s checkpoint at step %d from %s.", which, step, manager.directory)
+  logging.info("Restored %s checkpoint at step %d (%s weights) from %s.", which, step,
+               "EMA" if ema else "raw", manager.directory)
   return variables, step, path

@@ -28,6 +28,7 @@ _RANGES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
     ("early_stopping_patience", lambda v: v >= 0, "an integer >= 0"),
     ("plateau_patience", lambda v: v >= 0, "an integer >= 0"),
     ("plateau_factor", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("ema_decay", lambda v: 0 <= v < 1, "in [0, 1) (0 disables)"),
     ("data.image_size", lambda v: v >= 1, "an integer >= 1"),
     ("data.shuffle_buffer", lambda v: v >= 1, "an integer >= 1"),
     ("data.crop_min_scale", lambda v: 0 < v <= 1, "in (0, 1]"),

@@ -5,6 +5,8 @@ resolved), `pretrained.json` (with init_from: the load report and the
 weights' metadata), `checkpoints/` (the last K full train states),
 `checkpoints_best/` (the best one) and `reports/`. The train loop writes
 them; evaluate, predict, explain and export read them back through here.
+A run with `ema_decay` > 0 and `eval_ema` (see checkpoints.evaluates_ema) is
+evaluated with the EMA of its weights.
 """
 
 import dataclasses
@@ -109,6 +111,7 @@ class Checkpoint:
   step: int
   label: str  # 'best', 'last' or the step number: names the report folder.
   path: str
+  weights: str = "raw"  # 'ema': the weights' moving average, else the optimizer's.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,11 +152,26 @@ def load_run(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -
   return Run(workdir=workdir, config=config, data_dir=data_dir, info=info, model=model)
 
 
-def restore(workdir: str, which: str = "best") -> Checkpoint:
-  """Parameters and BatchNorm statistics of checkpoint `which` (on the default device)."""
-  variables, step, path = checkpoints.restore_variables(workdir, which)
+def run_uses_ema(workdir: str) -> bool:
+  """Whether the run in `workdir` chose its EMA weights for evaluation (config.json)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return checkpoints.evaluates_ema(ml_collections.ConfigDict(json.load(f)))
+
+
+def restore(workdir: str, which: str = "best", ema: Optional[bool] = None) -> Checkpoint:
+  """Parameters and BatchNorm statistics of checkpoint `which` (on the default device).
+
+  ema: read the EMA weights instead of the optimizer's; None: what the run
+  chose (run_uses_ema).
+  """
+  ema = run_uses_ema(workdir) if ema is None else ema
+  variables, step, path = checkpoints.restore_variables(workdir, which, ema=ema)
   check_finite(variables, workdir, step)
-  return Checkpoint(variables=variables, step=step, label=which, path=path)
+  return Checkpoint(variables=variables, step=step, label=which, path=path,
+                    weights="ema" if ema else "raw")
 
 
 def check_finite(variables: Any, workdir: str, step: int) -> None:
@@ -165,12 +183,18 @@ def check_finite(variables: Any, workdir: str, step: int) -> None:
                      "earlier --checkpoint or retrain with a lower optimizer.lr.")
 
 
-def from_state(state: Any) -> Checkpoint:
-  """A Checkpoint of an in-memory steps.TrainState (at the end of training: 'last')."""
-  variables = {"params": state.params}
-  if state.batch_stats:
-    variables["batch_stats"] = state.batch_stats
-  return Checkpoint(variables=variables, step=int(state.step), label="last", path="")
+def from_state(state: Any, ema: bool = False) -> Checkpoint:
+  """A Checkpoint of an in-memory steps.TrainState (at the end of training: 'last').
+
+  ema: its EMA weights instead of the optimizer's.
+  """
+  params, batch_stats = ((state.ema["params"], state.ema["batch_stats"]) if ema
+                         else (state.params, state.batch_stats))
+  variables = {"params": params}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+  return Checkpoint(variables=variables, step=int(state.step), label="last", path="",
+                    weights="ema" if ema else "raw")
 
 
 def make_apply(model: nn.Module, multilabel: bool):

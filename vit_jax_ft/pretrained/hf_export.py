@@ -12,6 +12,9 @@ transformers is needed to write it.
 What HF's classes cannot express is refused rather than approximated: ViTs
 with 'gap' pooling or a pre-logits layer, ResNets with conv biases (Keras) or a
 BatchNorm epsilon other than 1e-5.
+
+A run that chose its EMA weights for evaluation (`ema_decay` > 0 and
+`eval_ema`) is exported with them.
 """
 
 from __future__ import annotations

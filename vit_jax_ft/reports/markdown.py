@@ -125,7 +125,9 @@ def render(report: dict, files: dict, headline: dict,
   """The whole report.md."""
   ck = report["checkpoint"]
   names = report["class_names"]
-  lines = [f"# Evaluation: split `{report['split']}`, {ck['label']} checkpoint (step {ck['step']})",
+  weights = ", EMA weights" if ck.get("weights") == "ema" else ""
+  lines = [f"# Evaluation: split `{report['split']}`, {ck['label']} checkpoint "
+           f"(step {ck['step']}{weights})",
            "", f"Workdir `{report['workdir']}`, model `{report['model']}`, "
            f"{report['num_examples']} examples, {len(names)} "
            f"{'labels (multi-label)' if report['multilabel'] else 'classes'}.", ""]

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from vit_jax_ft import checkpoints
 from vit_jax_ft import workdir as workdir_lib
 from vit_jax_ft.reports import curves
 from vit_jax_ft.reports import markdown
@@ -67,7 +68,8 @@ def _split_report(ev: _Evaluation, split: str, options: report_lib.Options) -> d
   else:
     body = report_lib.single_label(preds, run.class_names, options)
   meta = {"workdir": os.path.abspath(run.workdir), "split": split,
-          "checkpoint": {"label": ck.label, "step": ck.step, "path": ck.path},
+          "checkpoint": {"label": ck.label, "step": ck.step, "path": ck.path,
+                         "weights": ck.weights},
           "model": run.config.model.name, "multilabel": run.multilabel,
           "class_names": run.class_names}
   return meta | body
@@ -126,7 +128,8 @@ def write_reports(config: Optional[ml_collections.ConfigDict], workdir: str, *,
   if jax.process_index() != 0:  # Evaluation runs on one process, which writes.
     return {}
   run = workdir_lib.load_run(workdir, config)
-  ck = workdir_lib.from_state(state) if state is not None else workdir_lib.restore(workdir, checkpoint)
+  ck = (workdir_lib.from_state(state, ema=checkpoints.evaluates_ema(run.config))
+        if state is not None else workdir_lib.restore(workdir, checkpoint))
   if splits is None:
     splits = [s for s in (run.config.data.val_split, run.config.data.test_split) if s]
   options = options or report_lib.Options()

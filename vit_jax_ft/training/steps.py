@@ -27,6 +27,9 @@ class TrainState:
   # step of the last reduction.
   lr_scale: jax.Array
   lr_scale_step: jax.Array
+  # Exponential moving average of the weights, {"params", "batch_stats"}
+  # (see Ema); {} when config.ema_decay is 0, so that no copy is kept.
+  ema: Any = flax.struct.field(default_factory=dict)
 
 
 @flax.struct.dataclass
@@ -43,6 +46,49 @@ class LossScaling:
                       jnp.maximum(state.loss_scale / 2.0, 1.0))
     good = jnp.where(finite & ~grow, state.good_steps + 1, 0)
     return scale, good.astype(jnp.int32)
+
+
+@flax.struct.dataclass
+class Ema:
+  """Exponential moving average of the weights, updated after every optimizer step.
+
+  ema = decay_t * ema + (1 - decay_t) * new, over the parameters and the
+  BatchNorm running statistics alike (as timm's ModelEmaV2 averages every
+  buffer). With `warmup`, decay_t = min(decay, (1 + t) / (10 + t)), t the
+  number of steps taken before this one (TF ExponentialMovingAverage's
+  num_updates rule): the average forgets its starting weights fast early on.
+  """
+
+  decay: float = flax.struct.field(pytree_node=False, default=0.0)
+  warmup: bool = flax.struct.field(pytree_node=False, default=True)
+
+  @property
+  def enabled(self) -> bool:
+    return self.decay > 0
+
+  def decay_at(self, t: jax.Array) -> jax.Array:
+    """decay_t for the update after `t` earlier steps."""
+    if not self.warmup:
+      return jnp.asarray(self.decay, jnp.float32)
+    t = jnp.asarray(t, jnp.float32)
+    return jnp.minimum(jnp.float32(self.decay), (1.0 + t) / (10.0 + t))
+
+  def update(self, ema: Any, params: Any, batch_stats: Any, t: jax.Array) -> dict:
+    """The average after a step that produced `params` and `batch_stats`."""
+    d = self.decay_at(t)
+    new = {"params": params, "batch_stats": batch_stats}
+    return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, new)
+
+
+def init_ema(state: TrainState) -> TrainState:
+  """`state` with its EMA started at its current weights (own buffers: the step donates)."""
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)
+  return state.replace(ema={"params": copy(state.params), "batch_stats": copy(state.batch_stats)})
+
+
+def ema_weights(state: TrainState) -> TrainState:
+  """`state` with the EMA weights in place of the trained ones (for eval_step)."""
+  return state.replace(params=state.ema["params"], batch_stats=state.ema["batch_stats"])
 
 
 def create_train_state(model, tx: optax.GradientTransformation, image_size: int,
@@ -90,14 +136,16 @@ def _loss_and_grads(model, loss_fn, params, batch_stats, batch, rng, scale=1.0):
 
 def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTransformation,
                loss_fn: Callable, accum_steps: int = 1,
-               scaling: LossScaling = LossScaling()) -> tuple[TrainState, dict]:
+               scaling: LossScaling = LossScaling(),
+               ema: Ema = Ema()) -> tuple[TrainState, dict]:
   """One optimizer step on `batch`.
 
   With accum_steps > 1 the batch is split into that many micro-batches whose
   gradients are averaged before the single update: the same update as the
   whole batch at once (BatchNorm statistics aside), with less activation
   memory. With loss scaling enabled, a step whose gradients are not finite
-  changes nothing but the scale (it is skipped and reported as such).
+  changes nothing but the scale (it is skipped and reported as such), the
+  weights' moving average (`ema`, updated after the optimizer step) included.
   """
   rng = jax.random.fold_in(state.rng, state.step)
   scale = state.loss_scale
@@ -126,6 +174,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
   updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             batch_stats=batch_stats, opt_state=opt_state)
+  if ema.enabled:
+    new_state = new_state.replace(ema=ema.update(state.ema, new_state.params,
+                                                 new_state.batch_stats, state.step))
   # Accuracy is only meaningful for single-label targets; the loop drops it
   # for multi-label data.
   step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
@@ -133,7 +184,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
   if scaling.enabled:
     finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
     loss_scale, good_steps = scaling.update(state, finite)
-    # Skip the update: keep the old parameters, optimizer and BatchNorm state.
+    # Skip the update: keep the old parameters, optimizer, BatchNorm state and EMA.
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     new_state = new_state.replace(step=state.step + 1, loss_scale=loss_scale,
                                   good_steps=good_steps)

@@ -192,9 +192,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   float16 = config.dtype == "float16"
-  state = jax.device_put(
-      steps.create_train_state(model, tx, config.data.image_size, config.seed,
-                               config.loss_scale_init if float16 else 1.0), replicated)
+  ema = steps.Ema(decay=config.ema_decay, warmup=config.ema_warmup)
+  state = steps.create_train_state(model, tx, config.data.image_size, config.seed,
+                                   config.loss_scale_init if float16 else 1.0)
+  state = jax.device_put(steps.init_ema(state) if ema.enabled else state, replicated)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("Model %s: %s parameters, %d classes, %d train steps.", config.model.name,
                f"{num_params:,}", len(info["class_names"]), total_steps)
@@ -210,17 +211,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"in {bad} of {total} arrays; delete it (or the workdir) and rerun with a lower "
           "optimizer.lr.")
     logging.info("Resumed from %s at step %d.", last_ckpt.directory, int(state.step))
+    if ema.enabled and not state.ema:
+      logging.warning("Checkpoint step %d has no EMA weights: the EMA starts from its weights.",
+                      int(state.step))
+      state = jax.device_put(steps.init_ema(state), replicated)
   metadata = None
   if last_ckpt.latest_step() is None and config.init_from:
     state, metadata = init_from.load_weights(config, model, state, workdir)
-    state = jax.device_put(state, replicated)
+    state = jax.device_put(steps.init_ema(state) if ema.enabled else state, replicated)
   elif not config.init_from:
     logging.warning("No config.init_from: training %s from random initialisation.",
                     config.model.name)
   config.data.normalization = workdir_lib.resolve_normalization(config, workdir, metadata)
   logging.info("Input normalisation: %s.", config.data.normalization)
   workdir_lib.write_config(config, workdir)  # As run ('auto' resolved), to reproduce it.
-  best = checkpoints.best_value(best_ckpt, config.best_metric)
+  best = checkpoints.best_value(best_ckpt, checkpoints.best_key(config))
 
   # Per-step scalars (the learning rate) go to TensorBoard only; the console
   # sees the averaged metrics every log_every_steps.
@@ -230,7 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   scaling = steps.LossScaling(enabled=float16, period=config.loss_scale_period)
   train_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, loss_fn=loss_fn,
                                        accum_steps=config.optimizer.accum_steps,
-                                       scaling=scaling),
+                                       scaling=scaling, ema=ema),
                      donate_argnums=0)
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, loss_fn=loss_fn,
                                       multilabel=multilabel))
@@ -295,11 +300,18 @@ def _train_loop(config, state, train_fn, run_eval, schedule, total_steps, data_d
       pending, t0, t0_step = [], time.time(), step
     if step % config.eval_every_steps == 0 or last:
       val_metrics = run_eval(state, split=config.data.val_split)
-      writer.write_scalars(step, {f"val_{k}": v for k, v in val_metrics.items()})
-      value = val_metrics[config.best_metric]
+      scalars = {f"val_{k}": v for k, v in val_metrics.items()}
+      if state.ema:  # The EMA weights too: val_ema_*.
+        ema_metrics = run_eval(steps.ema_weights(state), split=config.data.val_split)
+        scalars |= {f"val_ema_{k}": v for k, v in ema_metrics.items()}
+        if checkpoints.evaluates_ema(config):  # What the final eval reports.
+          val_metrics = ema_metrics
+      writer.write_scalars(step, scalars)
+      value = scalars[checkpoints.best_key(config)]
       if _is_better(value, best, config.best_mode, config.min_delta):
         best, best_step = value, step
-        save(best_ckpt, step, state, {f"val_{config.best_metric}": value})
+        keys = [f"val_{p}{config.best_metric}" for p in ("", "ema_")]
+        save(best_ckpt, step, state, {k: scalars[k] for k in keys if k in scalars})
       state, stop = _after_eval(config, state, step, best_step)
       lr_scale = float(state.lr_scale)
       if stop and not last:
@@ -319,10 +331,18 @@ def _train_loop(config, state, train_fn, run_eval, schedule, total_steps, data_d
 
 
 def _final_eval(run_eval, state, config, workdir, val_metrics) -> dict:
-  """Evaluates the final state on val and test; writes eval_results.json."""
+  """Evaluates the final state (its EMA weights if config.eval_ema) on val and test.
+
+  Writes eval_results.json, whose "weights" says which: 'ema' or 'raw'.
+  `val_metrics` are those of the same weights when already computed.
+  """
+  use_ema = checkpoints.evaluates_ema(config)
+  if use_ema:
+    state = steps.ema_weights(state)
   if val_metrics is None:
     val_metrics = run_eval(state, split=config.data.val_split)
-  results = {"step": int(state.step)} | {f"val_{k}": v for k, v in val_metrics.items()}
+  results = {"step": int(state.step), "weights": "ema" if use_ema else "raw"}
+  results |= {f"val_{k}": v for k, v in val_metrics.items()}
   if config.data.test_split:
     test_metrics = run_eval(state, split=config.data.test_split)
     results |= {f"test_{k}": v for k, v in test_metrics.items()}
