@@ -44,7 +44,9 @@ def test_classification_report_matches_sklearn():
   flip |= labels == 3  # ...and 'owl' is never predicted.
   preds[flip] = rng.choice([0, 1, 2], size=flip.sum())
   cm = classification.confusion_matrix(labels, preds, len(names))
-  ours = classification.classification_report(cm, names)
+  assert cm.shape == (5, 5) and cm[4].sum() == cm[:, 4].sum() == 0
+  assert cm[3, 3] == 0 and cm.sum() == 300 and np.trace(cm) == np.sum(labels == preds)
+  ours = classification.classification_report(labels, preds, names)
   theirs = skm.classification_report(labels, preds, target_names=names[:4], output_dict=True,
                                      zero_division=0)
   assert ours.pop("absent_classes") == ["eel"]
@@ -69,6 +71,38 @@ def test_top_k_and_log_loss_match_sklearn():
   truth = np.eye(6)[labels]
   assert classification.log_loss(probs, truth, multilabel=False) == pytest.approx(
       skm.log_loss(labels, probs, labels=range(6)))
+
+
+def test_top_k_counts_a_tie_in_the_models_favour():
+  # sklearn's top_k_accuracy_score breaks ties by class index instead (row 0 would miss).
+  probs = np.array([[0.4, 0.4, 0.2, 0.0],    # true 0 tied with 1 for first place
+                    [0.3, 0.3, 0.3, 0.1],    # true 2 tied three ways
+                    [0.1, 0.2, 0.3, 0.4],    # true 1 third
+                    [0.1, 0.5, 0.2, 0.2],    # true 2 second, tied with 3
+                    [0.25, 0.25, 0.25, 0.25]])
+  labels = np.array([0, 2, 1, 2, 3])
+  assert classification.top_k_accuracy(probs, labels, ks=(1, 2, 3)) == {
+      "1": 0.6, "2": 0.8, "3": 1.0}
+
+
+def test_log_loss_clips_at_1e15_without_renormalising():
+  # sklearn clips at the dtype's eps and warns about rows of a float32 softmax, which sum
+  # to 1 only within ~1e-7; here a certain miss costs -log(1e-15) and rows are taken as they are.
+  probs = np.array([[0.0, 1.0], [0.7, 0.3 + 1e-7]])
+  truth = np.array([[1, 0], [1, 0]], bool)
+  assert classification.log_loss(probs, truth, multilabel=False) == pytest.approx(
+      (-np.log(1e-15) - np.log(0.7)) / 2, rel=1e-12)
+  # Multi-label: the mean over labels of each label's binary log loss.
+  rng = np.random.default_rng(5)
+  probs = rng.uniform(0.01, 0.99, (50, 3))
+  truth = rng.random((50, 3)) < 0.4
+  expected = np.mean([skm.log_loss(truth[:, c], probs[:, c], labels=[False, True])
+                      for c in range(3)])
+  assert classification.log_loss(probs, truth, multilabel=True) == pytest.approx(expected)
+  old = -np.log(probs[0, 0] if truth[0, 0] else 1 - probs[0, 0])
+  truth[0, 0], probs[0, 0] = True, 0.0  # A missed label predicted with certainty.
+  assert classification.log_loss(probs, truth, multilabel=True) == pytest.approx(
+      expected + (-np.log(1e-15) - old) / 150, rel=1e-12)
 
 
 def test_precision_at_recall_is_the_most_precise_threshold_keeping_recall():
@@ -132,6 +166,25 @@ def test_multilabel_metrics_match_sklearn():
   assert got["hamming_loss"] == pytest.approx(skm.hamming_loss(truth, pred))
 
 
+def test_multilabel_metrics_of_a_single_label():
+  # One indicator column reads to sklearn as binary 0/1 targets; it is still one label.
+  rng = np.random.default_rng(6)
+  truth = rng.random((60, 1)) < 0.3
+  probs = rng.random((60, 1))
+  got = multilabel.metrics_at(probs, truth, np.array([0.4]), ["cat"])
+  pred = probs[:, 0] >= 0.4
+  expected = skm.precision_recall_fscore_support(truth[:, 0], pred, average="binary",
+                                                 zero_division=0)[:3]
+  assert list(got["per_label"]) == ["cat"] and got["per_label"]["cat"]["support"] == truth.sum()
+  for key in ("micro", "macro"):
+    assert (got[key]["precision"], got[key]["recall"], got[key]["f1-score"]) == pytest.approx(
+        expected)
+  row = got["per_label"]["cat"]
+  assert (row["precision"], row["recall"], row["f1-score"]) == pytest.approx(expected)
+  assert got["hamming_loss"] == pytest.approx(np.mean(pred != truth[:, 0]))
+  assert got["exact_match"] == pytest.approx(1 - got["hamming_loss"])
+
+
 def test_tuned_thresholds_maximise_f1_per_label():
   rng = np.random.default_rng(4)
   truth = rng.random((120, 3)) < [0.4, 0.15, 0.0]
@@ -143,6 +196,9 @@ def test_tuned_thresholds_maximise_f1_per_label():
     assert f1(tuned[c]) == pytest.approx(max(f1(t) for t in np.unique(probs[:, c])))
     # Strictly between two observed scores, so ties in new data do not flip.
     assert tuned[c] not in set(probs[:, c]) or tuned[c] == probs[:, c].min()
+    # The sweep's F1 is sklearn's F1 at the threshold it returns.
+    threshold, best = multilabel._best_f1_threshold(probs[:, c], truth[:, c])
+    assert threshold == tuned[c] and best == pytest.approx(f1(threshold), abs=1e-12)
 
 
 def test_error_analysis_counts_by_hand():

@@ -1,6 +1,6 @@
 """Classification metrics from a split's probabilities (host-side numpy).
 
-Single-label numbers follow `sklearn.metrics.classification_report`: the
+Single-label numbers come from `sklearn.metrics.classification_report`: the
 per-class rows and the macro / weighted averages run over the classes that
 occur in the labels or the predictions (sklearn's default label set, and the
 set `vit_jax_ft.training.metrics` averages its macro-F1 over during training); an
@@ -19,43 +19,23 @@ from sklearn import metrics as skm
 DEFAULT_TOP_K = (1, 3, 5)
 
 
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-  num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
-  return np.where(den > 0, num / np.maximum(den, 1e-300), 0.0)
-
-
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-  """Counts [true class, predicted class]."""
-  flat = np.asarray(labels, np.int64) * num_classes + np.asarray(preds, np.int64)
-  return np.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
+  """Counts [true class, predicted class] over all `num_classes` classes."""
+  return skm.confusion_matrix(labels, preds, labels=np.arange(num_classes))
 
 
-def _row(precision, recall, f1, support) -> dict:
-  return {"precision": float(precision), "recall": float(recall), "f1-score": float(f1),
-          "support": float(support)}
-
-
-def classification_report(cm: np.ndarray, class_names: Sequence[str]) -> dict:
-  """sklearn's `classification_report(output_dict=True)` from a confusion matrix.
+def classification_report(labels: np.ndarray, preds: np.ndarray,
+                          class_names: Sequence[str]) -> dict:
+  """sklearn's `classification_report(output_dict=True, zero_division=0)`.
 
   Returns its dict (rows keyed by class name, 'accuracy', 'macro avg',
-  'weighted avg') plus 'absent_classes': the classes with neither examples
-  nor predictions, which sklearn leaves out.
+  'weighted avg') over the classes present in `labels` or `preds`, plus
+  'absent_classes': the classes with neither examples nor predictions.
   """
-  tp = np.diag(cm).astype(np.float64)
-  predicted, support = cm.sum(axis=0), cm.sum(axis=1)
-  precision, recall = _ratio(tp, predicted), _ratio(tp, support)
-  f1 = _ratio(2 * tp, predicted + support)
-  present = (predicted + support) > 0
-  report = {class_names[c]: _row(precision[c], recall[c], f1[c], support[c])
-            for c in np.flatnonzero(present)}
-  total = support.sum()
-  report["accuracy"] = float(tp.sum() / max(total, 1))
-  p = present
-  report["macro avg"] = _row(precision[p].mean(), recall[p].mean(), f1[p].mean(), total)
-  weights = support[p] / max(total, 1)
-  report["weighted avg"] = _row(np.sum(precision[p] * weights), np.sum(recall[p] * weights),
-                                np.sum(f1[p] * weights), total)
+  present = np.isin(np.arange(len(class_names)), np.r_[labels, preds])
+  report = skm.classification_report(
+      labels, preds, labels=np.flatnonzero(present), output_dict=True, zero_division=0,
+      target_names=[class_names[c] for c in np.flatnonzero(present)])
   report["absent_classes"] = [class_names[c] for c in np.flatnonzero(~present)]
   return report
 
@@ -67,6 +47,7 @@ def top_k_accuracy(probs: np.ndarray, labels: np.ndarray,
   Rank = number of classes strictly more probable than the true one (a tie
   counts in the model's favour).
   """
+  # Not sklearn's top_k_accuracy_score: it breaks ties by class index, maybe against the model.
   true_prob = probs[np.arange(len(labels)), labels]
   rank = np.sum(probs > true_prob[:, None], axis=1)
   return {str(k): float(np.mean(rank < k)) for k in ks if k < probs.shape[1]}
@@ -130,6 +111,7 @@ def _mean_defined(rows: dict, key: str) -> Optional[float]:
 
 def log_loss(probs: np.ndarray, truth: np.ndarray, multilabel: bool) -> float:
   """Mean negative log-likelihood (sklearn's log_loss; per label for multi-label)."""
+  # Not sklearn's log_loss: it clips at dtype eps, not 1e-15, and warns on float32 softmax rows.
   p = np.clip(probs, 1e-15, 1 - 1e-15)
   if multilabel:
     return float(-np.mean(truth * np.log(p) + (1 - truth) * np.log(1 - p)))

@@ -6,9 +6,11 @@ the test numbers stay an honest estimate. A label without positives in the
 validation split keeps the default 0.5 (no F1 to maximise).
 """
 
+import functools
 from typing import Sequence
 
 import numpy as np
+from sklearn import metrics as skm
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -21,6 +23,7 @@ def _best_f1_threshold(scores: np.ndarray, positive: np.ndarray) -> tuple[float,
   predicted = np.arange(1, len(scores) + 1)
   # Only the last index of a run of equal scores is a reachable cut.
   last = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
+  # F1 in counts, as sklearn's f1_score computes it: 2 tp / (predicted + actual positives).
   f1 = np.where(last, 2 * tp / (predicted + positive.sum()), -1.0)
   best = int(np.argmax(f1))  # First maximum: the highest threshold among ties.
   threshold = sorted_scores[best]
@@ -40,38 +43,30 @@ def tune_thresholds(probs: np.ndarray, truth: np.ndarray) -> np.ndarray:
   return thresholds
 
 
-def _prf(tp, fp, fn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  tp, fp, fn = (np.asarray(x, np.float64) for x in (tp, fp, fn))
-  safe = lambda n, d: np.where(d > 0, n / np.maximum(d, 1e-300), 0.0)
-  return safe(tp, tp + fp), safe(tp, tp + fn), safe(2 * tp, 2 * tp + fp + fn)
-
-
 def metrics_at(probs: np.ndarray, truth: np.ndarray, thresholds: np.ndarray,
                class_names: Sequence[str]) -> dict:
   """Per-label and averaged precision/recall/F1, exact match and Hamming loss.
 
-  Averages follow sklearn for multi-label indicator data: micro over all
-  (example, label) decisions, macro as the unweighted mean over all labels.
+  sklearn's numbers for multi-label indicator data: micro averages over all
+  (example, label) decisions, macro the unweighted mean over all labels; an
+  undefined precision, recall or F1 counts as 0.
   """
   pred = probs >= thresholds[None, :]
   truth = truth > 0.5
-  tp = np.sum(pred & truth, axis=0)
-  fp = np.sum(pred & ~truth, axis=0)
-  fn = np.sum(~pred & truth, axis=0)
-  precision, recall, f1 = _prf(tp, fp, fn)
-  micro_p, micro_r, micro_f1 = _prf(tp.sum(), fp.sum(), fn.sum())
-  per_label = {name: {"threshold": float(thresholds[c]), "precision": float(precision[c]),
-                      "recall": float(recall[c]), "f1-score": float(f1[c]),
-                      "support": int(truth[:, c].sum())}
-               for c, name in enumerate(class_names)}
-  return {
-      "per_label": per_label,
-      "micro": {"precision": float(micro_p), "recall": float(micro_r), "f1-score": float(micro_f1)},
-      "macro": {"precision": float(precision.mean()), "recall": float(recall.mean()),
-                "f1-score": float(f1.mean())},
-      "exact_match": float(np.mean(np.all(pred == truth, axis=1))),
-      "hamming_loss": float(np.mean(pred != truth)),
-  }
+  exact_match, hamming = skm.accuracy_score(truth, pred), skm.hamming_loss(truth, pred)
+  if truth.shape[1] == 1:  # sklearn would read one column as binary 0/1 labels.
+    truth, pred = (np.pad(x, ((0, 0), (0, 1))) for x in (truth, pred))
+  prf = functools.partial(skm.precision_recall_fscore_support, truth, pred,
+                          labels=np.arange(len(class_names)), zero_division=0)
+  precision, recall, f1, support = prf(average=None)
+  out = {"per_label": {name: {"threshold": float(thresholds[c]), "precision": float(precision[c]),
+                              "recall": float(recall[c]), "f1-score": float(f1[c]),
+                              "support": int(support[c])}
+                       for c, name in enumerate(class_names)}}
+  for avg in ("micro", "macro"):
+    p, r, f, _ = prf(average=avg)
+    out[avg] = {"precision": float(p), "recall": float(r), "f1-score": float(f)}
+  return out | {"exact_match": float(exact_match), "hamming_loss": float(hamming)}
 
 
 def error_analysis(probs: np.ndarray, truth: np.ndarray, thresholds: np.ndarray,

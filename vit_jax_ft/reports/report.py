@@ -51,12 +51,14 @@ def single_label(preds: workdir_lib.Predictions, class_names: Sequence[str],
                  options: Options) -> dict:
   """Per-class report, top-k, confusion matrix, operating points, calibration."""
   labels, probs = preds.labels, preds.probs
-  cm = classification.confusion_matrix(labels, probs.argmax(axis=1), len(class_names))
+  predicted = probs.argmax(axis=1)
+  cm = classification.confusion_matrix(labels, predicted, len(class_names))
   truth = preds.targets > 0.5
   return {
       "num_examples": int(len(labels)),
       "log_loss": classification.log_loss(probs, truth, multilabel=False),
-      "classification_report": classification.classification_report(cm, class_names),
+      "classification_report": classification.classification_report(labels, predicted,
+                                                                     class_names),
       "top_k_accuracy": classification.top_k_accuracy(probs, labels, options.top_k),
       "confusion_matrix": cm.tolist(),
       "operating_points": classification.one_vs_rest(
