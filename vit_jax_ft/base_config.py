@@ -42,6 +42,7 @@ FIELD_DOCS = {
     "init_from": "Pretrained weights: a converted dir, .npz, HF folder or id, timm/torchvision/Keras file.",
     "init_strict": "Fail unless every backbone parameter loads and nothing in the checkpoint is unused.",
     "init_cache_dir": "Where raw sources are cached after conversion (default ~/.cache/vit_jax_ft).",
+    "resume_with_changes": "Resume a workdir even though experiment fields (data, model, optimizer, seed, ...) differ from its config.json; the changes go to config_history.jsonl.",
     "init_model_options": "Take the model options init_from's weights were trained with (ViT GELU form and LayerNorm epsilon; ResNet variant, conv bias, BatchNorm epsilon) over config.model's.",
     "data.source": "'tfrecord' (a folder prepared by vit_jax_ft.data), 'tfds' (a prepared tensorflow-datasets dataset) or 'digits' (built-in demo).",
     "data.dir": "Folder with dataset_info.json and TFRecords. For 'digits', defaults to WORKDIR/data.",
@@ -184,6 +185,7 @@ def get_base_config() -> config_dict.ConfigDict:
   c.init_strict = True
   c.init_cache_dir = placeholder(str)
   c.init_model_options = True
+  c.resume_with_changes = False
 
   c.data = config_dict.ConfigDict(dict(
       source="tfrecord",

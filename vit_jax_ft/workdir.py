@@ -9,10 +9,16 @@ A run with `ema_decay` > 0 and `eval_ema` (see checkpoints.evaluates_ema) is
 evaluated with the EMA of its weights.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
+import socket
+import time
 from typing import Any, Iterator, Optional
+
+from absl import logging
 
 import flax.linen as nn
 import jax
@@ -26,6 +32,8 @@ from vit_jax_ft.inputs import dataset
 from vit_jax_ft.inputs import pipeline
 
 CONFIG_FILE = "config.json"
+CONFIG_HISTORY_FILE = "config_history.jsonl"
+LOCK_FILE = "run.lock"
 PRETRAINED_FILE = "pretrained.json"
 REPORTS_DIR = "reports"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -48,6 +56,103 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+
+
+class WorkdirBusyError(ValueError):
+  """Another process is training in this workdir (a bad --workdir: one-line error in the tools)."""
+
+
+@contextlib.contextmanager
+def lock(workdir: str) -> Iterator[None]:
+  """Holds WORKDIR/run.lock for the duration: one training run per workdir.
+
+  An advisory `flock`, so the operating system releases it when the holder
+  dies (kill -9 included): a stale lock file is simply taken over. In a
+  multi-host job only process 0 locks (the others share its filesystem).
+  The file records the holder (host, pid, start time) for the message the
+  next run gets.
+  """
+  if jax.process_index() != 0:
+    yield
+    return
+  path = os.path.join(workdir, LOCK_FILE)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+      raise WorkdirBusyError(
+          f"Workdir {workdir} is in use by {holder}: two runs in one workdir would interleave "
+          "their checkpoints. Wait for it to finish, stop it, or use another --workdir.") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (f"pid {os.getpid()} on {socket.gethostname()} since "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}").encode(), 0)
+    yield
+  finally:
+    os.close(fd)  # Releases the flock too.
+
+
+# Fields a resumed run may change: they do not change what is learned, only
+# how it is watched, or they extend the run.
+RESUMABLE_CHANGES = ("total_steps", "num_epochs", "log_every_steps", "eval_every_steps",
+                     "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
+                     "final_report", "early_stopping_patience", "resume_with_changes",
+                     "init_cache_dir", "data.help")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat |= _flat(value, f"{prefix}{key}.")
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def config_changes(config: ml_collections.ConfigDict, workdir: str) -> dict[str, tuple]:
+  """{field: (recorded, now)} for every field that differs from WORKDIR/config.json.
+
+  Fields the recorded config lacks (written by an older version) are not
+  compared.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    recorded = _flat(json.load(f))
+  now = _flat(json.loads(config.to_json_best_effort()))
+  return {k: (recorded[k], v) for k, v in sorted(now.items())
+          if k in recorded and recorded[k] != v}
+
+
+def check_resume_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
+  """Refuses to resume a run (at `step`) under a config that changes the experiment.
+
+  A finished or interrupted workdir rerun with another data.dir, lr, seed
+  or model would continue training on the new recipe, and config.json would
+  then describe a run that never happened. Changes in RESUMABLE_CHANGES are
+  allowed and logged; others need `resume_with_changes=True`, which appends
+  them to WORKDIR/config_history.jsonl.
+  """
+  changes = config_changes(config, workdir)
+  if not changes:
+    return
+  listing = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+  blocking = [k for k in changes if k not in RESUMABLE_CHANGES]
+  if blocking and not config.resume_with_changes:
+    raise ValueError(
+        f"Workdir {workdir} holds a run at step {step} made with another config "
+        f"({', '.join(blocking)} differ: {listing}). Use a new --workdir for a new experiment, "
+        "or pass --config.resume_with_changes=True to continue this one with the change "
+        f"(recorded in {CONFIG_HISTORY_FILE}).")
+  logging.warning("Resuming at step %d with config changes: %s", step, listing)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, CONFIG_HISTORY_FILE), "a") as f:
+      f.write(json.dumps({"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                          "changes": {k: list(v) for k, v in changes.items()}}, default=str)
+              + "\n")
 
 
 def read_pretrained(workdir: str) -> dict:

@@ -178,6 +178,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config = config.copy_and_resolve_references()  # Resolved below; the caller's stays as is.
   config_ranges.check_ranges(config)  # Before anything is written.
   os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.lock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """train_and_evaluate, holding the workdir's lock."""
   data_dir, info = dataset.load_data_info(config, workdir)
   _check_config(config, info)
   multilabel = info["multilabel"]
@@ -224,6 +230,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     config.model.name)
   config.data.normalization = workdir_lib.resolve_normalization(config, workdir, metadata)
   logging.info("Input normalisation: %s.", config.data.normalization)
+  if last_ckpt.latest_step() is not None:
+    workdir_lib.check_resume_config(config, workdir, int(state.step))
   workdir_lib.write_config(config, workdir)  # As run ('auto' resolved), to reproduce it.
   best = checkpoints.best_value(best_ckpt, checkpoints.best_key(config))
 
