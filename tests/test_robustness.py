@@ -90,3 +90,24 @@ def test_count_nonfinite_skips_integer_leaves():
   assert checkpoints.count_nonfinite(tree) == (1, 2)
   assert not checkpoints.all_finite(tree)
   assert checkpoints.all_finite({"a": np.zeros(2)})
+
+
+def test_a_damaged_dataset_info_names_the_file(tmp_path):
+  from vit_jax_ft.data import tfrecords  # pylint: disable=g-import-not-at-top
+  path = tmp_path / tfrecords.INFO_FILE
+  path.write_text('{"class_names": ["a", "b"], "splits": {"train": ')  # Cut off mid-write.
+  with pytest.raises(ValueError, match=rf"{path} is not valid JSON .*line 1.*--overwrite"):
+    tfrecords.read_info(str(tmp_path))
+  path.write_text("[1, 2]")
+  with pytest.raises(ValueError, match=rf"{path} holds a list"):
+    tfrecords.read_info(str(tmp_path))
+
+
+def test_a_pickled_npz_is_refused_without_suggesting_allow_pickle(tmp_path):
+  from vit_jax_ft.pretrained import tensor_files  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "weights.npz")
+  np.savez(path, params=np.array([{"kernel": np.zeros(3)}], dtype=object))
+  with pytest.raises(tensor_files.CheckpointFileError) as e:
+    tensor_files.read_npz(path)["params"]
+  assert path in str(e.value) and "pickled Python objects" in str(e.value)
+  assert "allow_pickle" not in str(e.value)

@@ -76,8 +76,15 @@ def read_info(data_dir: str, help_text: str = "") -> dict:
     raise FileNotFoundError(
         f"No prepared dataset at {data_dir!r} ({INFO_FILE} not found). Point "
         f"--config.data.dir at a prepared dataset folder (README: 'Your own data').{hint}")
-  with open(path) as f:
-    info = json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      info = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not valid JSON ({e}); it was damaged or edited by hand: "
+                     "re-run vit_jax_ft.data.prepare with --overwrite.") from e
+  if not isinstance(info, dict):
+    raise ValueError(f"{path} holds a {type(info).__name__}, not the dataset's description; "
+                     "re-run vit_jax_ft.data.prepare with --overwrite.")
   for key in ("class_names", "multilabel", "splits"):
     if key not in info:
       raise ValueError(f"{path} has no {key!r} entry; re-run the preparation tool.")

@@ -126,6 +126,13 @@ def read_safetensors(path: str) -> TensorFile:
   return TensorFile(path, {k: v[1] for k, v in entries.items()}, load, metadata)
 
 
+def _npz_reason(e: Exception) -> str:
+  # numpy's own message advises allow_pickle=True, which would let the file run code.
+  if "allow_pickle" in str(e) or "pickle" in str(e).lower():
+    return "it holds pickled Python objects, not plain arrays, and pickles are never loaded"
+  return str(e)
+
+
 def read_npz(path: str) -> TensorFile:
   """Lazily reads an `.npz` archive (vit_jax / big_vision checkpoints)."""
   _require_file(path)
@@ -142,13 +149,14 @@ def read_npz(path: str) -> TensorFile:
       shapes[name] = tuple(shape)
   except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
     raise CheckpointFileError(f"{path} is not a readable .npz file (truncated or "
-                              f"corrupted?): {e}") from e
+                              f"corrupted?): {_npz_reason(e)}") from e
 
   def load(name: str) -> np.ndarray:
     try:
       value = npz[name]
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-      raise CheckpointFileError(f"{path}: cannot read {name!r} (corrupted?): {e}") from e
+      raise CheckpointFileError(
+          f"{path}: cannot read {name!r} (corrupted?): {_npz_reason(e)}") from e
     if value.dtype.kind == "V" and value.dtype.itemsize == 2:
       value = value.view(ml_dtypes.bfloat16)
     return value
