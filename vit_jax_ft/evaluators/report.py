@@ -89,6 +89,11 @@ def multi_label(preds: restore.Predictions, class_names: Sequence[str], options:
 def headline(report: dict, multilabel_data: bool) -> dict[str, float]:
   """The report's main scalars (for TensorBoard and comparisons)."""
   out = {"log_loss": report["log_loss"], "ece": report["calibration"]["ece"]}
+  scaling = report.get("temperature_scaling")
+  if scaling:  # log_loss and ece above are after scaling.
+    out |= {"temperature": scaling["temperature"],
+            "log_loss_uncalibrated": scaling["before"]["log_loss"],
+            "ece_uncalibrated": scaling["before"]["ece"]}
   ops = report["operating_points"]
   for key in ("macro_average_precision", "macro_roc_auc"):
     if ops[key] is not None:
@@ -134,6 +139,11 @@ def write_pngs(out_dir: str, preds: restore.Predictions, report: dict,
   add("reliability", plots.reliability(os.path.join(out_dir, "reliability.png"),
                                        report["calibration"], f"{title}: reliability",
                                        multilabel="errors" in report))
+  if report.get("temperature_scaling"):
+    add("reliability_uncalibrated", plots.reliability(
+        os.path.join(out_dir, "reliability_uncalibrated.png"),
+        report["temperature_scaling"]["before"]["calibration"],
+        f"{title}: reliability before temperature scaling", multilabel="errors" in report))
   if scalars:
     add("learning_curves", plots.learning_curves(
         os.path.join(out_dir, "learning_curves.png"), scalars, "learning curves", best_step))

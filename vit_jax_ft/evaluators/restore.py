@@ -26,6 +26,7 @@ from vit_jax_ft import init_from
 from vit_jax_ft import input_pipeline
 from vit_jax_ft import models
 from vit_jax_ft import train
+from vit_jax_ft.evaluators import tta
 
 CONFIG_FILE = "config.json"
 LAST_DIR = "checkpoints"
@@ -63,11 +64,17 @@ class Checkpoint:
 
 @dataclasses.dataclass(frozen=True)
 class Predictions:
-  """A split's probabilities [N, C], multi-hot targets [N, C] and example ids."""
+  """A split's probabilities [N, C], multi-hot targets [N, C] and example ids.
+
+  `scores` [N, C] (when known) give the probabilities through softmax/sigmoid:
+  the logits, or with test-time augmentation see tta.py; temperature scaling
+  divides them.
+  """
 
   probs: np.ndarray
   targets: np.ndarray
   ids: list[str]
+  scores: Optional[np.ndarray] = None
 
   @property
   def labels(self) -> np.ndarray:
@@ -192,17 +199,21 @@ def _batches(run: Run, split: str, batch_size: int) -> Iterator[dict]:
 
 
 def predict_split(run: Run, checkpoint: Checkpoint, split: str,
-                  batch_size: Optional[int] = None) -> Predictions:
-  """Probabilities over every example of `split` (padding rows dropped)."""
-  apply = make_apply(run.model, run.multilabel)
-  probs, targets = [], []
+                  batch_size: Optional[int] = None, tta_mode: str = "none") -> Predictions:
+  """Probabilities and scores over every example of `split` (padding rows dropped).
+
+  `tta_mode`: test-time augmentation ('none', 'flip', 'dihedral'; tta.py).
+  """
+  apply = tta.make_apply(run.model, run.multilabel, tta_mode)
+  probs, scores, targets = [], [], []
   for batch in _batches(run, split, batch_size or run.config.eval_batch_size):
     keep = batch["mask"] > 0
-    out = np.asarray(apply(checkpoint.variables, batch["image"]), np.float64)
-    probs.append(out[keep])
+    out, score = apply(checkpoint.variables, batch["image"])
+    probs.append(np.asarray(out, np.float64)[keep])
+    scores.append(np.asarray(score, np.float64)[keep])
     targets.append(batch["targets"][keep])
   ids = split_ids(run.data_dir, run.info, split)
   probs, targets = np.concatenate(probs), np.concatenate(targets)
   if len(ids) != len(probs):  # An id per record; eval visits each record once.
     raise ValueError(f"Split {split!r}: {len(probs)} predictions but {len(ids)} records.")
-  return Predictions(probs=probs, targets=targets, ids=ids)
+  return Predictions(probs=probs, targets=targets, ids=ids, scores=np.concatenate(scores))
