@@ -12,6 +12,12 @@ TensorBoard under report/<split>_<checkpoint>/. Multi-label thresholds are
 tuned per label on the validation split and saved to
 WORKDIR/reports/thresholds_<checkpoint>.json, which `vit_jax_ft.predict` uses.
 
+`--tta=flip|dihedral` averages the probabilities over the image and its
+mirror, or over the 8 rotations/mirrors of the square input;
+`--calibrate=temperature` fits one temperature on the validation split, saves
+it for `vit_jax_ft.predict` and reports the split temperature-scaled, with the
+ECE and log loss before and after (reports/writer.py says more).
+
 From Python (the train loop does, at the end): `reports.writer.write_reports(config, workdir)`.
 """
 
@@ -42,6 +48,12 @@ def define_flags() -> None:
       "Recall to keep when reporting the best precision and its threshold: one number for "
       "every class, or NAME=RECALL pairs, e.g. 'melanoma=0.999,basal cell carcinoma=0.99'.")
   flags.DEFINE_list("top_k", ["1", "3", "5"], "k values for top-k accuracy.")
+  flags.DEFINE_string(
+      "tta", "none", "Test-time augmentation: 'none', 'flip' (image + mirror) or 'dihedral' "
+      "(8 rotations/mirrors); probabilities averaged over the views.")
+  flags.DEFINE_string(
+      "calibrate", "none", "'temperature': fit one temperature on the validation split, save "
+      "it for predict and report the split temperature-scaled; 'none': off.")
 
 
 def parse_required_recall(text: str) -> tuple[float, Any]:
@@ -70,7 +82,7 @@ def main(argv):
     options = report_lib.Options(top_k=tuple(int(k) for k in f.top_k),
                                  required_recall=recall, recall_classes=classes)
     dirs = writer.write_reports(None, f.workdir, splits=f.split, checkpoint=f.checkpoint,
-                         options=options)
+                                options=options, tta=f.tta, calibrate=f.calibrate)
     for split, path in dirs.items():
       print(f"{split}: {os.path.join(path, 'report.md')}")
 

@@ -17,6 +17,14 @@ its threshold: the ones tuned on the validation split by
 `vit_jax_ft.evaluate` (reports/thresholds_<checkpoint>.json), else 0.5.
 A PNG grid of sample images with their predicted (and true) labels is
 written next to the CSV.
+
+`--tta=flip|dihedral` averages the probabilities over views of each image as
+`vit_jax_ft.evaluate --tta` does (and uses the thresholds tuned with that
+TTA). `--temperature=auto` (the default) divides the scores by the
+temperature `vit_jax_ft.evaluate --calibrate=temperature` saved for the
+checkpoint and TTA mode, if any (reports/temperature_<checkpoint>.json);
+`none` never scales; a number uses that T. Multi-label thresholds are moved
+with T so the predicted labels stay those of the unscaled probabilities.
 """
 
 import os
@@ -39,7 +47,9 @@ from vit_jax_ft import workdir as workdir_lib
 from vit_jax_ft.data import images as images_lib
 from vit_jax_ft.inputs import image_files
 from vit_jax_ft.inputs import pipeline
+from vit_jax_ft.models import tta as tta_lib
 from vit_jax_ft.reports import plots
+from vit_jax_ft.reports import temperature as temperature_lib
 
 GRID_SIZE = 16
 
@@ -59,10 +69,14 @@ def _sample_indices(n: int, k: int) -> set[int]:
 
 
 def predict_files(run: workdir_lib.Run, checkpoint: workdir_lib.Checkpoint, paths: Sequence[str],
-                  batch_size: int = 64, grid_size: int = GRID_SIZE
+                  batch_size: int = 64, grid_size: int = GRID_SIZE, tta: str = "none",
+                  temperature: Optional[float] = None
                   ) -> tuple[list[Row], list[tuple[np.ndarray, Row]]]:
-  """Rows for every path (in order), and (display image, row) pairs for a sample grid."""
-  apply = workdir_lib.make_apply(run.model, run.multilabel)
+  """Rows for every path (in order), and (display image, row) pairs for a sample grid.
+
+  `tta`: test-time augmentation mode; `temperature`: T to divide the scores by (None: 1).
+  """
+  apply = tta_lib.make_apply(run.model, run.multilabel, tta)
   preprocess = image_files.make_preprocess(run.config.data)
   options = images_lib.ImageOptions(max_side=image_files.max_side(run.info))
   sample = _sample_indices(len(paths), grid_size)
@@ -70,7 +84,10 @@ def predict_files(run: workdir_lib.Run, checkpoint: workdir_lib.Checkpoint, path
 
   def flush():
     batch = pipeline.pad_batch({"image": np.stack([x for x, _ in pending])}, batch_size)
-    probs = np.asarray(apply(checkpoint.variables, batch["image"]), np.float64)
+    probs, scores = apply(checkpoint.variables, batch["image"])
+    probs = np.asarray(probs, np.float64)
+    if temperature is not None:
+      probs = temperature_lib.scale(np.asarray(scores, np.float64), temperature, run.multilabel)
     for (_, row), p in zip(pending, probs):
       row.probs = p
     pending.clear()
@@ -92,12 +109,13 @@ def predict_files(run: workdir_lib.Run, checkpoint: workdir_lib.Checkpoint, path
   return rows, shown
 
 
-def load_thresholds(workdir: str, checkpoint: str, class_names: Sequence[str]
-                    ) -> tuple[np.ndarray, str]:
+def load_thresholds(workdir: str, checkpoint: str, class_names: Sequence[str],
+                    tta: str = "none") -> tuple[np.ndarray, str]:
   """Tuned multi-label thresholds of `checkpoint` if evaluate saved them, else 0.5."""
-  path = workdir_lib.thresholds_path(workdir, checkpoint)
+  path = workdir_lib.thresholds_path(workdir, checkpoint, tta)
   if not os.path.exists(path):
-    logging.warning("No %s (run vit_jax_ft.evaluate first): using 0.5 for every label.", path)
+    run_it = "vit_jax_ft.evaluate" + (f" --tta={tta}" if tta != "none" else "")
+    logging.warning("No %s (run %s first): using 0.5 for every label.", path, run_it)
     return np.full(len(class_names), 0.5), "0.5 (no tuned thresholds)"
   with open(path) as f:
     saved = json.load(f)["thresholds"]
@@ -151,15 +169,47 @@ def write_grid(path: str, shown: Sequence[tuple[np.ndarray, Row]], class_names: 
                           "predictions (model input crops)")
 
 
+def resolve_temperature(workdir: str, checkpoint: str, tta: str,
+                        flag: Optional[float] | str = "auto") -> Optional[float]:
+  """The T to use: the saved one for 'auto' (None without one), None, or the number given."""
+  if flag != "auto":
+    if flag is not None:
+      logging.info("Temperature scaling with T=%g (from --temperature).", flag)
+    return flag
+  path = workdir_lib.temperature_path(workdir, checkpoint, tta)
+  value = temperature_lib.load(path)
+  if value is None:
+    logging.info("No saved temperature at %s: probabilities are not temperature-scaled.", path)
+  else:
+    logging.info("Temperature scaling with the saved T=%.4f from %s.", value, path)
+  return value
+
+
 def predict(workdir: str, images: str, out: str, top_k: int = 5, checkpoint: str = "best",
-            grid: Optional[str] = None) -> list[Row]:
-  """Predicts every file of `images` into the CSV `out` and a sample grid PNG."""
+            grid: Optional[str] = None, tta: str = "none",
+            temperature: Optional[float] | str = "auto") -> list[Row]:
+  """Predicts every file of `images` into the CSV `out` and a sample grid PNG.
+
+  `tta`: 'none', 'flip' or 'dihedral'. `temperature`: 'auto' (the one
+  `evaluate --calibrate=temperature` saved for this checkpoint and TTA, if
+  any), None (unscaled) or a positive number.
+  """
+  tta_lib.check_mode(tta)
+  if isinstance(temperature, str):
+    temperature = temperature_lib.parse_flag(temperature)
   run = workdir_lib.load_run(workdir)
   ck = workdir_lib.restore(workdir, checkpoint)
   paths = image_files.list_images(images)
-  rows, shown = predict_files(run, ck, paths, batch_size=run.config.eval_batch_size)
-  thresholds = (load_thresholds(workdir, ck.label, run.class_names)[0] if run.multilabel
+  t = resolve_temperature(workdir, ck.label, tta, temperature)
+  if tta != "none":
+    logging.info("Predicting with %s.", tta_lib.describe(tta))
+  rows, shown = predict_files(run, ck, paths, batch_size=run.config.eval_batch_size, tta=tta,
+                              temperature=t)
+  thresholds = (load_thresholds(workdir, ck.label, run.class_names, tta)[0] if run.multilabel
                 else None)
+  if thresholds is not None and t is not None:
+    # Tuned on unscaled probabilities: moved so the same labels are predicted.
+    thresholds = temperature_lib.scale_thresholds(thresholds, t)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   write_csv(out, rows, run.class_names, top_k, thresholds)
   grid = grid or os.path.splitext(out)[0] + "_grid.png"
@@ -181,13 +231,18 @@ def define_flags() -> None:
   flags.DEFINE_integer("top_k", 5, "Labels with probabilities per row.")
   flags.DEFINE_string("checkpoint", "best", "'best', 'last' or a step number.")
   flags.DEFINE_string("grid", None, "Sample grid PNG (default: next to --out, *_grid.png).")
+  flags.DEFINE_string("tta", "none", "Test-time augmentation: 'none', 'flip' or 'dihedral'.")
+  flags.DEFINE_string(
+      "temperature", "auto", "'auto': the temperature saved by evaluate --calibrate=temperature "
+      "for this checkpoint and --tta, if any; 'none': no scaling; or T > 0.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  cli.run_main(lambda: predict(f.workdir, f.images, f.out, f.top_k, f.checkpoint, f.grid))
+  cli.run_main(lambda: predict(f.workdir, f.images, f.out, f.top_k, f.checkpoint, f.grid,
+                               f.tta, f.temperature))
 
 
 if __name__ == "__main__":

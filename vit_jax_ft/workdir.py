@@ -30,6 +30,7 @@ from vit_jax_ft import checkpoints
 from vit_jax_ft import models
 from vit_jax_ft.inputs import dataset
 from vit_jax_ft.inputs import pipeline
+from vit_jax_ft.models import tta as tta_lib
 
 CONFIG_FILE = "config.json"
 CONFIG_HISTORY_FILE = "config_history.jsonl"
@@ -39,9 +40,14 @@ REPORTS_DIR = "reports"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def thresholds_path(workdir: str, label: str) -> str:
-  """Where the tuned multi-label thresholds of checkpoint `label` are kept."""
-  return os.path.join(workdir, REPORTS_DIR, f"thresholds_{label}.json")
+def thresholds_path(workdir: str, label: str, tta: str = "none") -> str:
+  """Where the tuned multi-label thresholds of checkpoint `label` (and TTA mode) are kept."""
+  return os.path.join(workdir, REPORTS_DIR, f"thresholds_{label}{tta_lib.suffix(tta)}.json")
+
+
+def temperature_path(workdir: str, label: str, tta: str = "none") -> str:
+  """Where the temperature fitted for checkpoint `label` (and TTA mode) is kept."""
+  return os.path.join(workdir, REPORTS_DIR, f"temperature_{label}{tta_lib.suffix(tta)}.json")
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
@@ -221,11 +227,17 @@ class Checkpoint:
 
 @dataclasses.dataclass(frozen=True)
 class Predictions:
-  """A split's probabilities [N, C], multi-hot targets [N, C] and example ids."""
+  """A split's probabilities [N, C], multi-hot targets [N, C] and example ids.
+
+  `scores` [N, C] (when known) give the probabilities through softmax/sigmoid:
+  the logits, or with test-time augmentation see models/tta.py; temperature
+  scaling divides them.
+  """
 
   probs: np.ndarray
   targets: np.ndarray
   ids: list[str]
+  scores: Optional[np.ndarray] = None
 
   @property
   def labels(self) -> np.ndarray:
@@ -314,17 +326,21 @@ def _batches(run: Run, split: str, batch_size: int) -> Iterator[dict]:
 
 
 def predict_split(run: Run, checkpoint: Checkpoint, split: str,
-                  batch_size: Optional[int] = None) -> Predictions:
-  """Probabilities over every example of `split` (padding rows dropped)."""
-  apply = make_apply(run.model, run.multilabel)
-  probs, targets = [], []
+                  batch_size: Optional[int] = None, tta_mode: str = "none") -> Predictions:
+  """Probabilities and scores over every example of `split` (padding rows dropped).
+
+  `tta_mode`: test-time augmentation ('none', 'flip', 'dihedral'; models/tta.py).
+  """
+  apply = tta_lib.make_apply(run.model, run.multilabel, tta_mode)
+  probs, scores, targets = [], [], []
   for batch in _batches(run, split, batch_size or run.config.eval_batch_size):
     keep = batch["mask"] > 0
-    out = np.asarray(apply(checkpoint.variables, batch["image"]), np.float64)
-    probs.append(out[keep])
+    out, score = apply(checkpoint.variables, batch["image"])
+    probs.append(np.asarray(out, np.float64)[keep])
+    scores.append(np.asarray(score, np.float64)[keep])
     targets.append(batch["targets"][keep])
   ids = pipeline.split_ids(run.data_dir, run.info, split)
   probs, targets = np.concatenate(probs), np.concatenate(targets)
   if len(ids) != len(probs):  # An id per record; eval visits each record once.
     raise ValueError(f"Split {split!r}: {len(probs)} predictions but {len(ids)} records.")
-  return Predictions(probs=probs, targets=targets, ids=ids)
+  return Predictions(probs=probs, targets=targets, ids=ids, scores=np.concatenate(scores))

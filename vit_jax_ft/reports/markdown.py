@@ -103,6 +103,21 @@ def _multi_label(report: dict, names: Sequence[str], files: dict) -> list[str]:
   return lines + _image(files, "error_cooccurrence", "error co-occurrence")
 
 
+def _temperature_scaling(scaling: dict, files: dict) -> list[str]:
+  before, after = scaling["before"], scaling["after"]
+  lines = ["### Temperature scaling", "",
+           f"T = **{scaling['temperature']:.4f}**, fitted on the `{scaling['fitted_on']}` split "
+           f"({scaling['num_examples']} examples; NLL {scaling['val_nll_before']:.4f} -> "
+           f"{scaling['val_nll_after']:.4f}) and saved to `{scaling['path']}`. "
+           f"{scaling['note'][0].upper() + scaling['note'][1:]}. Dividing the scores by T keeps "
+           "their order, so the predictions (the top class; for multi-label the labels at "
+           "thresholds moved with T) and accuracy/F1 do not change.", ""]
+  lines += _table(["on this split", "before", "after"],
+                  [["ECE", before["ece"], after["ece"]], ["MCE", before["mce"], after["mce"]],
+                   ["log loss", before["log_loss"], after["log_loss"]]])
+  return lines + _image(files, "reliability_uncalibrated", "reliability before scaling")
+
+
 def _run_summary(summary: dict) -> list[str]:
   rows = [["steps", summary.get("steps")]]
   best = summary.get("best_checkpoint")
@@ -126,11 +141,21 @@ def render(report: dict, files: dict, headline: dict,
   ck = report["checkpoint"]
   names = report["class_names"]
   weights = ", EMA weights" if ck.get("weights") == "ema" else ""
-  lines = [f"# Evaluation: split `{report['split']}`, {ck['label']} checkpoint "
-           f"(step {ck['step']}{weights})",
+  tta = (report.get("tta") or {}).get("mode", "none")
+  scaling = report.get("temperature_scaling")
+  title = (f"# Evaluation: split `{report['split']}`, {ck['label']} checkpoint "
+           f"(step {ck['step']}{weights})")
+  title += f", TTA `{tta}`" if tta != "none" else ""
+  title += f", temperature-scaled (T = {scaling['temperature']:.4f})" if scaling else ""
+  lines = [title,
            "", f"Workdir `{report['workdir']}`, model `{report['model']}`, "
            f"{report['num_examples']} examples, {len(names)} "
            f"{'labels (multi-label)' if report['multilabel'] else 'classes'}.", ""]
+  if tta != "none":
+    lines += [f"Predictions with {report['tta']['description']}.", ""]
+  if scaling:
+    lines += ["The report's probabilities are temperature-scaled (see Calibration); the "
+              "`*_uncalibrated` numbers are before scaling.", ""]
   lines += ["## Summary", ""] + _table(["metric", "value"], list(headline.items()))
   body = _multi_label if report["multilabel"] else _single_label
   lines += body(report, names, files)
@@ -143,6 +168,8 @@ def render(report: dict, files: dict, headline: dict,
   cal = report["calibration"]
   lines += ["## Calibration", "", f"ECE = **{cal['ece']:.4f}**, MCE = {cal['mce']:.4f}. "
             f"{ECE_DEFINITION}", ""] + _image(files, "reliability", "reliability diagram")
+  if scaling:
+    lines += _temperature_scaling(scaling, files)
   lines += ["## Learning curves", ""] + (
       _image(files, "learning_curves", "learning curves")
       or ["No training scalars in the workdir's TensorBoard event files.", ""])

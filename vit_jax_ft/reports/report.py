@@ -91,6 +91,11 @@ def multi_label(preds: workdir_lib.Predictions, class_names: Sequence[str], opti
 def headline(report: dict, multilabel_data: bool) -> dict[str, float]:
   """The report's main scalars (for TensorBoard and comparisons)."""
   out = {"log_loss": report["log_loss"], "ece": report["calibration"]["ece"]}
+  scaling = report.get("temperature_scaling")
+  if scaling:  # log_loss and ece above are after scaling.
+    out |= {"temperature": scaling["temperature"],
+            "log_loss_uncalibrated": scaling["before"]["log_loss"],
+            "ece_uncalibrated": scaling["before"]["ece"]}
   ops = report["operating_points"]
   for key in ("macro_average_precision", "macro_roc_auc"):
     if ops[key] is not None:
@@ -136,6 +141,11 @@ def write_pngs(out_dir: str, preds: workdir_lib.Predictions, report: dict,
   add("reliability", plots.reliability(os.path.join(out_dir, "reliability.png"),
                                        report["calibration"], f"{title}: reliability",
                                        multilabel="errors" in report))
+  if report.get("temperature_scaling"):
+    add("reliability_uncalibrated", plots.reliability(
+        os.path.join(out_dir, "reliability_uncalibrated.png"),
+        report["temperature_scaling"]["before"]["calibration"],
+        f"{title}: reliability before temperature scaling", multilabel="errors" in report))
   if scalars:
     add("learning_curves", plots.learning_curves(
         os.path.join(out_dir, "learning_curves.png"), scalars, "learning curves", best_step))
