@@ -111,3 +111,40 @@ def test_a_pickled_npz_is_refused_without_suggesting_allow_pickle(tmp_path):
     tensor_files.read_npz(path)["params"]
   assert path in str(e.value) and "pickled Python objects" in str(e.value)
   assert "allow_pickle" not in str(e.value)
+
+
+def _damage(step_dir):
+  data = [os.path.join(root, f) for root, _, files in os.walk(step_dir) for f in files
+          if os.sep + "d" + os.sep in os.path.join(root, f)]
+  assert data, f"no data files under {step_dir}"
+  for path in data:
+    os.remove(path)
+
+
+def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path):
+  straight = str(tmp_path / "straight")
+  damaged = str(tmp_path / "damaged")
+  # A constant schedule: stopping at 8 and extending to 12 is the same trajectory.
+  constant = {"optimizer.schedule": "constant"}
+  train.train_and_evaluate(tiny_demo_config(total_steps=12, **constant), straight)
+  train.train_and_evaluate(tiny_demo_config(total_steps=8, **constant), damaged)
+  assert _saved_steps(damaged) == [4, 8]
+  _damage(os.path.join(damaged, "checkpoints", "8"))
+  results = train.train_and_evaluate(tiny_demo_config(total_steps=12, **constant), damaged)
+  assert results["step"] == 12
+  # Moved aside (kept for inspection), and the rerun from step 4 is the uninterrupted run.
+  assert os.path.isdir(os.path.join(damaged, "checkpoints", "8.damaged"))
+  want = ocp.CheckpointManager(os.path.join(straight, "checkpoints")).restore(
+      12, args=ocp.args.StandardRestore())["params"]
+  got = ocp.CheckpointManager(os.path.join(damaged, "checkpoints")).restore(
+      12, args=ocp.args.StandardRestore())["params"]
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_a_damaged_only_checkpoint_is_named(tmp_path):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_demo_config(total_steps=4), workdir)
+  _damage(os.path.join(workdir, "checkpoints", "4"))
+  with pytest.raises(checkpoints.DamagedCheckpointError,
+                     match=r"checkpoints/4 is damaged .*no earlier checkpoint"):
+    train.train_and_evaluate(tiny_demo_config(total_steps=8), workdir)

@@ -26,6 +26,10 @@ import orbax.checkpoint as ocp
 LAST_DIR = "checkpoints"
 BEST_DIR = "checkpoints_best"
 
+class DamagedCheckpointError(ValueError):
+  """A checkpoint's files are missing or unreadable (a disk error, a copy cut short)."""
+
+
 class NonFiniteError(FloatingPointError):
   """A train state (or checkpoint) holds NaN or Inf."""
 
@@ -128,6 +132,12 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any,
     raise ValueError(
         f"Checkpoint {manager.directory}/{step} does not match the model built from the "
         f"config (was the workdir used with another model or dataset?): {e}") from e
+  except Exception as e:  # pylint: disable=broad-except
+    # TensorStore reports a missing or corrupt data file as a bare Exception.
+    first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    raise DamagedCheckpointError(
+        f"Checkpoint {manager.directory}/{step} is damaged (a data file is missing or "
+        f"unreadable: {first})") from e
   if target is abstract_state:
     return restored
   if saved:
@@ -137,13 +147,40 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any,
   return abstract_state.replace(**restored)
 
 
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any:
+  """The newest checkpoint that reads back; a damaged one is moved aside, naming it.
+
+  A damaged checkpoint is renamed to `<step>.damaged` (kept for inspection,
+  no longer a step) and the one before it is tried; with none left the
+  error says which checkpoint is damaged.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  for i, step in enumerate(steps):
+    try:
+      return restore(manager, abstract_state, step)
+    except DamagedCheckpointError as e:
+      if i + 1 == len(steps):
+        raise DamagedCheckpointError(
+            f"{e}; no earlier checkpoint to fall back to: delete {manager.directory} (or the "
+            "workdir) to start again.") from e
+      aside = os.path.join(str(manager.directory), f"{step}.damaged")
+      if jax.process_index() == 0:
+        os.replace(os.path.join(str(manager.directory), str(step)), aside)
+      manager.reload()
+      logging.warning("%s; moved it to %s and falling back to step %d.", e, aside, steps[i + 1])
+  raise FileNotFoundError(f"No checkpoint in {manager.directory}.")
+
+
 def _saved_ema(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
   """The EMA entry of checkpoint `step`'s metadata: {} (EMA off) or a tree; None if absent."""
   path = os.path.join(str(manager.directory), str(step), "default")
   metadata = ocp.StandardCheckpointer().metadata(path)
   tree = getattr(metadata, "item_metadata", metadata)
   tree = getattr(tree, "tree", tree)
-  return tree.get("ema") if tree is not None and "ema" in tree else None
+  if tree is None:  # Orbax could not read the tree's metadata: the files are damaged.
+    raise DamagedCheckpointError(f"Checkpoint {manager.directory}/{step} is damaged (its "
+                                 "metadata cannot be read)")
+  return tree.get("ema") if "ema" in tree else None
 
 
 def best_value(manager: ocp.CheckpointManager, key: str) -> Optional[float]:

@@ -209,7 +209,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   last_ckpt, best_ckpt = checkpoints.make_managers(workdir, config)
   if last_ckpt.latest_step() is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state = checkpoints.restore(last_ckpt, abstract)
+    state = checkpoints.restore_latest(last_ckpt, abstract)
     bad, total = checkpoints.count_nonfinite(state)
     if bad:  # Saved before saves were checked: resuming would only fail again.
       raise FloatingPointError(
