@@ -454,3 +454,26 @@ def test_ranges(field, value, pattern):
 def test_split_entries_keeps_commas_inside_regex_groups():
   assert optim.split_entries(r"a{1,3},b(c,d), [x,y]z ,\,e,") == [
       "a{1,3}", "b(c,d)", "[x,y]z", r"\,e"]
+
+
+def test_frozen_parameters_get_no_gradient():
+  # The train step differentiates the trained parameters only: its gradient
+  # norm is the head's, computed here directly.
+  model = _vit()
+  opt = _opt(freeze="^(?!head/)")
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, IMAGE, IMAGE, 3)), train=False)
+  groups = optim.param_groups(opt, params["params"])
+  tx = optim.make_optimizer(opt, optim.learning_rate_schedule(opt, 10), groups)
+  loss_fn = losses.get_loss_fn(base_config.get_base_config().loss)
+  state = steps.create_train_state(model, tx, IMAGE, 0)
+  batch = _batch()
+  _, metrics = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, loss_fn=loss_fn,
+                                         frozen=groups.frozen_mask(state.params)))(state, batch)
+
+  def loss(head):
+    p = dict(state.params, head=head)
+    return jnp.mean(loss_fn(model.apply({"params": p}, batch["image"], train=False),
+                            batch["targets"]))
+
+  head_grads = jax.grad(loss)(state.params["head"])
+  np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(head_grads), rtol=1e-5)
