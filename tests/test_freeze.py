@@ -168,6 +168,17 @@ def test_all_batch_norms_frozen_train_forward_equals_eval_forward():
   assert not np.allclose(train_out, eval_out, atol=1e-3)
 
 
+def test_freeze_pattern_may_name_batch_norm_layers():
+  abstract = _abstract(_resnet())
+  opt = _opt(freeze=r"bn1$")  # Matches layer paths only, not their parameters' paths.
+  with pytest.raises(ValueError, match=r"pattern 'bn1\$' matches no parameter"):
+    optim.param_groups(opt, abstract["params"])
+  groups = optim.param_groups(opt, abstract["params"], abstract["batch_stats"])
+  assert groups.frozen == {f"stage{s}_block1/bn1/{k}" for s in (1, 2) for k in ("scale", "bias")}
+  assert groups.frozen_batch_norms(abstract["batch_stats"]) == ("stage1_block1/bn1",
+                                                                 "stage2_block1/bn1")
+
+
 def test_describe_logs_frozen_count_and_saved_state():
   model = _vit()
   params = _abstract(model)["params"]

@@ -345,19 +345,25 @@ def _is_decayed(path: str) -> bool:
   return path.rsplit("/", 1)[-1] == "kernel"  # As _decay_mask.
 
 
-def param_groups(opt: ml_collections.ConfigDict, params: Any) -> ParamGroups:
+def param_groups(opt: ml_collections.ConfigDict, params: Any,
+                 batch_stats: Any = None) -> ParamGroups:
   """Resolves freeze, head_only_steps, layer_decay, lr_mults and wd_mults over `params`.
 
-  `params` may be abstract (jax.eval_shape). A pattern or entry that matches
-  no parameter, or settings that leave nothing to train, raise ValueError.
+  `params` may be abstract (jax.eval_shape). A freeze pattern that matches a
+  BatchNorm layer's path in `batch_stats` (e.g. 'bn1$') freezes its
+  parameters too. A pattern or entry that matches nothing, or settings that
+  leave nothing to train, raise ValueError.
   """
   shapes = {path_str(p): jax.ShapeDtypeStruct(x.shape, x.dtype)
             for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
   paths = list(shapes)
   examples = ", ".join(repr(p) for p in paths if p.startswith(HEAD_PREFIX)) or repr(paths[0])
+  bn_layers = sorted({p.rsplit("/", 1)[0] for p in param_paths(batch_stats or {})})
   frozen = set()
   for entry, regex in parse_freeze(opt.freeze):
     hits = {p for p in paths if regex.search(p)}
+    for layer in filter(regex.search, bn_layers):
+      hits |= {p for p in paths if p.startswith(layer + "/")}
     if not hits:
       raise ValueError(f"optimizer.freeze pattern {entry!r} matches no parameter (paths look "
                        f"like {examples}).")

@@ -211,7 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = models.create_model(config.model, len(info["class_names"]), _DTYPES[config.dtype])
   abstract_vars = jax.eval_shape(lambda: model.init(
       jax.random.PRNGKey(0), jnp.zeros((1,) + (config.data.image_size,) * 2 + (3,)), train=False))
-  groups = optim.param_groups(config.optimizer, abstract_vars["params"])
+  groups = optim.param_groups(config.optimizer, abstract_vars["params"],
+                              abstract_vars.get("batch_stats"))
   tx = optim.make_optimizer(config.optimizer, schedule, groups)
   loss_fn = losses.get_loss_fn(config.loss, _class_weights(config, info))
 
