@@ -250,19 +250,17 @@ def layer_ids(paths: list[str]) -> tuple[dict[str, int], int]:
   ResNet: the stem (conv_init, bn_init) is 0, stage s is s, the head L + 1
   (L stages).
   """
-  if any(p.startswith("Transformer/") for p in paths):
-    blocks = [int(m.group(1)) for m in map(_VIT_BLOCK.match, paths) if m]
-    top = max(blocks, default=-1) + 2
-    bottom, upper, scan = ("embedding/", "Transformer/posembed_input/"), (
-        "Transformer/encoder_norm/", "pre_logits/", HEAD_PREFIX), _VIT_BLOCK
-    offset = 1
-  elif any(p.startswith("conv_init/") for p in paths):
-    stages = [int(m.group(1)) for m in map(_RESNET_STAGE.match, paths) if m]
-    top = max(stages, default=0) + 1
-    bottom, upper, scan, offset = ("conv_init/", "bn_init/"), (HEAD_PREFIX,), _RESNET_STAGE, 0
+  if any(p.startswith("Transformer/") for p in paths):  # ViT: block i is layer i + 1.
+    scan, offset = _VIT_BLOCK, 1
+    bottom = ("embedding/", "Transformer/posembed_input/")
+    upper = ("Transformer/encoder_norm/", "pre_logits/", HEAD_PREFIX)
+  elif any(p.startswith("conv_init/") for p in paths):  # ResNet: stage s is layer s.
+    scan, offset = _RESNET_STAGE, 0
+    bottom, upper = ("conv_init/", "bn_init/"), (HEAD_PREFIX,)
   else:
     raise ValueError("optimizer.layer_decay needs a ViT or ResNet parameter tree; found "
                      f"neither ({', '.join(paths[:3])}, ...).")
+  top = max((int(m.group(1)) + offset for m in map(scan.match, paths) if m), default=0) + 1
   ids = {}
   for p in paths:
     m = scan.match(p)
