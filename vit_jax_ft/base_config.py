@@ -109,6 +109,11 @@ FIELD_DOCS = {
     "optimizer.weight_decay": "Weight decay on kernels only (not biases, norms, embeddings): decoupled for adamw/lamb/lion; an L2 gradient term for adam/sgd/adadelta/rmsprop.",
     "optimizer.grad_clip_norm": "Clip gradients to this global norm (0 disables).",
     "optimizer.accum_steps": "Split each batch into this many micro-batches (same result, less memory).",
+    "optimizer.freeze": "Comma-separated regexes over parameter paths (e.g. '^(?!head/)': all but the head) never trained: no update, decay or optimizer state; BatchNorm layers frozen whole run in inference mode.",
+    "optimizer.head_only_steps": "Train only the head (head/) for the first N steps, then every unfrozen parameter (0: off).",
+    "optimizer.layer_decay": "Per-layer lr multiplier layer_decay**(L+1-layer): ViT embeddings 0, block i i+1, head L+1; ResNet stem 0, stage s s (1: off).",
+    "optimizer.lr_mults": "Per-parameter lr multipliers 'REGEX=MULT,...' over parameter paths, first match wins, e.g. 'head/=10'; times layer_decay.",
+    "optimizer.wd_mults": "Per-parameter weight-decay multipliers 'REGEX=MULT,...' over the decayed kernels, first match wins (0: no decay).",
     "loss.name": "'ce', 'weighted_ce', 'focal', 'weighted_focal', 'sigmoid_bce' or 'sigmoid_focal'.",
     "loss.label_smoothing": "Label smoothing for 'ce' and 'weighted_ce'.",
     "loss.focal_gamma": "Focal loss focusing parameter gamma.",
@@ -236,6 +241,11 @@ def get_base_config() -> config_dict.ConfigDict:
       weight_decay=0.05,
       grad_clip_norm=1.0,
       accum_steps=1,
+      freeze="",
+      head_only_steps=0,
+      layer_decay=1.0,
+      lr_mults="",
+      wd_mults="",
   ))
   c.loss = config_dict.ConfigDict(dict(
       name="ce",

@@ -52,6 +52,8 @@ _RANGES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
     ("optimizer.weight_decay", lambda v: v >= 0, ">= 0"),
     ("optimizer.grad_clip_norm", lambda v: v >= 0, ">= 0 (0 disables)"),
     ("optimizer.accum_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("optimizer.head_only_steps", lambda v: v >= 0, "an integer >= 0"),
+    ("optimizer.layer_decay", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("loss.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("loss.focal_gamma", lambda v: v >= 0, ">= 0"),
 )

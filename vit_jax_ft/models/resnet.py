@@ -210,6 +210,9 @@ class ResNet(nn.Module):
       log(1/1000) for sigmoid multi-label training).
     remat: wrap each residual block in ``nn.remat`` to trade compute for
       activation memory. Does not change parameter names or results.
+    frozen_bn: BatchNorm module paths (e.g. 'bn_init', 'stage1_block1/bn1')
+      that run in inference mode even when training: frozen layers (see
+      optim.ParamGroups.frozen_batch_norms).
   """
 
   num_classes: int
@@ -224,6 +227,7 @@ class ResNet(nn.Module):
   head_init: str = 'zeros'
   head_bias_init: float = 0.0
   remat: bool = False
+  frozen_bn: Sequence[str] = ()
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -269,7 +273,7 @@ class ResNet(nn.Module):
     # Stem: 7x7/2 conv (pad 3) -> BN -> ReLU -> 3x3/2 max-pool (pad 1).
     x = conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)),
              name='conv_init')(x)
-    x = norm(name='bn_init', relu=True)(x)
+    x = self._norm_at(norm, '')(name='bn_init', relu=True)(x)
     x = max_pool_3x3_s2(x)
     self.sow('intermediates', 'stem', x)
 
@@ -279,7 +283,8 @@ class ResNet(nn.Module):
         # (the stem's max-pool already downsampled before stage 1).
         strides = 2 if i > 0 and j == 0 else 1
         x = block_cls(
-            features=self.width * 2**i, strides=strides, conv=conv, norm=norm,
+            features=self.width * 2**i, strides=strides, conv=conv,
+            norm=self._norm_at(norm, f'stage{i + 1}_block{j + 1}/'),
             name=f'stage{i + 1}_block{j + 1}', **block_kw)(x, train)
 
     # Global average pooling in float32: summing 49+ bf16 values loses
@@ -294,3 +299,15 @@ class ResNet(nn.Module):
                     param_dtype=jnp.float32, kernel_init=kernel_init,
                     bias_init=nn.initializers.constant(self.head_bias_init),
                     name='head')(x)
+
+  def _norm_at(self, norm, prefix: str):
+    """`norm` for the module at `prefix`: in inference mode where frozen_bn lists it."""
+    if not self.frozen_bn:
+      return norm
+
+    def make(*, name, **kwargs):
+      if prefix + name in self.frozen_bn:
+        kwargs['use_running_average'] = True
+      return norm(name=name, **kwargs)
+
+    return make

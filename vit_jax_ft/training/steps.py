@@ -111,7 +111,15 @@ def _variables(params, batch_stats) -> dict:
   return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def _loss_and_grads(model, loss_fn, params, batch_stats, batch, rng, scale=1.0):
+def _stop_frozen(params, frozen):
+  """Frozen leaves (True in `frozen`) as constants: exact zero gradients, and XLA
+  drops the backward pass that only they needed (all of it below a trained head)."""
+  if frozen is None:
+    return params
+  return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+
+
+def _loss_and_grads(model, loss_fn, params, batch_stats, batch, rng, scale=1.0, frozen=None):
   """Mean loss over `batch`, its gradients, new BatchNorm stats and logits.
 
   The gradients are of `loss * scale` (loss scaling keeps small float16
@@ -119,7 +127,7 @@ def _loss_and_grads(model, loss_fn, params, batch_stats, batch, rng, scale=1.0):
   """
 
   def compute(p):
-    variables = _variables(p, batch_stats)
+    variables = _variables(_stop_frozen(p, frozen), batch_stats)
     if batch_stats:
       logits, mutated = model.apply(variables, batch["image"], train=True,
                                     rngs={"dropout": rng}, mutable=["batch_stats"])
@@ -137,7 +145,7 @@ def _loss_and_grads(model, loss_fn, params, batch_stats, batch, rng, scale=1.0):
 def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTransformation,
                loss_fn: Callable, accum_steps: int = 1,
                scaling: LossScaling = LossScaling(),
-               ema: Ema = Ema()) -> tuple[TrainState, dict]:
+               ema: Ema = Ema(), frozen: Any = None) -> tuple[TrainState, dict]:
   """One optimizer step on `batch`.
 
   With accum_steps > 1 the batch is split into that many micro-batches whose
@@ -146,12 +154,14 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
   memory. With loss scaling enabled, a step whose gradients are not finite
   changes nothing but the scale (it is skipped and reported as such), the
   weights' moving average (`ema`, updated after the optimizer step) included.
+  `frozen` (bools like the parameters, or None) marks parameters that get
+  zero gradients (see optim.ParamGroups.frozen_mask).
   """
   rng = jax.random.fold_in(state.rng, state.step)
   scale = state.loss_scale
   if accum_steps == 1:
     loss, grads, batch_stats, logits = _loss_and_grads(
-        model, loss_fn, state.params, state.batch_stats, batch, rng, scale)
+        model, loss_fn, state.params, state.batch_stats, batch, rng, scale, frozen)
     correct = jnp.argmax(logits, -1) == jnp.argmax(batch["targets"], -1)
   else:
     micro = jax.tree.map(lambda x: x.reshape((accum_steps, -1) + x.shape[1:]), batch)
@@ -160,7 +170,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
       grads_sum, loss_sum, stats = carry
       mb, i = xs
       loss, grads, stats, logits = _loss_and_grads(
-          model, loss_fn, state.params, stats, mb, jax.random.fold_in(rng, i), scale)
+          model, loss_fn, state.params, stats, mb, jax.random.fold_in(rng, i), scale, frozen)
       correct = jnp.argmax(logits, -1) == jnp.argmax(mb["targets"], -1)
       return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, stats), correct
 

@@ -189,9 +189,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   multilabel = info["multilabel"]
   total_steps = total_train_steps(config, info["splits"][config.data.train_split]["num_examples"])
   schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
-  tx = optim.make_optimizer(config.optimizer, schedule)
   init_from.apply_model_options(config, workdir)
   model = workdir_lib.build_model(config, len(info["class_names"]))
+  abstract_vars = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1,) + (config.data.image_size,) * 2 + (3,)), train=False))
+  groups = optim.param_groups(config.optimizer, abstract_vars["params"],
+                              abstract_vars.get("batch_stats"))
+  tx = optim.make_optimizer(config.optimizer, schedule, groups)
   loss_fn = losses.get_loss_fn(config.loss, _class_weights(config, info))
 
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
@@ -205,6 +209,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("Model %s: %s parameters, %d classes, %d train steps.", config.model.name,
                f"{num_params:,}", len(info["class_names"]), total_steps)
+  for line in optim.describe(config.optimizer, groups, abstract_vars.get("batch_stats")):
+    logging.info("%s", line)
 
   last_ckpt, best_ckpt = checkpoints.make_managers(workdir, config)
   if last_ckpt.latest_step() is not None:
@@ -241,10 +247,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                  else metric_writers.MultiWriter([]))
   writer = metric_writers.MultiWriter([tensorboard, metric_writers.LoggingWriter()])
   scaling = steps.LossScaling(enabled=float16, period=config.loss_scale_period)
-  train_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, loss_fn=loss_fn,
-                                       accum_steps=config.optimizer.accum_steps,
-                                       scaling=scaling, ema=ema),
-                     donate_argnums=0)
+  train_fn = _train_fns(config, model, groups, schedule, abstract_vars, loss_fn=loss_fn,
+                        accum_steps=config.optimizer.accum_steps, scaling=scaling, ema=ema)
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, loss_fn=loss_fn,
                                       multilabel=multilabel))
   run_eval = functools.partial(evaluate, eval_fn, config=config, data_dir=data_dir, info=info,
@@ -263,6 +267,24 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   if config.final_report:
     report_writer.write_reports(config, workdir)
   return results
+
+
+def _train_fns(config, model, groups, schedule, abstract_vars, **step_kwargs):
+  """The jitted train step for 1-based step `step`: `train_fn(step)(state, batch)`.
+
+  With optimizer.head_only_steps the first steps use a head-only variant (the
+  rest frozen, its BatchNorm layers in inference mode) whose optimizer state
+  has the same structure, so a checkpoint resumes on either side of the switch.
+  """
+  fns = []
+  for head_only in (True, False) if groups.head_only_steps else (False,):
+    frozen_bn = groups.frozen_batch_norms(abstract_vars.get("batch_stats", {}), head_only)
+    fns.append(jax.jit(functools.partial(
+        steps.train_step, model=model.clone(frozen_bn=frozen_bn) if frozen_bn else model,
+        tx=optim.make_optimizer(config.optimizer, schedule, groups, head_only=head_only),
+        frozen=groups.frozen_mask(abstract_vars["params"], head_only), **step_kwargs),
+                       donate_argnums=0))
+  return lambda step: fns[0] if step <= groups.head_only_steps else fns[-1]
 
 
 def _train_loop(config, state, train_fn, run_eval, schedule, total_steps, data_dir, info,
@@ -297,7 +319,7 @@ def _train_loop(config, state, train_fn, run_eval, schedule, total_steps, data_d
       ) from e
   for step in range(start + 1, total_steps + 1):
     batch = jax.make_array_from_process_local_data(data_sharding, next(train_iter))
-    state, step_metrics = train_fn(state, batch)
+    state, step_metrics = train_fn(step)(state, batch)
     pending.append(step_metrics)
     tensorboard.write_scalars(step, {"learning_rate": learning_rate(step - 1) * lr_scale})
     progress(step)
