@@ -261,7 +261,8 @@ def test_remat_draws_the_same_masks(make):
 
 
 def test_config_field_range_and_create_model():
-  for cfg in (base_config.vit_model_config("vit_ti16"), base_config.resnet_model_config("resnet18")):
+  for cfg in (base_config.vit_model_config("vit_ti16"),
+              base_config.resnet_model_config("resnet18")):
     assert cfg.drop_path_rate == 0.0
     cfg.drop_path_rate = 0.2
     assert models.create_model(cfg, 3, jnp.float32).drop_path_rate == 0.2
