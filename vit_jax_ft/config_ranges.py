@@ -41,6 +41,7 @@ _RANGES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
     ("data.mix_switch_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("model.dropout_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("model.attention_dropout_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("model.drop_path_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("model.layer_norm_eps", lambda v: v > 0, "> 0"),
     ("model.bn_epsilon", lambda v: v > 0, "> 0"),
     ("model.bn_momentum", lambda v: 0 <= v < 1, "in [0, 1)"),

@@ -49,6 +49,7 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
         head_init=model_config.head_init,
         head_bias_init=model_config.head_bias_init,
         remat=model_config.remat,
+        drop_path_rate=model_config.drop_path_rate,
         dtype=dtype,
     )
   if name in resnet.RESNET_PRESETS:
@@ -62,6 +63,7 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
         head_init=model_config.head_init,
         head_bias_init=model_config.head_bias_init,
         remat=model_config.remat,
+        drop_path_rate=model_config.drop_path_rate,
         dtype=dtype,
     )
   valid = sorted(vit.VIT_PRESETS) + ["vit"] + sorted(resnet.RESNET_PRESETS)

@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax_ft.models import batch_norm
+from vit_jax_ft.models import drop_path
 from vit_jax_ft.models import precision
 
 # torchvision initializes convs with kaiming_normal_(mode='fan_out',
@@ -116,6 +117,18 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   return _max_pool_3_s2(_max_pool_3_s2(x.astype(jnp.float32), 1), 2).astype(x.dtype)
 
 
+def _branch_scale(module: nn.Module, x: jax.Array, rate: float,
+                  train: bool) -> jax.Array | None:
+  """Drop path's per-sample factor for a block's residual branch, or None when off.
+
+  The last BatchNorm of the block applies it to its output before the
+  residual add, keeping the add and the ReLU fused (models/batch_norm.py).
+  """
+  if not train or rate == 0.0:
+    return None
+  return drop_path.sample_scale(module.make_rng('dropout'), x.shape[0], rate)
+
+
 def _max_pool_3_s2(x: jax.Array, axis: int) -> jax.Array:
   """Max over windows of 3 with stride 2 and one -inf pad on each side, along `axis`."""
   out = (x.shape[axis] - 1) // 2 + 1
@@ -130,19 +143,22 @@ class BasicBlock(nn.Module):
   """ResNet-18/34 residual block: 3x3 -> 3x3, with optional projection.
 
   The stride sits on the first 3x3 conv in every ResNet flavour, so ``variant``
-  does not apply here.
+  does not apply here. ``drop_path_rate``: stochastic depth of the residual
+  branch in training.
   """
 
   features: int
   strides: int = 1
   conv: Callable[..., nn.Module] = precision.Conv
   norm: Callable[..., nn.Module] = batch_norm.BatchNorm
+  drop_path_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     # `train` is positional (not keyword-only) so that nn.remat can mark it
-    # static via static_argnums.
-    del train  # Already bound into `norm` by the parent (see ResNet).
+    # static via static_argnums. BatchNorm's mode is already bound into `norm`
+    # by the parent (see ResNet); here it only switches drop path.
+    branch_scale = _branch_scale(self, x, self.drop_path_rate, train)
     s = (self.strides, self.strides)
     residual = x
     y = self.conv(self.features, (3, 3), s, padding=_PAD_3x3, name='conv1')(x)
@@ -151,7 +167,8 @@ class BasicBlock(nn.Module):
     if residual.shape != y.shape:
       residual = self.conv(self.features, (1, 1), s, name='proj_conv')(residual)
       residual = self.norm(name='proj_bn')(residual)
-    return self.norm(name='bn2', relu=True)(y, residual)  # relu(bn2(y) + residual)
+    # relu(bn2(y) * branch_scale + residual)
+    return self.norm(name='bn2', relu=True)(y, residual, branch_scale)
 
 
 class BottleneckBlock(nn.Module):
@@ -162,10 +179,12 @@ class BottleneckBlock(nn.Module):
   variant: str = 'v1.5'
   conv: Callable[..., nn.Module] = precision.Conv
   norm: Callable[..., nn.Module] = batch_norm.BatchNorm
+  drop_path_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    del train  # Already bound into `norm` by the parent (see ResNet).
+    # BatchNorm's mode is already bound into `norm` (see ResNet).
+    branch_scale = _branch_scale(self, x, self.drop_path_rate, train)
     s = (self.strides, self.strides)
     # v1 strides the first 1x1 conv, which simply drops 3/4 of the positions;
     # v1.5 strides the 3x3 conv instead (slightly more FLOPs, ~+0.5% top-1).
@@ -180,7 +199,8 @@ class BottleneckBlock(nn.Module):
       residual = self.conv(
           self.features * 4, (1, 1), s, name='proj_conv')(residual)
       residual = self.norm(name='proj_bn')(residual)
-    return self.norm(name='bn3', relu=True)(y, residual)  # relu(bn3(y) + residual)
+    # relu(bn3(y) * branch_scale + residual)
+    return self.norm(name='bn3', relu=True)(y, residual, branch_scale)
 
 
 class ResNet(nn.Module):
@@ -213,6 +233,9 @@ class ResNet(nn.Module):
     frozen_bn: BatchNorm module paths (e.g. 'bn_init', 'stage1_block1/bn1')
       that run in inference mode even when training: frozen layers (see
       optim.ParamGroups.frozen_batch_norms).
+    drop_path_rate: stochastic depth in training: the last block's rate of
+      dropping its residual branch per sample, ramping linearly from 0 over
+      all blocks of all stages (timm). Draws from the 'dropout' RNG stream.
   """
 
   num_classes: int
@@ -228,6 +251,7 @@ class ResNet(nn.Module):
   head_bias_init: float = 0.0
   remat: bool = False
   frozen_bn: Sequence[str] = ()
+  drop_path_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -277,6 +301,7 @@ class ResNet(nn.Module):
     x = max_pool_3x3_s2(x)
     self.sow('intermediates', 'stem', x)
 
+    rates = iter(drop_path.block_rates(self.drop_path_rate, sum(self.stage_sizes)))
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         # The first block of every stage but the first halves the resolution
@@ -285,7 +310,8 @@ class ResNet(nn.Module):
         x = block_cls(
             features=self.width * 2**i, strides=strides, conv=conv,
             norm=self._norm_at(norm, f'stage{i + 1}_block{j + 1}/'),
-            name=f'stage{i + 1}_block{j + 1}', **block_kw)(x, train)
+            drop_path_rate=next(rates), name=f'stage{i + 1}_block{j + 1}',
+            **block_kw)(x, train)
 
     # Global average pooling in float32: summing 49+ bf16 values loses
     # precision, and the head is tiny compared to the trunk.

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vit_jax_ft.models import drop_path
 from vit_jax_ft.models import precision
 
 Dtype = Any
@@ -91,7 +92,11 @@ class SelfAttention(nn.Module):
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x)).
+
+  In training, `drop_path_rate` drops each branch (MHA, MLP) per sample
+  (stochastic depth, models/drop_path.py).
+  """
 
   num_heads: int
   mlp_dim: int
@@ -100,6 +105,12 @@ class Encoder1DBlock(nn.Module):
   dropout_rate: float
   attention_dropout_rate: float
   dtype: Dtype
+  drop_path_rate: float = 0.0
+
+  def _drop_path(self, y, train: bool):
+    if not train or self.drop_path_rate == 0.0:
+      return y
+    return drop_path.drop_path(y, self.drop_path_rate, self.make_rng("dropout"))
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -113,7 +124,7 @@ class Encoder1DBlock(nn.Module):
         name="MultiHeadDotProductAttention_1",
     )(y, deterministic=not train)
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-    x = x + y
+    x = x + self._drop_path(y, train)
     y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm_2")(x)
     y = MlpBlock(
         mlp_dim=self.mlp_dim,
@@ -122,7 +133,7 @@ class Encoder1DBlock(nn.Module):
         dtype=self.dtype,
         name="MlpBlock_3",
     )(y, train=train)
-    return x + y
+    return x + self._drop_path(y, train)
 
 
 class AddPositionEmbs(nn.Module):
@@ -148,6 +159,7 @@ class Transformer(nn.Module):
   attention_dropout_rate: float
   remat: bool
   dtype: Dtype
+  drop_path_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -155,6 +167,7 @@ class Transformer(nn.Module):
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     # `train` is a static argument (argnum 2 counting self) under remat.
     block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat else Encoder1DBlock
+    rates = drop_path.block_rates(self.drop_path_rate, self.num_layers)
     for i in range(self.num_layers):
       x = block_cls(
           num_heads=self.num_heads,
@@ -164,6 +177,7 @@ class Transformer(nn.Module):
           dropout_rate=self.dropout_rate,
           attention_dropout_rate=self.attention_dropout_rate,
           dtype=self.dtype,
+          drop_path_rate=rates[i],
           name=f"encoderblock_{i}",
       )(x, train)
     return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="encoder_norm")(x)
@@ -178,6 +192,8 @@ class VisionTransformer(nn.Module):
     representation_size: If set, a tanh `pre_logits` layer (i21k checkpoints).
     head_init: 'zeros' (standard for fine-tuning) or 'lecun_normal'.
     head_bias_init: Initial head bias, e.g. -6.9 for sigmoid multi-label.
+    drop_path_rate: Stochastic depth in training: the last block's rate of
+      dropping a branch per sample; earlier blocks ramp linearly from 0.
     dtype: Compute dtype; parameters are always float32.
   """
 
@@ -193,6 +209,7 @@ class VisionTransformer(nn.Module):
   layer_norm_eps: float = 1e-6
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
   head_init: str = "zeros"
   head_bias_init: float = 0.0
   remat: bool = False
@@ -224,6 +241,7 @@ class VisionTransformer(nn.Module):
         attention_dropout_rate=self.attention_dropout_rate,
         remat=self.remat,
         dtype=self.dtype,
+        drop_path_rate=self.drop_path_rate,
         name="Transformer",
     )(x, train=train)
     x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
