@@ -123,7 +123,11 @@ def _maybe_initialize_distributed() -> None:
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def main(argv):
+def main(argv, entry=None):
+  """Starts up and runs entry(config, workdir): train.train_and_evaluate by default.
+
+  Other programs taking --config and --workdir (vit_jax_ft.probe) pass their own entry.
+  """
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   _quiet_library_logs()
@@ -131,9 +135,11 @@ def main(argv):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
   _maybe_initialize_distributed()
-  from vit_jax_ft import train  # pylint: disable=g-import-not-at-top
+  if entry is None:
+    from vit_jax_ft import train  # pylint: disable=g-import-not-at-top
+    entry = train.train_and_evaluate
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    entry(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     # Bad configs and data are the usual cause: one line, not a traceback.
     # `--verbosity=1` logs the traceback too.

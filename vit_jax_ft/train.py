@@ -241,6 +241,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   elif not config.init_from:
     logging.warning("No config.init_from: training %s from random initialisation.",
                     config.model.name)
+  if last_ckpt.latest_step() is None and config.init_head_from:  # LP-FT: a fitted head.
+    state = jax.device_put(init_from.load_head(config, state, info, workdir), replicated)
   config.data.normalization = init_from.resolve_normalization(config, workdir, metadata)
   logging.info("Input normalisation: %s.", config.data.normalization)
   if jax.process_index() == 0:  # The config as run ('auto' resolved), to reproduce it.
