@@ -245,7 +245,7 @@ def get_base_config() -> config_dict.ConfigDict:
       flip=False,
       class_weight="auto",
       max_iter=1000,
-      tol=1e-6,
+      tol=1e-5,
   ))
   c.lock()
   return c

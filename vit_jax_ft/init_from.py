@@ -6,6 +6,7 @@ import os
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 
 
 def load_weights(config, model, state, workdir: str):
