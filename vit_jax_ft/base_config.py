@@ -109,7 +109,7 @@ FIELD_DOCS = {
     "loss.label_smoothing": "Label smoothing for 'ce' and 'weighted_ce'.",
     "loss.focal_gamma": "Focal loss focusing parameter gamma.",
     "loss.focal_alpha": "Focal loss alpha (None: no alpha weighting).",
-    "probe.l2_grid": "vit_jax_ft.probe: comma-separated L2 strengths (penalty l2/2*|W|^2 on the mean loss, standardised features) tried; the best on val by best_metric wins.",
+    "probe.l2_grid": "vit_jax_ft.probe: comma-separated L2 strengths l2 tried (penalty l2/2 * sum(W**2) on the mean loss, over standardised features); the best on val by best_metric wins.",
     "probe.flip": "vit_jax_ft.probe: average each image's features with its mirror image's (evaluate/predict do not flip).",
     "probe.class_weight": "vit_jax_ft.probe: 'balanced' (sklearn's class_weight), 'none', or 'auto' (balanced for a weighted_* loss).",
     "probe.max_iter": "vit_jax_ft.probe: L-BFGS iteration limit per L2 value.",
