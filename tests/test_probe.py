@@ -133,7 +133,8 @@ def test_features_are_the_head_input_and_flip_averages(family):
 def probed(tmp_path_factory):
   """A probe of tiny pretrained ViT weights on the digits (report included), and its config."""
   root = tmp_path_factory.mktemp("probe")
-  config = tiny_demo_config(**{"final_report": True, "probe.l2_grid": "1e-1,1e-3,1e-5"})
+  config = tiny_demo_config(**{"final_report": True, "probe.l2_grid": "3e-1,3e-2,3e-3",
+                              "probe.tol": 1e-8})
   _write_converted(root / "weights", config)
   config.init_from = str(root / "weights")
   config.data.normalization = "auto"
@@ -155,7 +156,7 @@ def _cached(workdir, split):
 def test_probe_chooses_on_val_and_writes_a_run(probed):
   _, workdir, results = probed
   summary = _summary(workdir)
-  assert [row["l2"] for row in summary["grid"]] == [1e-1, 1e-3, 1e-5]
+  assert [row["l2"] for row in summary["grid"]] == [3e-1, 3e-2, 3e-3]
   assert all(row["converged"] for row in summary["grid"])
   best = max(row["val_accuracy"] for row in summary["grid"])
   assert summary["chosen"]["val_accuracy"] == best == results["val_accuracy"]
@@ -182,6 +183,13 @@ def test_checkpoint_logits_are_features_times_head(probed):
     preds = restore.predict_split(run, restore.restore(workdir, which), "val")
     np.testing.assert_allclose(preds.probs, probs, atol=1e-5)
     np.testing.assert_array_equal(preds.targets, targets)
+  # The chosen head is the sklearn fit on standardised train features, scaling folded in.
+  x, y = (a.astype(np.float64) for a in _cached(workdir, "train"))
+  mean, std = x.mean(0), x.std(0)
+  ref = LogisticRegression(C=1.0 / (len(x) * _summary(workdir)["chosen_l2"]), max_iter=10_000,
+                           tol=1e-10).fit((x - mean) / std, y.argmax(1))
+  val = _cached(workdir, "val")[0]
+  np.testing.assert_allclose(probs, ref.predict_proba((val - mean) / std), atol=2e-5)
   with open(os.path.join(workdir, "reports", "val_best", "report.json")) as f:
     assert json.load(f)["headline"]["accuracy"] == pytest.approx(
         _summary(workdir)["chosen"]["val_accuracy"])
@@ -216,6 +224,10 @@ def test_features_are_cached_until_the_preprocessing_changes(probed, tmp_path, m
   assert all(second[s]["cached"] and second[s]["key"] == first[s]["key"] for s in first)
   # The same weights and data in another workdir: the same key.
   assert first["train"]["key"] == _summary(source)["features"]["train"]["key"]
+
+  config.data.eval_crop_fraction = 0.875  # The same weights, other inputs.
+  probe.run_probe(config, workdir)
+  assert not any(_summary(workdir)["features"][s]["cached"] for s in first)
 
   config.data.image_size = 48
   probe.run_probe(config, workdir)
@@ -275,3 +287,22 @@ def test_init_head_from_refuses_other_classes(probed, tmp_path):
   fewer = dict(info, class_names=info["class_names"][:9])
   with pytest.raises(ValueError, match="has 10 single-label classes.*dataset has 9"):
     init_from.load_head(config, state, fewer, str(tmp_path))
+
+
+def test_multilabel_probe_with_flips_and_balancing(tmp_path):
+  from test_evaluate import _write_multilabel_dataset  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path / "data")
+  _write_multilabel_dataset(data_dir, np.random.default_rng(0))
+  config = tiny_demo_config(**{
+      "data.source": "tfrecord", "data.dir": data_dir, "data.image_size": 16,
+      "model.patch_size": 8, "loss.name": "sigmoid_bce", "eval_batch_size": 16,
+      "best_metric": "macro_f1", "final_report": True, "probe.flip": True,
+      "probe.class_weight": "balanced", "probe.l2_grid": "1e-2,1e-1"})
+  workdir = str(tmp_path / "probe")
+  results = probe.run_probe(config, workdir)
+  summary = _summary(workdir)
+  assert summary["class_weight"] == "balanced" and summary["flip"]
+  assert summary["chosen"]["val_macro_f1"] == max(r["val_macro_f1"] for r in summary["grid"])
+  assert results["val_macro_f1"] == summary["chosen"]["val_macro_f1"] > 0.6  # Bright channels.
+  assert {"val_micro_f1", "test_exact_match"} <= set(results)
+  assert os.path.exists(evaluate.thresholds_path(workdir, "best"))  # The multi-label report.

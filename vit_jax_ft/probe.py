@@ -321,7 +321,7 @@ def feature_key(config: ml_collections.ConfigDict, variables: dict, data_dir: st
 
   The backbone's weights and architecture, the compute dtype, the eval
   preprocessing (image size, crop fraction, normalisation), flip averaging
-  and the split's records.
+  and the split's records (their files' sizes and modification times too).
   """
   digest = hashlib.sha256()
   _hash_tree(variables, digest)
@@ -333,6 +333,9 @@ def feature_key(config: ml_collections.ConfigDict, variables: dict, data_dir: st
       "data_dir": os.path.abspath(data_dir), "split": split,
       "records": info["splits"][split], "class_names": info["class_names"],
       "features": info.get("features"),
+      # A re-prepared dataset may keep its file names and counts.
+      "files": [(s.path, os.stat(s.path).st_size, os.stat(s.path).st_mtime_ns)
+                for s in input_pipeline.split_shards(data_dir, info, split)],
   }
   digest.update(json.dumps(described, sort_keys=True, default=str).encode())
   return digest.hexdigest()[:16]
@@ -513,7 +516,9 @@ def run_probe(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mean, scale = standardize(x_train)
   z_train = (x_train - mean) / scale
   weights = sample_weights(y_train, multilabel, balanced)
-  loss_fn = losses.get_loss_fn(config.loss, train._class_weights(config, info))  # pylint: disable=protected-access
+  # The loss the train loop's eval reports (weighted for weighted_* losses).
+  class_weights = train._class_weights(config, info)  # pylint: disable=protected-access
+  loss_fn = losses.get_loss_fn(config.loss, class_weights)
   l2s = sorted(set(grid), reverse=True)
   fits = fit_grid(z_train, y_train, l2s, multilabel=multilabel, weights=weights,
                   max_iter=config.probe.max_iter, tol=config.probe.tol)
