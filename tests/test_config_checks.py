@@ -56,15 +56,15 @@ def _info(train_counts, val_counts=None):
 def test_one_class_train_split_is_refused_with_the_class_list():
   config = tiny_demo_config()
   with pytest.raises(ValueError, match=r"1 class\(es\) \(cat: 0, dog: 40, owl: 0\)"):
-    train._check_config(config, _info([0, 40, 0]))  # pylint: disable=protected-access
+    train.check_config(config, _info([0, 40, 0]))
 
 
 def test_eval_split_missing_a_train_class_warns(monkeypatch):
   config = tiny_demo_config()
   warnings = []
   monkeypatch.setattr(logging, "warning", lambda msg, *a: warnings.append(msg % a))
-  train._check_config(config, _info([5, 40, 3], [2, 7, 0]))  # pylint: disable=protected-access
+  train.check_config(config, _info([5, 40, 3], [2, 7, 0]))
   assert any("'val' has no examples of 1 class(es)" in w and "owl" in w for w in warnings)
   warnings.clear()
-  train._check_config(config, _info([5, 40, 3], [2, 7, 1]))  # pylint: disable=protected-access
+  train.check_config(config, _info([5, 40, 3], [2, 7, 1]))
   assert not [w for w in warnings if "no examples" in w]

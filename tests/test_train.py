@@ -166,7 +166,7 @@ def test_multilabel_data_rejects_softmax_loss(tmp_path):
   info = {"multilabel": True, "class_names": ["a", "b"], "splits": {}}
   config = tiny_demo_config()
   with pytest.raises(ValueError, match="multi-label.*sigmoid_bce"):
-    train._check_config(config, info)  # pylint: disable=protected-access
+    train.check_config(config, info)
 
 
 def test_total_steps_from_epochs_and_exclusive():

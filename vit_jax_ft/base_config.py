@@ -44,6 +44,7 @@ FIELD_DOCS = {
     "init_cache_dir": "Where raw sources are cached after conversion (default ~/.cache/vit_jax_ft).",
     "resume_with_changes": "Resume a workdir even though experiment fields (data, model, optimizer, seed, ...) differ from its config.json; the changes go to config_history.jsonl.",
     "init_model_options": "Take the model options init_from's weights were trained with (ViT GELU form and LayerNorm epsilon; ResNet variant, conv bias, BatchNorm epsilon) over config.model's.",
+    "init_head_from": "LP-FT: a workdir (a probe's or a run's) whose best checkpoint's head starts this run's head (same classes; fresh starts only).",
     "data.source": "'tfrecord' (a folder prepared by vit_jax_ft.data), 'tfds' (a prepared tensorflow-datasets dataset) or 'digits' (built-in demo).",
     "data.dir": "Folder with dataset_info.json and TFRecords. For 'digits', defaults to WORKDIR/data.",
     "data.help": "What to tell a user whose data.dir is missing (where to get the data).",
@@ -119,6 +120,11 @@ FIELD_DOCS = {
     "loss.label_smoothing": "Label smoothing for 'ce' and 'weighted_ce'.",
     "loss.focal_gamma": "Focal loss focusing parameter gamma.",
     "loss.focal_alpha": "Focal loss alpha (None: no alpha weighting).",
+    "probe.l2_grid": "vit_jax_ft.probe: comma-separated L2 strengths l2 tried (penalty l2/2 * sum(W**2) on the mean loss, over standardised features); the best on val by best_metric wins.",
+    "probe.flip": "vit_jax_ft.probe: average each image's features with its mirror image's (evaluate/predict do not flip).",
+    "probe.class_weight": "vit_jax_ft.probe: 'balanced' (sklearn's class_weight), 'none', or 'auto' (balanced for a weighted_* loss).",
+    "probe.max_iter": "vit_jax_ft.probe: L-BFGS iteration limit per L2 value.",
+    "probe.tol": "vit_jax_ft.probe: L-BFGS stops when every gradient entry is at most this.",
 }
 
 
@@ -194,6 +200,7 @@ def get_base_config() -> config_dict.ConfigDict:
   c.init_cache_dir = placeholder(str)
   c.init_model_options = True
   c.resume_with_changes = False
+  c.init_head_from = placeholder(str)
 
   c.data = config_dict.ConfigDict(dict(
       source="tfrecord",
@@ -255,6 +262,13 @@ def get_base_config() -> config_dict.ConfigDict:
       label_smoothing=0.0,
       focal_gamma=2.0,
       focal_alpha=placeholder(float),
+  ))
+  c.probe = config_dict.ConfigDict(dict(
+      l2_grid="1e-6,1e-5,1e-4,1e-3,1e-2,1e-1",
+      flip=False,
+      class_weight="auto",
+      max_iter=1000,
+      tol=1e-5,
   ))
   c.lock()
   return c

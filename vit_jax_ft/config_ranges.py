@@ -57,6 +57,8 @@ _RANGES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
     ("optimizer.layer_decay", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("loss.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("loss.focal_gamma", lambda v: v >= 0, ">= 0"),
+    ("probe.max_iter", lambda v: v >= 1, "an integer >= 1"),
+    ("probe.tol", lambda v: v > 0, "> 0"),
 )
 
 

@@ -110,16 +110,22 @@ def _maybe_initialize_distributed() -> None:
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def main(argv):
+def main(argv, entry=None):
+  """Starts up and runs entry(config, workdir): train.train_and_evaluate by default.
+
+  Other programs taking --config and --workdir (vit_jax_ft.probe) pass their own entry.
+  """
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Imported here so that --help and flag errors come back fast.
   from vit_jax_ft import cli  # pylint: disable=g-import-not-at-top
-  from vit_jax_ft.training import train  # pylint: disable=g-import-not-at-top
+  if entry is None:
+    from vit_jax_ft.training import train  # pylint: disable=g-import-not-at-top
+    entry = train.train_and_evaluate
 
   def body():
     _maybe_initialize_distributed()
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    entry(_CONFIG.value, _WORKDIR.value)
 
   cli.run_main(body)
 

@@ -6,9 +6,11 @@ The normalisation the weights expect is resolved by workdir.resolve_normalizatio
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 
 from vit_jax_ft import pretrained
 from vit_jax_ft import workdir as workdir_lib
+from vit_jax_ft.inputs import dataset
 
 
 def load_weights(config, model, state, workdir: str):
@@ -52,3 +54,54 @@ def apply_model_options(config: ml_collections.ConfigDict, workdir: str) -> None
       logging.info("config.model.%s: %r -> %r (what %s was trained with).",
                    name, config.model[name], value, config.init_from)
       config.model[name] = value
+
+
+def load_head(config: ml_collections.ConfigDict, state, info: dict, workdir: str):
+  """LP-FT: replaces the fresh head of `state` with config.init_head_from's best head.
+
+  config.init_head_from is a workdir (of vit_jax_ft.probe or a training run);
+  its dataset must have this run's class names in the same order (and be
+  multi-label alike), and its head the shape of this model's. A backbone
+  fingerprint that differs from this run's (pretrained.json) is logged as a
+  warning: the head was fitted to other features.
+  """
+  source = config.init_head_from
+  source_config = workdir_lib.load_config(source)
+  _, source_info = dataset.load_data_info(source_config, source)
+  names, source_names = list(info["class_names"]), list(source_info["class_names"])
+  if names != source_names or bool(info["multilabel"]) != bool(source_info["multilabel"]):
+    def describe(n, multilabel):
+      kind = "multi-label" if multilabel else "single-label"
+      return f"{len(n)} {kind} classes {n[:5]}{'...' if len(n) > 5 else ''}"
+    raise ValueError(
+        f"config.init_head_from={source!r} has {describe(source_names, source_info['multilabel'])}"
+        f" but this run's dataset has {describe(names, info['multilabel'])}; a head fits only the "
+        "same classes in the same order.")
+  checkpoint = workdir_lib.restore(source, "best")
+  head = checkpoint.variables["params"].get("head")
+  fresh = state.params["head"]
+  shapes = jax.tree.map(np.shape, fresh)
+  if head is None or jax.tree.map(np.shape, head) != shapes:
+    raise ValueError(
+        f"config.init_head_from={source!r}: its head "
+        f"{None if head is None else jax.tree.map(np.shape, head)} does not fit this model's "
+        f"{shapes} (another model or representation size?).")
+  _warn_other_backbone(source, workdir)
+  logging.info("Head initialised from %s (best checkpoint, step %d): %s.", source,
+               checkpoint.step, ", ".join(f"{k} {v}" for k, v in shapes.items()))
+  head = jax.tree.map(lambda x, f: np.asarray(x, np.asarray(f).dtype), head, fresh)
+  return state.replace(params={**state.params, "head": head})
+
+
+def _warn_other_backbone(source: str, workdir: str) -> None:
+  """Warns when init_head_from's run and this one did not start from the same weights."""
+  def recorded(directory):
+    record = workdir_lib.read_pretrained(directory)  # {}: from random initialisation.
+    return record.get("init_from"), record.get("fingerprint")
+
+  (source_from, source_print), (own_from, own_print) = recorded(source), recorded(workdir)
+  if source_print != own_print:
+    logging.warning("config.init_head_from=%r was fitted on another backbone (init_from=%r, "
+                    "fingerprint %s) than this run's (init_from=%r, fingerprint %s): the head "
+                    "may not suit these features.", source, source_from, source_print, own_from,
+                    own_print)

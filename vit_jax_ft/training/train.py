@@ -38,7 +38,7 @@ def total_train_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
   return math.ceil(config.num_epochs * num_train / config.batch_size)
 
 
-def _check_config(config: ml_collections.ConfigDict, info: dict) -> None:
+def check_config(config: ml_collections.ConfigDict, info: dict) -> None:
   if info["multilabel"] and not losses.is_multilabel_loss(config.loss.name):
     raise ValueError(f"The dataset is multi-label but loss.name={config.loss.name!r} is a "
                      "softmax loss; use 'sigmoid_bce' or 'sigmoid_focal'.")
@@ -86,7 +86,7 @@ def _check_classes(config: ml_collections.ConfigDict, info: dict) -> None:
                       config.data.train_split, ", ".join(missing))
 
 
-def _class_weights(config: ml_collections.ConfigDict, info: dict):
+def class_weights(config: ml_collections.ConfigDict, info: dict):
   """Class weights for the weighted losses: dataset_info.json's, else from the counts.
 
   Classes without training examples get weight 1; it never multiplies a loss.
@@ -185,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """train_and_evaluate, holding the workdir's lock."""
   data_dir, info = dataset.load_data_info(config, workdir)
-  _check_config(config, info)
+  check_config(config, info)
   multilabel = info["multilabel"]
   total_steps = total_train_steps(config, info["splits"][config.data.train_split]["num_examples"])
   schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
@@ -196,7 +196,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   groups = optim.param_groups(config.optimizer, abstract_vars["params"],
                               abstract_vars.get("batch_stats"))
   tx = optim.make_optimizer(config.optimizer, schedule, groups)
-  loss_fn = losses.get_loss_fn(config.loss, _class_weights(config, info))
+  loss_fn = losses.get_loss_fn(config.loss, class_weights(config, info))
 
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -234,6 +234,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   elif not config.init_from:
     logging.warning("No config.init_from: training %s from random initialisation.",
                     config.model.name)
+  if last_ckpt.latest_step() is None and config.init_head_from:  # LP-FT: a fitted head.
+    state = init_from.load_head(config, state, info, workdir)
+    state = jax.device_put(steps.init_ema(state) if ema.enabled else state, replicated)
   config.data.normalization = workdir_lib.resolve_normalization(config, workdir, metadata)
   logging.info("Input normalisation: %s.", config.data.normalization)
   if last_ckpt.latest_step() is not None:
