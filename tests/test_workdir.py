@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from test_train import tiny_demo_config  # pylint: disable=g-bad-import-order
@@ -105,3 +106,24 @@ def test_config_changes_ignores_fields_an_older_config_lacks(tmp_path):
     recorded["seed"] = 7
     json.dump(recorded, f)
   assert workdir_lib.config_changes(config, str(tmp_path)) == {"seed": (7, config.seed)}
+
+
+def test_a_run_recorded_before_newer_fields_still_evaluates(tmp_path):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_demo_config(total_steps=4), workdir)
+  path = os.path.join(workdir, "config.json")
+  with open(path) as f:
+    recorded = json.load(f)
+  want = workdir_lib.predict_split(workdir_lib.load_run(workdir),
+                                   workdir_lib.restore(workdir, "last"), "test").probs
+  # As written by a version without stochastic depth, EMA or probe settings.
+  del recorded["model"]["drop_path_rate"], recorded["ema_decay"], recorded["probe"]
+  with open(path, "w") as f:
+    json.dump(recorded, f)
+  config = workdir_lib.load_config(workdir)
+  assert config.model.drop_path_rate == 0.0 and config.ema_decay == 0.0
+  assert config.probe.flip is False
+  assert config.optimizer.lr == recorded["optimizer"]["lr"]  # Recorded values kept.
+  got = workdir_lib.predict_split(workdir_lib.load_run(workdir),
+                                  workdir_lib.restore(workdir, "last"), "test").probs
+  np.testing.assert_array_equal(got, want)

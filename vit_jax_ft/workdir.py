@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vit_jax_ft import base_config
 from vit_jax_ft import checkpoints
 from vit_jax_ft import models
 from vit_jax_ft.inputs import dataset
@@ -245,13 +246,46 @@ class Predictions:
     return self.targets.argmax(axis=1)
 
 
+def _merge(defaults: dict, recorded: dict, prefix: str, added: list[str]) -> dict:
+  merged = dict(recorded)
+  for key, value in defaults.items():
+    if key not in recorded:
+      merged[key] = value
+      added.append(prefix + key)
+    elif isinstance(value, dict) and isinstance(recorded[key], dict):
+      merged[key] = _merge(value, recorded[key], f"{prefix}{key}.", added)
+  return merged
+
+
+def with_current_schema(recorded: dict, source: str) -> ml_collections.ConfigDict:
+  """A recorded config (config.json) with the fields added since it was written.
+
+  A run made before a field existed (e.g. model.drop_path_rate, ema_decay)
+  ran with that field's default behaviour; evaluate, predict and export fill
+  it in from base_config (logged) instead of failing on the missing key.
+  """
+  model = recorded.get("model") or {}
+  try:
+    model_defaults = (base_config.vit_model_config(model.get("name", "vit_b16"))
+                      if "patch_size" in model
+                      else base_config.resnet_model_config(model.get("name", "resnet50")))
+  except ValueError:  # A model name this version does not know: the recorded fields only.
+    model_defaults = ml_collections.ConfigDict()
+  defaults = base_config.get_base_config().to_dict() | {"model": model_defaults.to_dict()}
+  added = []
+  merged = _merge(defaults, recorded, "", added)
+  if added:
+    logging.info("%s predates config fields %s; using their defaults.", source, ", ".join(added))
+  return ml_collections.ConfigDict(merged)
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config as run, from WORKDIR/config.json."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} the workdir of a training run?")
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    config = with_current_schema(json.load(f), path)
   if config.data.normalization == "auto":  # Written before 'auto' was resolved.
     config.data.normalization = resolve_normalization(config, workdir, None)
   return config
