@@ -30,3 +30,21 @@ def test_train_step_benchmark_prints_rates_mfu_memory_and_torch_ratio():
                     r"jax/pytorch speed ratio ([\d.]+)x", text)
   assert torch, text
   assert abs(float(torch[2]) - float(torch[1]) / ms) < 0.01 + 0.02 * float(torch[2])
+
+
+def test_finetune_quality_benchmark_runs_every_recipe_and_prints_the_table(tmp_path):
+  """The plumbing only (digits, a tiny ViT, 2 steps): every recipe runs, the table has its rows."""
+  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "finetune_quality.py"), "--smoke",
+         "--steps=2", f"--out={tmp_path}", "--seeds=0"]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  rows = {m[1]: (float(m[2]), float(m[3])) for m in re.finditer(
+      r"^\| (sklearn|probe|ft|lpft|lpft_plus \(\+tta dihedral\)) \| ([\d.]+) \| ([\d.]+) \|",
+      out.stdout, re.M)}
+  assert sorted(rows) == sorted(["sklearn", "probe", "ft", "lpft", "lpft_plus (+tta dihedral)"])
+  assert all(0 <= f1 <= 1 and 0 <= acc <= 1 for f1, acc in rows.values())
+  assert re.search(r"cores", out.stdout)  # Says which CPU it ran on.
+  # LP-FT really started from the probe's head.
+  with open(os.path.join(tmp_path, "seed0", "lpft.log")) as f:
+    assert "Head initialised from" in f.read()
