@@ -308,3 +308,11 @@ def test_multilabel_probe_with_flips_and_balancing(tmp_path):
   assert results["val_macro_f1"] == summary["chosen"]["val_macro_f1"] > 0.6  # Bright channels.
   assert {"val_micro_f1", "test_exact_match"} <= set(results)
   assert os.path.exists(workdir_lib.thresholds_path(workdir, "best"))  # The multi-label report.
+
+
+def test_grid_edge_names_the_end_a_choice_sits_at():
+  grid = [1e-1, 1e-2, 1e-3]
+  assert probe.grid_edge(1e-1, grid) == "largest"
+  assert probe.grid_edge(1e-3, grid) == "smallest"
+  assert probe.grid_edge(1e-2, grid) == ""
+  assert probe.grid_edge(1e-1, [1e-1, 1e-2]) == ""  # Too few values to call it an edge.

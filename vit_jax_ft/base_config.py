@@ -264,7 +264,7 @@ def get_base_config() -> config_dict.ConfigDict:
       focal_alpha=placeholder(float),
   ))
   c.probe = config_dict.ConfigDict(dict(
-      l2_grid="1e-6,1e-5,1e-4,1e-3,1e-2,1e-1",
+      l2_grid="1e-6,1e-5,1e-4,1e-3,1e-2,1e-1,1",
       flip=False,
       class_weight="auto",
       max_iter=1000,

@@ -192,6 +192,13 @@ def _check_workdir(managers) -> None:
                        "run the probe in a workdir of its own.")
 
 
+def grid_edge(chosen: float, grid: list[float]) -> str:
+  """'largest' or 'smallest' when `chosen` is at that end of a grid of 3+ values, else ''."""
+  if len(set(grid)) < 3:
+    return ""
+  return "largest" if chosen == max(grid) else "smallest" if chosen == min(grid) else ""
+
+
 def _select(rows: list[dict], metric: str, mode: str) -> dict:
   """The grid row with the best val metric; ties go to the stronger penalty (listed first)."""
   best = None
@@ -303,6 +310,10 @@ def run_probe(config: ml_collections.ConfigDict, workdir: str) -> dict:
   kernel, bias = heads[chosen["l2"]]
   logging.info("Probe: chose l2=%g (val %s=%.4f).", chosen["l2"], config.best_metric,
                chosen[f"val_{config.best_metric}"])
+  edge = grid_edge(chosen["l2"], [row["l2"] for row in rows])
+  if edge:
+    logging.warning("Probe: the chosen l2=%g is the %s value of probe.l2_grid; the best may lie "
+                    "beyond it: extend the grid.", chosen["l2"], edge)
   t_save = time.time()
 
   # The head into the train state; the same checkpoints and results as a training run.
@@ -329,7 +340,8 @@ def run_probe(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t_end = time.time()
   summary = {
       "best_metric": config.best_metric, "best_mode": config.best_mode,
-      "chosen_l2": chosen["l2"], "chosen": chosen, "grid": rows,
+      "chosen_l2": chosen["l2"], "chosen_at_grid_edge": edge or None, "chosen": chosen,
+      "grid": rows,
       "class_weight": "balanced" if balanced else "none", "flip": config.probe.flip,
       "feature_dim": int(x_train.shape[1]), "standardized": True,
       "note": ("Features are standardised with the train mean/std before the fit (the penalty "
