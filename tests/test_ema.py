@@ -15,7 +15,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from test_train import fixed_batch  # pylint: disable=g-bad-import-order
+from test_train import assert_same_leaves
 from test_train import tiny_demo_config
+from test_train import train_until_killed
 from vit_jax_ft import base_config
 from vit_jax_ft import config_ranges
 from vit_jax_ft import models
@@ -122,27 +124,13 @@ def test_killed_run_with_ema_resumes_bit_exactly(ema_run, tmp_path, monkeypatch)
   config, straight, results = ema_run
   assert results["weights"] == "ema"
   crashed = str(tmp_path / "crashed")
-  real_iterator = pipeline.train_iterator
-
-  def crashing_iterator(*args, **kwargs):
-    for i, batch in enumerate(real_iterator(*args, **kwargs)):
-      if i == 10:  # Batch of step 11: steps 9 and 10 are lost and redone.
-        raise KeyboardInterrupt("simulated kill")
-      yield batch
-
-  monkeypatch.setattr(pipeline, "train_iterator", crashing_iterator)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, crashed)
+  # Batch of step 11: steps 9 and 10 are lost and redone.
+  train_until_killed(config, crashed, monkeypatch, 10)
   assert _saved(crashed)[0] == 8
-  monkeypatch.setattr(pipeline, "train_iterator", real_iterator)
   train.train_and_evaluate(config, crashed)
   (step_a, a), (step_b, b) = _saved(straight), _saved(crashed)
   assert step_a == step_b == 12
-  for key in ("params", "ema", "opt_state"):
-    leaves_a, leaves_b = jax.tree.leaves(a[key]), jax.tree.leaves(b[key])
-    assert len(leaves_a) == len(leaves_b) > 0
-    for x, y in zip(leaves_a, leaves_b):
-      np.testing.assert_array_equal(x, y)
+  assert_same_leaves(a, b, ("params", "ema", "opt_state"))
   # The EMA is a real second set of weights, not a copy of the trained ones.
   assert not np.array_equal(a["ema"]["params"]["head"]["kernel"], a["params"]["head"]["kernel"])
 

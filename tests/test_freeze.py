@@ -12,10 +12,11 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from test_train import assert_same_leaves  # pylint: disable=g-bad-import-order
+from test_train import train_until_killed
 from vit_jax_ft import base_config
 from vit_jax_ft import config_ranges
 from vit_jax_ft import models
-from vit_jax_ft.inputs import pipeline
 from vit_jax_ft.models import resnet
 from vit_jax_ft.models import vit
 from vit_jax_ft.training import losses
@@ -378,28 +379,13 @@ def test_resume_across_the_head_only_switch_is_bit_exact(tmp_path, monkeypatch):
   # Killed while fetching the batch of step 6 (still head-only): the checkpoint
   # of step 4 resumes, and steps 5-12 cross the switch after step 6.
   crashed = str(tmp_path / "crashed")
-  real_iterator = pipeline.train_iterator
-
-  def crashing_iterator(*args, **kwargs):
-    for i, batch in enumerate(real_iterator(*args, **kwargs)):
-      if i == 5:
-        raise KeyboardInterrupt("simulated kill")
-      yield batch
-
-  monkeypatch.setattr(pipeline, "train_iterator", crashing_iterator)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, crashed)
+  train_until_killed(config, crashed, monkeypatch, 5)
   assert _last_checkpoint(crashed)[0] == 4
-  monkeypatch.setattr(pipeline, "train_iterator", real_iterator)
   train.train_and_evaluate(config, crashed)
 
   (step_a, a), (step_b, b) = _last_checkpoint(straight), _last_checkpoint(crashed)
   assert step_a == step_b == 12
-  for key in ("params", "opt_state", "rng"):
-    leaves_a, leaves_b = jax.tree.leaves(a[key]), jax.tree.leaves(b[key])
-    assert len(leaves_a) == len(leaves_b) > 0
-    for x, y in zip(leaves_a, leaves_b):
-      np.testing.assert_array_equal(x, y)
+  assert_same_leaves(a, b, ("params", "opt_state", "rng"))
   # The body trained after the switch; the frozen patch embedding never did.
   init = _flat(steps.create_train_state(
       models.create_model(config.model, 10, jnp.float32),

@@ -51,6 +51,33 @@ def tiny_demo_config(**overrides):
   return config
 
 
+def train_until_killed(config, workdir, monkeypatch, batch_index):
+  """Runs train_and_evaluate on `workdir` until the fetch of batch `batch_index` (0-based) kills it."""
+  real_iterator = pipeline.train_iterator
+
+  def crashing_iterator(*args, **kwargs):
+    for i, batch in enumerate(real_iterator(*args, **kwargs)):
+      if i == batch_index:
+        raise KeyboardInterrupt("simulated kill")
+      yield batch
+
+  monkeypatch.setattr(pipeline, "train_iterator", crashing_iterator)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      train.train_and_evaluate(config, workdir)
+  finally:
+    monkeypatch.setattr(pipeline, "train_iterator", real_iterator)
+
+
+def assert_same_leaves(a, b, keys):
+  """Every array under each of `keys` is bit-equal between the restored states `a` and `b`."""
+  for key in keys:
+    leaves_a, leaves_b = jax.tree.leaves(a[key]), jax.tree.leaves(b[key])
+    assert len(leaves_a) == len(leaves_b) > 0
+    for x, y in zip(leaves_a, leaves_b):
+      np.testing.assert_array_equal(x, y)
+
+
 def fixed_batch(num_classes=4, size=32, n=16, seed=0):
   rng = np.random.default_rng(seed)
   labels = rng.integers(0, num_classes, n)
@@ -132,19 +159,8 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
   # Crash while fetching the batch of step 11: checkpoints exist for steps 4
   # and 8, so steps 9-10 are lost and must be redone identically.
   crashed = str(tmp_path / "crashed")
-  real_iterator = pipeline.train_iterator
-
-  def crashing_iterator(*args, **kwargs):
-    for i, batch in enumerate(real_iterator(*args, **kwargs)):
-      if i == 10:
-        raise KeyboardInterrupt("simulated kill")
-      yield batch
-
-  monkeypatch.setattr(pipeline, "train_iterator", crashing_iterator)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, crashed)
+  train_until_killed(config, crashed, monkeypatch, 10)
   assert _final_params(crashed)[0] == 8
-  monkeypatch.setattr(pipeline, "train_iterator", real_iterator)
   results = train.train_and_evaluate(config, crashed)
 
   step_a, state_a = _final_params(straight)
