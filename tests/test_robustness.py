@@ -40,10 +40,22 @@ def test_diverging_run_keeps_only_finite_checkpoints_and_names_the_last(tmp_path
     bad = sum(not np.isfinite(x).all() for x in arrays)
     assert arrays and bad == 0, f"checkpoint {step}: {bad} of {len(arrays)} arrays not finite"
   message = str(e.value)
-  if saved:
-    assert f"last finite checkpoint is step {max(saved)}" in message, message
-  else:
+  if not saved:
     assert "No checkpoint was saved" in message, message
+    return
+  assert f"last finite checkpoint is step {max(saved)}" in message, message
+  # The advice is accepted: a lower lr with resume_with_changes resumes from that
+  # step (whose weights lr=1e3 has already wrecked, so it may diverge again).
+  assert "resume_with_changes=True" in message, message
+  config = tiny_demo_config(**{"checkpoint_every_steps": 2, "resume_with_changes": True})
+  try:
+    train.train_and_evaluate(config, workdir)
+  except FloatingPointError:
+    pass
+  with open(os.path.join(workdir, "config_history.jsonl")) as f:
+    history = [json.loads(line) for line in f]
+  assert history[-1]["step"] == max(saved), history
+  assert history[-1]["changes"]["optimizer.lr"][0] == 1e3, history
 
 
 def _tiny_state():

@@ -118,8 +118,10 @@ def _last_good(last_saved) -> str:
   if last_saved is None:
     return ("No checkpoint was saved yet; start again with a lower optimizer.lr (in a fresh "
             "workdir or this one).")
-  return (f"The last finite checkpoint is step {last_saved}; a rerun resumes from it (lower "
-          "optimizer.lr first).")
+  # Finite is not the same as healthy: a run may have been diverging before it.
+  return (f"The last finite checkpoint is step {last_saved} (check train_loss before it: "
+          "divergence can start earlier); to continue from it rerun with a lower optimizer.lr "
+          "and --config.resume_with_changes=True, or start over in a fresh workdir.")
 
 
 def _log_train(writer, pending: list, step: int, images_per_sec: float, multilabel: bool,
