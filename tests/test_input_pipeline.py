@@ -157,6 +157,34 @@ def test_train_augmentation_crops_and_flips(dataset):
   assert np.ptp(rows.max(-1) - rows.min(-1)) > 0.05
 
 
+def _orientations(image):
+  """The 8 dihedral transforms of a square array (NumPy, the reference)."""
+  return [np.rot90(f, k) for f in (image, image[:, ::-1]) for k in range(4)]
+
+
+@pytest.mark.parametrize('dihedral', [False, True])
+def test_dihedral_augmentation_reaches_all_8_orientations(dihedral):
+  # A square source at the model size with crop='none': no resampling, so each
+  # output must equal one orientation of the source exactly.
+  rng = np.random.default_rng(0)
+  source = rng.integers(0, 256, (SIZE, SIZE, 3), np.uint8)
+  cfg = _cfg(crop='none', dihedral=dihedral)
+  want = _orientations(source.astype(np.float32))
+  seen = set()
+  for k in range(64):
+    seed = tf.constant([k, 3], tf.int64)
+    got = pipeline._train_preprocess(tf.constant(_png(source)), seed, cfg).numpy()
+    match = [i for i, w in enumerate(want) if np.array_equal(got, w)]
+    assert len(match) == 1, f'seed {k}: not an orientation of the source'
+    seen.add(match[0])
+  # Off: only the identity and the horizontal flip.
+  if dihedral:
+    assert seen == set(range(8))
+  else:
+    assert {o.tobytes() for o in (want[i] for i in seen)} == {
+        want[0].tobytes(), source[:, ::-1].astype(np.float32).tobytes()}
+
+
 @pytest.mark.parametrize('start_step', [1, 2, 3, 5, 7])
 def test_resume_yields_the_same_batches(dataset, start_step):
   # batch 4, 10 examples per epoch: steps 2 and 7 straddle an epoch boundary,

@@ -43,6 +43,7 @@ _DEFAULT_FEATURES = {"image": "image", "label": "label"}
 # example key (crop and flip use stateless_split of the key itself).
 _JITTER_STREAM = 101
 _RANDAUGMENT_STREAM = 102
+_DIHEDRAL_STREAM = 103
 _MIX_STREAM = 1  # Per-batch keys fold the step into [seed, _MIX_STREAM].
 _JPEG_RATIOS = (1, 2, 4, 8)  # The scalings libjpeg can decode to.
 # Scale JPEG decoding down only while the crop stays >= this x image_size:
@@ -238,6 +239,8 @@ def _train_preprocess(image_bytes, seed, cfg: ml_collections.ConfigDict) -> tf.T
   image = _resize(image, size)
   if cfg.flip:
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  if cfg.dihedral:
+    image = _random_dihedral(image, tf.random.experimental.stateless_fold_in(seed, _DIHEDRAL_STREAM))
   if any(_jitter(cfg).values()):
     image = augment.color_jitter(
         image, tf.random.experimental.stateless_fold_in(seed, _JITTER_STREAM), **_jitter(cfg))
@@ -248,6 +251,15 @@ def _train_preprocess(image_bytes, seed, cfg: ml_collections.ConfigDict) -> tf.T
         exclude_ops=cfg.randaugment_exclude_ops, cutout_const=cfg.randaugment_cutout,
         translate_const=cfg.randaugment_translate)
   return image
+
+
+def _random_dihedral(image: tf.Tensor, seed) -> tf.Tensor:
+  """A vertical flip and a 90-degree rotation, each random: with the horizontal
+  flip, all 8 orientations of the square crop (what `--tta=dihedral` averages)."""
+  flip_seed, rot_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  image = tf.image.stateless_random_flip_up_down(image, flip_seed)
+  k = tf.random.stateless_uniform([], rot_seed, 0, 4, dtype=tf.int32)
+  return tf.image.rot90(image, k)
 
 
 def eval_preprocess(image_bytes, cfg: ml_collections.ConfigDict) -> tf.Tensor:
