@@ -40,9 +40,9 @@ def noise_jpeg(size=(64, 48)):
 
 
 def options(source, out, **kwargs):
-  table = {k: kwargs.pop(k) for k in ("image_dir", "multilabel", "label_sep", "columns")
-           if k in kwargs}
-  image = {k: kwargs.pop(k) for k in ("max_side", "image_format") if k in kwargs}
+  table = {k: kwargs.pop(k) for k in ("image_dir", "multilabel", "label_sep", "columns",
+                                      "allow_outside_image_dir") if k in kwargs}
+  image = {k: kwargs.pop(k) for k in ("max_side", "image_format", "max_pixels") if k in kwargs}
   return builder.Options(source=str(source), out_dir=str(out),
                          table=sources.TableOptions(**table), image=images.ImageOptions(**image),
                          num_workers=kwargs.pop("num_workers", 1), **kwargs)

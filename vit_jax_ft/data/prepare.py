@@ -6,7 +6,8 @@ r"""Prepare image data for training: `python -m vit_jax_ft.data.prepare --source
   * a CSV or JSON label table with a path column (relative to --image_dir,
     default: the table's folder) or an id column (matched to file names under
     --image_dir), a label column (--multilabel: space-separated labels), and
-    optionally split and group columns (e.g. HAM10000's lesion_id).
+    optionally split and group columns (e.g. HAM10000's lesion_id). Paths
+    outside --image_dir are refused unless --allow_outside_image_dir.
 
 --out receives sharded TFRecords per split, class histograms and
 dataset_info.json (written last: a folder without it is not a dataset). The
@@ -34,6 +35,11 @@ _SOURCE = flags.DEFINE_string("source", None, "Folder of class folders, or a .cs
 _OUT = flags.DEFINE_string("out", None, "Output folder for the prepared dataset.")
 _IMAGE_DIR = flags.DEFINE_string("image_dir", None,
                                  "Folder the table's paths/ids refer to (default: its folder).")
+_ALLOW_OUTSIDE = flags.DEFINE_bool(
+    "allow_outside_image_dir", False,
+    "Let the table's paths/ids name files outside --image_dir ('../x.jpg', absolute paths); "
+    "without it such a row is an error, so a label table cannot read arbitrary files into "
+    "a dataset.")
 _PATH_COLUMN = flags.DEFINE_string("path_column", None,
                                    "Table column with file paths (default: auto, e.g. 'file').")
 _ID_COLUMN = flags.DEFINE_string("id_column", None,
@@ -88,7 +94,8 @@ def options_from_flags():
   return builder.Options(
       source=_SOURCE.value, out_dir=_OUT.value,
       table=sources.TableOptions(image_dir=_IMAGE_DIR.value, columns=columns,
-                                 multilabel=_MULTILABEL.value, label_sep=_LABEL_SEP.value),
+                                 multilabel=_MULTILABEL.value, label_sep=_LABEL_SEP.value,
+                                 allow_outside_image_dir=_ALLOW_OUTSIDE.value),
       class_names=_CLASS_NAMES.value, val_fraction=_VAL_FRACTION.value,
       test_fraction=_TEST_FRACTION.value, seed=_SEED.value,
       image=images.ImageOptions(max_side=_MAX_SIDE.value, image_format=_IMAGE_FORMAT.value,

@@ -269,6 +269,22 @@ class TableOptions:
   columns: TableColumns = TableColumns()
   multilabel: bool = False
   label_sep: Optional[str] = None  # Multi-label separator; None: any whitespace.
+  allow_outside_image_dir: bool = False  # Let rows name files outside image_dir.
+
+
+def check_inside(path: str, image_dir: str, where: str) -> None:
+  """Raises, naming the row, if `path` is not under `image_dir`.
+
+  The check is on the path as the table spells it ('..', absolute paths), not
+  on where symlinks inside the folder point: the table must not pull
+  arbitrary files into a dataset, but whoever set up the folder may link to
+  images stored elsewhere.
+  """
+  root = os.path.abspath(image_dir)
+  if os.path.commonpath([root, os.path.abspath(path)]) != root:
+    raise ValueError(f"{where}: {path!r} is outside --image_dir {image_dir!r}; a label table "
+                     "may only name files inside it (pass --allow_outside_image_dir if these "
+                     "files are meant to be read).")
 
 
 def _row_record(origin: str, row: dict, cols: TableColumns, opts: TableOptions, image_dir: str,
@@ -280,10 +296,11 @@ def _row_record(origin: str, row: dict, cols: TableColumns, opts: TableOptions, 
   where = f"{origin} ({key})"
   if cols.path:
     path = os.path.normpath(os.path.join(image_dir, key.replace("\\", "/")))
-    exists = os.path.isfile(path)
   else:
-    path = index.find(key, where) or os.path.join(image_dir, key)
-    exists = os.path.isfile(path)
+    path = index.find(key, where) or os.path.normpath(os.path.join(image_dir, key))
+  if not opts.allow_outside_image_dir:
+    check_inside(path, image_dir, where)
+  exists = os.path.isfile(path)
   # .get: JSON objects need not all have every key; a missing value is an error below.
   split = normalize_split(row.get(cols.split) or "", where) if cols.split else None
   labels = _parse_labels(row.get(cols.label) or "", opts.multilabel, opts.label_sep, where)
@@ -297,7 +314,9 @@ def read_table(table: str, opts: TableOptions = TableOptions()) -> Source:
 
   Files the table lists but that do not exist are returned in `skipped`
   (reason 'missing'); if none of them exists, the image folder is probably
-  wrong and this raises instead.
+  wrong and this raises instead. A row naming a file outside the image folder
+  ('../x.jpg', an absolute path) is an error unless
+  `opts.allow_outside_image_dir`.
   """
   rows = load_table(table)
   if not rows:
