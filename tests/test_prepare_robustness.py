@@ -59,19 +59,26 @@ def raw_ids(out, info):
 # --- 1. file names that are not UTF-8 ------------------------------------------
 
 def non_utf8_tree(root):
-  """Class folders with one good image and one non-image under names that are not UTF-8."""
+  """Class folders holding an image, a non-image and a class folder whose names are not UTF-8."""
   class_tree(root, {"cat": 4, "dog": 4})
   pixels = np.random.default_rng(99).integers(0, 256, (16, 24, 3), dtype=np.uint8)
   Image.fromarray(pixels).save(os.path.join(os.fsencode(root), b"cat", b"bad\xff.png"))
   with open(os.path.join(os.fsencode(root), b"dog", b"notes\xfe.jpg"), "wb") as f:
     f.write(b"not an image\n")
+  os.mkdir(os.path.join(os.fsencode(root), b"c\xffow"))
+  for i in range(4):
+    pixels = np.random.default_rng(200 + i).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(os.path.join(os.fsencode(root), b"c\xffow", b"%d.jpg" % i))
   return root
 
 
 def test_non_utf8_file_names_are_stored_losslessly(tmp_path):
   src, out = non_utf8_tree(tmp_path / "src"), tmp_path / "out"
   info = builder.build(options(src, out))
-  assert b"cat/bad\xff.png" in raw_ids(out, info)
+  ids = raw_ids(out, info)
+  assert b"cat/bad\xff.png" in ids and b"c\xffow/0.jpg" in ids
+  # A class folder's name is a label: text, in its readable form.
+  assert info["class_names"] == ["c\\xffow", "cat", "dog"]
   # The reports are valid UTF-8 JSON and name the file readably.
   with open(out / tfrecords.INFO_FILE, encoding="utf-8") as f:
     written = json.load(f)

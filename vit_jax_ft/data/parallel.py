@@ -1,6 +1,7 @@
 """Mapping a function over many files on all cores, in order, with progress logs."""
 
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import time
@@ -34,6 +35,42 @@ def make_pool(num_workers: int) -> Optional[concurrent.futures.Executor]:
     return None
   return concurrent.futures.ProcessPoolExecutor(
       max_workers=num_workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+@contextlib.contextmanager
+def worker_pool(num_workers: int) -> Iterator[Optional[concurrent.futures.Executor]]:
+  """`make_pool(num_workers)` for a block; the workers never outlive it.
+
+  When the block ends normally the pool finishes and shuts down. When it
+  raises (an error, Ctrl-C, SIGTERM turned into an exception) queued work is
+  cancelled and the workers are terminated at once instead of finishing
+  their current images.
+  """
+  before = set(multiprocessing.active_children())
+  pool = make_pool(num_workers)
+  try:
+    yield pool
+  except BaseException:
+    if pool is not None:
+      pool.shutdown(wait=False, cancel_futures=True)
+      # The executor has no public way to stop its workers (before Python 3.14):
+      # they are our new multiprocessing children.
+      _terminate(set(multiprocessing.active_children()) - before)
+    raise
+  if pool is not None:
+    pool.shutdown(cancel_futures=True)
+
+
+def _terminate(processes, timeout: float = 10.0) -> None:
+  """SIGTERM (then, after `timeout` seconds, SIGKILL) to `processes`; waits for them."""
+  for p in processes:
+    p.terminate()
+  deadline = time.monotonic() + timeout
+  for p in processes:
+    p.join(max(0.0, deadline - time.monotonic()))
+    if p.is_alive():
+      p.kill()
+      p.join()
 
 
 def _eta(seconds: float) -> str:

@@ -110,12 +110,15 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Imported here, not at the top: worker processes re-import this module, and
   # they need neither TensorFlow nor JAX.
-  from vit_jax_ft.data import builder  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from vit_jax_ft.data import builder
+  from vit_jax_ft.data import sources
   try:
     builder.build(options_from_flags())
   except (ValueError, FileNotFoundError, FileExistsError) as e:
-    # Bad data and flags are the usual cause: one line that names the file.
-    sys.exit(f"error: {e}")
+    # Bad data and flags are the usual cause: one line that names the file
+    # (readably, even if its name is not UTF-8).
+    sys.exit(f"error: {sources.readable_name(str(e))}")
 
 
 if __name__ == "__main__":

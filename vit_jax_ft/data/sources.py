@@ -56,6 +56,16 @@ class Source:
   multilabel: bool = False
 
 
+def readable_name(name: str) -> str:
+  """`name` as valid text: bytes of a file name that are not UTF-8 become '\\xff' escapes.
+
+  Python hands such names over as str with lone surrogates ('\\udcff'), which
+  cannot be written as UTF-8 (JSON, messages). `os.fsencode` gets the original
+  bytes back; this is only for showing them.
+  """
+  return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def normalize_split(name: str, where: str) -> str:
   """Maps 'Train', 'validation', 'TEST', ... to 'train', 'val', 'test'."""
   split = SPLIT_ALIASES.get(name.strip().lower())
@@ -98,6 +108,9 @@ def _class_folder_records(root: str, prefix: str, split: Optional[str],
                           reason="not inside a class folder", kind="ignored"))
   records = []
   for name in classes:
+    # Class names are labels (text, shown in plots and reports): a folder name
+    # that is not UTF-8 becomes its readable form; file paths keep their bytes.
+    label = readable_name(name)
     pruned = []
     for rel in _walk_files(os.path.join(base, name), pruned):
       rel_id = os.path.join(prefix, name, rel).replace(os.sep, "/")
@@ -106,12 +119,12 @@ def _class_folder_records(root: str, prefix: str, split: Optional[str],
         skipped.append(dict(file=rel_id, reason=f"not an image file name (extension {ext!r})",
                             kind="ignored"))
         continue
-      records.append(Record(path=os.path.join(base, name, rel), labels=(name,),
+      records.append(Record(path=os.path.join(base, name, rel), labels=(label,),
                             example_id=rel_id, origin=rel_id, split=split))
     skipped.extend(dict(file=os.path.join(prefix, name, d).replace(os.sep, "/") + "/",
                         reason="hidden or system folder, not read", kind="ignored")
                    for d in pruned)
-  return records, classes
+  return records, [readable_name(name) for name in classes]
 
 
 def read_folder(root: str) -> Source:
