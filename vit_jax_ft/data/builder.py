@@ -82,6 +82,8 @@ def _validate(opts: Options) -> None:
     raise ValueError(f"--image_format must be auto, jpeg or png, got {opts.image.image_format!r}.")
   if opts.image.max_side is not None and opts.image.max_side < 1:
     raise ValueError(f"--max_side must be positive, got {opts.image.max_side}.")
+  if opts.image.max_pixels < 1:
+    raise ValueError(f"--max_pixels must be positive, got {opts.image.max_pixels}.")
   if not os.path.exists(opts.source):
     raise FileNotFoundError(f"--source {opts.source!r} does not exist.")
   source, out = os.path.realpath(opts.source), os.path.realpath(opts.out_dir)

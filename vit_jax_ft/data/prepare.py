@@ -65,6 +65,11 @@ _TEST_FRACTION = flags.DEFINE_float("test_fraction", None,
                                     "else no test is carved).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the split and of the record order.")
 _MAX_SIDE = flags.DEFINE_integer("max_side", None, "Shrink larger images to this longest side.")
+_MAX_PIXELS = flags.DEFINE_integer(
+    "max_pixels", None,
+    "Decode no image at more pixels than this (default: PIL's decompression-bomb limit, "
+    "~89M). Larger JPEGs are decoded at a reduced scale when --max_side allows; other "
+    "larger images are bad files (--bad_files).")
 _IMAGE_FORMAT = flags.DEFINE_enum("image_format", "auto", ["auto", "jpeg", "png"],
                                   "Format of re-encoded images; auto: JPEG for JPEG sources, "
                                   "PNG for lossless ones.")
@@ -99,7 +104,8 @@ def options_from_flags():
       class_names=_CLASS_NAMES.value, val_fraction=_VAL_FRACTION.value,
       test_fraction=_TEST_FRACTION.value, seed=_SEED.value,
       image=images.ImageOptions(max_side=_MAX_SIDE.value, image_format=_IMAGE_FORMAT.value,
-                                jpeg_quality=_JPEG_QUALITY.value),
+                                jpeg_quality=_JPEG_QUALITY.value,
+                                max_pixels=_MAX_PIXELS.value or images.DEFAULT_MAX_PIXELS),
       bad_files=_BAD_FILES.value, duplicates=_DUPLICATES.value, num_shards=_NUM_SHARDS.value,
       num_workers=_NUM_WORKERS.value or parallel.default_workers(),
       overwrite=_OVERWRITE.value, log_every=_LOG_EVERY.value)
