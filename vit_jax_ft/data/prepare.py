@@ -26,6 +26,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+import signal  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import sys  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 from absl import app
@@ -111,6 +112,32 @@ def options_from_flags():
       overwrite=_OVERWRITE.value, log_every=_LOG_EVERY.value)
 
 
+class Stopped(KeyboardInterrupt):
+  """SIGTERM or SIGINT, raised in the main thread.
+
+  A KeyboardInterrupt (not an Exception): it unwinds through `except
+  Exception` handlers and every cleanup, as Ctrl-C does.
+  """
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+
+
+def _stop(signum, unused_frame):
+  # Later signals are ignored so that they cannot cut the cleanup short; a
+  # SIGKILL still works (and the workers die with us).
+  for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, signal.SIG_IGN)
+  raise Stopped(signum)
+
+
+def stop_on_signals() -> None:
+  """Makes SIGTERM and SIGINT stop `main` cleanly: workers terminated, --out as it was."""
+  for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, _stop)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -119,12 +146,17 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   from vit_jax_ft.data import builder
   from vit_jax_ft.data import sources
+  stop_on_signals()
   try:
     builder.build(options_from_flags())
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     # Bad data and flags are the usual cause: one line that names the file
     # (readably, even if its name is not UTF-8).
     sys.exit(f"error: {sources.readable_name(str(e))}")
+  except Stopped as e:
+    print(f"error: stopped by {signal.Signals(e.signum).name}; --out holds no partial "
+          "dataset.", file=sys.stderr)
+    sys.exit(128 + e.signum)  # The shell's convention for "killed by signal N".
 
 
 if __name__ == "__main__":
