@@ -7,17 +7,23 @@
    and identical contents kept together).
 5. Report byte-identical files and apply --duplicates.
 6. Write shards per split (fine JPEGs byte-for-byte, the rest converted), the
-   class histograms, and `dataset_info.json` last.
-Nothing is written before step 6, so a run that fails a check leaves an
-existing dataset untouched.
+   class histograms, and `dataset_info.json` last, into a hidden staging
+   folder inside --out; on success replace the previous dataset (--overwrite)
+   and move the files into --out, the info file last.
+Nothing is written to --out itself before the end of step 6, and the staging
+folder is removed on every error (Ctrl-C and SIGTERM included), so a run that
+fails leaves --out as it was.
 """
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import math
 import os
-from typing import Optional
+import shutil
+import tempfile
+from typing import Iterator, Optional
 
 from absl import logging
 import numpy as np
@@ -76,6 +82,8 @@ def _validate(opts: Options) -> None:
     raise ValueError(f"--image_format must be auto, jpeg or png, got {opts.image.image_format!r}.")
   if opts.image.max_side is not None and opts.image.max_side < 1:
     raise ValueError(f"--max_side must be positive, got {opts.image.max_side}.")
+  if opts.image.max_pixels < 1:
+    raise ValueError(f"--max_pixels must be positive, got {opts.image.max_pixels}.")
   if not os.path.exists(opts.source):
     raise FileNotFoundError(f"--source {opts.source!r} does not exist.")
   source, out = os.path.realpath(opts.source), os.path.realpath(opts.out_dir)
@@ -203,8 +211,11 @@ def _num_shards(items: list[_Item], requested: int) -> int:
   return max(1, min(len(items), math.ceil(estimate / _SHARD_BYTES)))
 
 
-def write_split(split: str, items: list[_Item], opts: Options, pool) -> dict:
-  """Writes one split's shards (converting images on all cores); returns its info entry."""
+def write_split(split: str, items: list[_Item], opts: Options, pool, folder: str) -> dict:
+  """Writes one split's shards into `folder` (converting images on all cores).
+
+  Returns the split's info entry.
+  """
   # A fixed, seeded order mixes the classes: records are read in order within a
   # shard, and a shuffle buffer smaller than the split cannot undo class runs.
   order = np.random.default_rng([opts.seed, splits_lib.SPLITS.index(split)]).permutation(len(items))
@@ -223,7 +234,7 @@ def write_split(split: str, items: list[_Item], opts: Options, pool) -> dict:
       stored_bytes.append(len(result.data))
       yield result.data, it.labels, it.record.example_id
 
-  files = tfrecords.write_split(opts.out_dir, split, examples(), _num_shards(items, opts.num_shards))
+  files = tfrecords.write_split(folder, split, examples(), _num_shards(items, opts.num_shards))
   return dict(num_examples=len(items), files=files, num_bytes=int(sum(stored_bytes)),
               stored_image_size=report.size_stats([it.check.stored_size for it in items]))
 
@@ -234,20 +245,18 @@ def _conversions(items: list[_Item]) -> dict:
   return dict(sorted(counts.items()))
 
 
-def _write(items: list[_Item], class_names: list[str], opts: Options, pool) -> tuple[dict, dict]:
-  """Writes all splits and their histograms; returns (splits info, histogram files)."""
-  if opts.overwrite and tfrecords.remove_dataset(opts.out_dir):
-    logging.info("Removed the previous dataset in %s (--overwrite).", opts.out_dir)
-  os.makedirs(opts.out_dir, exist_ok=True)
+def _write(items: list[_Item], class_names: list[str], opts: Options, pool,
+           folder: str) -> tuple[dict, dict]:
+  """Writes all splits and their histograms into `folder`; returns (splits info, histograms)."""
   split_info, histograms = {}, {}
   for split in splits_lib.SPLITS:
     members = [it for it in items if it.split == split]
     if not members:
       continue
     counts = tfrecords.class_counts([it.labels for it in members], len(class_names))
-    split_info[split] = dict(write_split(split, members, opts, pool), class_counts=counts)
+    split_info[split] = dict(write_split(split, members, opts, pool, folder), class_counts=counts)
     histograms[split] = f"class_histogram_{split}.png"
-    report.save_histogram(os.path.join(opts.out_dir, histograms[split]), class_names, counts,
+    report.save_histogram(os.path.join(folder, histograms[split]), class_names, counts,
                           f"{dataset_name(opts.source)}: {split} "
                           f"({len(members)} examples)")
   return split_info, histograms
@@ -267,26 +276,36 @@ def _options_info(opts: Options) -> dict:
   return info
 
 
-def build(opts: Options) -> dict:
-  """Prepares `opts.source` into `opts.out_dir`; returns the dataset info written."""
-  _validate(opts)
-  check_out_dir(opts.out_dir, opts.overwrite)
-  source = read_source(opts)
-  class_names = _class_names(source, opts.class_names)
-  logging.info("Source %s: %d files, %d classes%s.", opts.source, len(source.records),
-               len(class_names), " (multi-label)" if source.multilabel else "")
-  pool = parallel.make_pool(min(opts.num_workers, max(1, len(source.records) // 16)))
+@contextlib.contextmanager
+def _staging(out_dir: str) -> Iterator[str]:
+  """A hidden temporary folder inside `out_dir` (same file system: moving out is a rename).
+
+  Removed when the block ends, with `out_dir` if this created it and it is
+  still empty: whatever goes wrong, --out keeps only what was published.
+  """
+  created = not os.path.isdir(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=".prepare-", suffix=".tmp", dir=out_dir)
   try:
-    items, skipped = check_files(source, class_names, opts, pool)
-    assign_splits(items, opts)
-    items, found = apply_duplicates(items, class_names, opts.duplicates)
-    skipped += [dict(d, kind="duplicate") for d in found["dropped"]]
-    split_info, histograms = _write(items, class_names, opts, pool)
+    yield staging
   finally:
-    if pool is not None:
-      pool.shutdown(cancel_futures=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    if created and not os.listdir(out_dir):
+      os.rmdir(out_dir)
+
+
+def _publish(staging: str, opts: Options) -> None:
+  """Replaces the previous dataset (with --overwrite) by the files in `staging`."""
+  if opts.overwrite and tfrecords.remove_dataset(opts.out_dir):
+    logging.info("Removed the previous dataset in %s (--overwrite).", opts.out_dir)
+  tfrecords.publish(staging, opts.out_dir)
+
+
+def _info(opts: Options, source: sources.Source, class_names: list[str], items: list[_Item],
+          split_info: dict, histograms: dict, found: dict, skipped: list[dict]) -> dict:
+  """The contents of dataset_info.json."""
   train_counts = split_info["train"]["class_counts"]
-  info = dict(
+  return dict(
       name=dataset_name(opts.source), class_names=class_names,
       multilabel=source.multilabel, splits=split_info,
       class_weights=report.class_weights(train_counts),
@@ -298,6 +317,29 @@ def build(opts: Options) -> dict:
       group_leaks=splits_lib.groups_across_splits([it.record.group for it in items],
                                                   [it.split for it in items]),
       histograms=histograms, tool="vit_jax_ft.data.prepare")
-  tfrecords.write_info(opts.out_dir, info)
+
+
+def build(opts: Options) -> dict:
+  """Prepares `opts.source` into `opts.out_dir`; returns the dataset info written.
+
+  On any error (or KeyboardInterrupt) --out is left as it was: the new files
+  go to a staging folder that is only moved into place once complete.
+  """
+  _validate(opts)
+  check_out_dir(opts.out_dir, opts.overwrite)
+  source = read_source(opts)
+  class_names = _class_names(source, opts.class_names)
+  logging.info("Source %s: %d files, %d classes%s.", opts.source, len(source.records),
+               len(class_names), " (multi-label)" if source.multilabel else "")
+  with parallel.worker_pool(min(opts.num_workers, max(1, len(source.records) // 16))) as pool:
+    items, skipped = check_files(source, class_names, opts, pool)
+    assign_splits(items, opts)
+    items, found = apply_duplicates(items, class_names, opts.duplicates)
+    skipped += [dict(d, kind="duplicate") for d in found["dropped"]]
+    with _staging(opts.out_dir) as staging:
+      split_info, histograms = _write(items, class_names, opts, pool, staging)
+      info = tfrecords.write_info(staging, _info(opts, source, class_names, items, split_info,
+                                                 histograms, found, skipped))
+      _publish(staging, opts)
   report.log_summary(info, opts.out_dir)
   return info

@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 from typing import Optional
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -27,14 +28,23 @@ IMAGE_EXTENSIONS = frozenset(
 _LOSSY_FORMATS = frozenset({"JPEG", "MPO", "WEBP"})
 _EXIF_ORIENTATION = 0x0112
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+# PIL's default Image.MAX_IMAGE_PIXELS (about 0.25 GiB as RGB). PIL itself
+# refuses to open twice as many; between the two it only warns, and would
+# decode them at full size.
+DEFAULT_MAX_PIXELS = 89_478_485
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageOptions:
-  """How images are stored: `max_side` (None: never resize), format, JPEG quality."""
+  """How images are stored: `max_side` (None: never resize), format, JPEG quality.
+
+  `max_pixels`: no image is decoded at more pixels than this; larger JPEGs
+  are decoded at a reduced scale when `max_side` allows, others are unusable.
+  """
   max_side: Optional[int] = None
   image_format: str = "auto"  # 'auto' (JPEG for lossy sources, else PNG), 'jpeg', 'png'.
   jpeg_quality: int = 95
+  max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,13 +115,39 @@ def _conversions(image: Image.Image, orientation: int, stored: tuple[int, int],
   return reasons
 
 
-def _decode(image: Image.Image, orientation: int, stored: tuple[int, int]) -> Image.Image:
-  """Fully decodes (which is what detects truncation), rotates, converts, resizes."""
+def _draft(image: Image.Image, orientation: int, stored: tuple[int, int]) -> None:
+  """For a JPEG to be shrunk: sets it to decode at a reduced scale (`image.size` changes).
+
+  libjpeg then decodes at the smallest scale (down to 1/8) that is still at
+  least the target size: far faster and smaller for large photos, and it
+  still reads all the compressed data (so truncation is still detected).
+  """
   if image.format == "JPEG" and stored != image.size:
-    # Let libjpeg decode at a reduced scale (>= the target); far faster for large
-    # photos and still reads all the compressed data.
     w, h = stored if orientation in (0, 1, 2, 3, 4) else stored[::-1]
     image.draft(image.mode, (w, h))
+
+
+def _pixel_limit_error(image: Image.Image, size: tuple[int, int],
+                       options: ImageOptions) -> Optional[str]:
+  """Why `image` (maybe drafted; `size` before that) must not be decoded, or None if it may."""
+  width, height = size
+  decoded = image.size[0] * image.size[1]
+  if decoded <= options.max_pixels:
+    return None
+  if image.format != "JPEG":
+    hint = (f"{image.format or 'this format'} cannot be decoded at a reduced scale; "
+            "raise --max_pixels if memory allows")
+  elif decoded == width * height:
+    hint = "pass --max_side (e.g. 1024) to decode it at a reduced scale, or raise --max_pixels"
+  else:
+    hint = (f"even at the reduced scale --max_side allows it has {decoded} pixels; lower "
+            "--max_side or raise --max_pixels")
+  return (f"too many pixels: {width}x{height} = {width * height} > "
+          f"--max_pixels={options.max_pixels}; {hint}")
+
+
+def _decode(image: Image.Image, orientation: int, stored: tuple[int, int]) -> Image.Image:
+  """Fully decodes (which is what detects truncation), rotates, converts, resizes."""
   image.load()
   if orientation not in (0, 1):
     image = ImageOps.exif_transpose(image)
@@ -139,15 +175,27 @@ def _inspect(path: str, data: bytes, options: ImageOptions, encode: bool) -> Ima
   if not data:
     return ImageResult(**base, error="empty file (0 bytes)")
   try:
-    image = Image.open(io.BytesIO(data))
+    with warnings.catch_warnings():
+      # PIL warns above its own limit; options.max_pixels is checked below instead.
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      image = Image.open(io.BytesIO(data))
   except Image.UnidentifiedImageError:
     return ImageResult(**base, error="not an image (no known image format)")
+  # Checked before getexif(), which decodes a whole PNG to look for EXIF at its end.
+  too_large = image.format != "JPEG" and _pixel_limit_error(image, image.size, options)
+  if too_large:
+    return ImageResult(**base, error=too_large)
   orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1) or 1)
   size = image.size[::-1] if orientation in (5, 6, 7, 8) else image.size
   stored = _target_size(size, options.max_side)
   conversions = _conversions(image, orientation, stored, size)
   base.update(format=image.format or "", mode=image.mode, size=size, stored_size=stored,
               conversions=tuple(conversions))
+  original = image.size  # As the file holds it; drafting changes image.size.
+  _draft(image, orientation, stored)
+  too_large = _pixel_limit_error(image, original, options)
+  if too_large:
+    return ImageResult(**base, error=too_large)
   if not conversions and encode:
     return ImageResult(**base, data=data)  # Checked on the first pass: keep the bytes.
   converted = _decode(image, orientation, stored)

@@ -1,8 +1,12 @@
 """Mapping a function over many files on all cores, in order, with progress logs."""
 
 import concurrent.futures
+import contextlib
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
@@ -13,6 +17,7 @@ R = TypeVar("R")
 
 # Below this many items a process pool costs more than it saves.
 _MIN_ITEMS_FOR_POOL = 64
+_PR_SET_PDEATHSIG = 1  # From <linux/prctl.h>.
 
 
 def default_workers() -> int:
@@ -33,7 +38,72 @@ def make_pool(num_workers: int) -> Optional[concurrent.futures.Executor]:
   if num_workers <= 1:
     return None
   return concurrent.futures.ProcessPoolExecutor(
-      max_workers=num_workers, mp_context=multiprocessing.get_context("spawn"))
+      max_workers=num_workers, mp_context=multiprocessing.get_context("spawn"),
+      initializer=_init_worker, initargs=(os.getpid(),))
+
+
+def _init_worker(parent_pid: int) -> None:
+  """Runs first in each worker: ignore Ctrl-C, and die with the parent."""
+  # Ctrl-C in a terminal signals the whole process group; the parent handles it
+  # and stops the workers (without a traceback from each of them).
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  _die_with_parent(parent_pid)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+  """On Linux, has the kernel SIGKILL this process when its parent dies.
+
+  That covers the one exit no handler sees (SIGKILL, e.g. the OOM killer);
+  elsewhere this is a no-op. The kernel watches the thread that started us,
+  which is the parent's main thread (the pool spawns workers from `submit`).
+  """
+  if not sys.platform.startswith("linux"):
+    return
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    failed = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0
+  except (OSError, AttributeError):
+    failed = True
+  if failed:
+    logging.warning("Worker %d cannot ask to die with its parent (prctl failed).", os.getpid())
+  elif os.getppid() != parent_pid:
+    os._exit(1)  # The parent died before prctl took effect: nobody wants our results.
+
+
+@contextlib.contextmanager
+def worker_pool(num_workers: int) -> Iterator[Optional[concurrent.futures.Executor]]:
+  """`make_pool(num_workers)` for a block; the workers never outlive it.
+
+  When the block ends normally the pool finishes and shuts down. When it
+  raises (an error, Ctrl-C, SIGTERM turned into an exception) queued work is
+  cancelled and the workers are terminated at once instead of finishing
+  their current images.
+  """
+  before = set(multiprocessing.active_children())
+  pool = make_pool(num_workers)
+  try:
+    yield pool
+  except BaseException:
+    if pool is not None:
+      pool.shutdown(wait=False, cancel_futures=True)
+      # The executor has no public way to stop its workers (before Python 3.14):
+      # they are our new multiprocessing children.
+      _terminate(set(multiprocessing.active_children()) - before)
+    raise
+  if pool is not None:
+    pool.shutdown(cancel_futures=True)
+
+
+def _terminate(processes, timeout: float = 10.0) -> None:
+  """SIGTERM (then, after `timeout` seconds, SIGKILL) to `processes`; waits for them."""
+  for p in processes:
+    p.terminate()
+  deadline = time.monotonic() + timeout
+  for p in processes:
+    p.join(max(0.0, deadline - time.monotonic()))
+    if p.is_alive():
+      p.kill()
+      p.join()
 
 
 def _eta(seconds: float) -> str:

@@ -6,7 +6,8 @@ r"""Prepare image data for training: `python -m vit_jax_ft.data.prepare --source
   * a CSV or JSON label table with a path column (relative to --image_dir,
     default: the table's folder) or an id column (matched to file names under
     --image_dir), a label column (--multilabel: space-separated labels), and
-    optionally split and group columns (e.g. HAM10000's lesion_id).
+    optionally split and group columns (e.g. HAM10000's lesion_id). Paths
+    outside --image_dir are refused unless --allow_outside_image_dir.
 
 --out receives sharded TFRecords per split, class histograms and
 dataset_info.json (written last: a folder without it is not a dataset). The
@@ -25,6 +26,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+import signal  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import sys  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 from absl import app
@@ -34,6 +36,11 @@ _SOURCE = flags.DEFINE_string("source", None, "Folder of class folders, or a .cs
 _OUT = flags.DEFINE_string("out", None, "Output folder for the prepared dataset.")
 _IMAGE_DIR = flags.DEFINE_string("image_dir", None,
                                  "Folder the table's paths/ids refer to (default: its folder).")
+_ALLOW_OUTSIDE = flags.DEFINE_bool(
+    "allow_outside_image_dir", False,
+    "Let the table's paths/ids name files outside --image_dir ('../x.jpg', absolute paths); "
+    "without it such a row is an error, so a label table cannot read arbitrary files into "
+    "a dataset.")
 _PATH_COLUMN = flags.DEFINE_string("path_column", None,
                                    "Table column with file paths (default: auto, e.g. 'file').")
 _ID_COLUMN = flags.DEFINE_string("id_column", None,
@@ -59,6 +66,11 @@ _TEST_FRACTION = flags.DEFINE_float("test_fraction", None,
                                     "else no test is carved).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the split and of the record order.")
 _MAX_SIDE = flags.DEFINE_integer("max_side", None, "Shrink larger images to this longest side.")
+_MAX_PIXELS = flags.DEFINE_integer(
+    "max_pixels", None,
+    "Decode no image at more pixels than this (default: PIL's decompression-bomb limit, "
+    "~89M). Larger JPEGs are decoded at a reduced scale when --max_side allows; other "
+    "larger images are bad files (--bad_files).")
 _IMAGE_FORMAT = flags.DEFINE_enum("image_format", "auto", ["auto", "jpeg", "png"],
                                   "Format of re-encoded images; auto: JPEG for JPEG sources, "
                                   "PNG for lossless ones.")
@@ -88,14 +100,42 @@ def options_from_flags():
   return builder.Options(
       source=_SOURCE.value, out_dir=_OUT.value,
       table=sources.TableOptions(image_dir=_IMAGE_DIR.value, columns=columns,
-                                 multilabel=_MULTILABEL.value, label_sep=_LABEL_SEP.value),
+                                 multilabel=_MULTILABEL.value, label_sep=_LABEL_SEP.value,
+                                 allow_outside_image_dir=_ALLOW_OUTSIDE.value),
       class_names=_CLASS_NAMES.value, val_fraction=_VAL_FRACTION.value,
       test_fraction=_TEST_FRACTION.value, seed=_SEED.value,
       image=images.ImageOptions(max_side=_MAX_SIDE.value, image_format=_IMAGE_FORMAT.value,
-                                jpeg_quality=_JPEG_QUALITY.value),
+                                jpeg_quality=_JPEG_QUALITY.value,
+                                max_pixels=_MAX_PIXELS.value or images.DEFAULT_MAX_PIXELS),
       bad_files=_BAD_FILES.value, duplicates=_DUPLICATES.value, num_shards=_NUM_SHARDS.value,
       num_workers=_NUM_WORKERS.value or parallel.default_workers(),
       overwrite=_OVERWRITE.value, log_every=_LOG_EVERY.value)
+
+
+class Stopped(KeyboardInterrupt):
+  """SIGTERM or SIGINT, raised in the main thread.
+
+  A KeyboardInterrupt (not an Exception): it unwinds through `except
+  Exception` handlers and every cleanup, as Ctrl-C does.
+  """
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+
+
+def _stop(signum, unused_frame):
+  # Later signals are ignored so that they cannot cut the cleanup short; a
+  # SIGKILL still works (and the workers die with us).
+  for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, signal.SIG_IGN)
+  raise Stopped(signum)
+
+
+def stop_on_signals() -> None:
+  """Makes SIGTERM and SIGINT stop `main` cleanly: workers terminated, --out as it was."""
+  for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, _stop)
 
 
 def main(argv):
@@ -103,12 +143,20 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Imported here, not at the top: worker processes re-import this module, and
   # they need neither TensorFlow nor JAX.
-  from vit_jax_ft.data import builder  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from vit_jax_ft.data import builder
+  from vit_jax_ft.data import sources
+  stop_on_signals()
   try:
     builder.build(options_from_flags())
   except (ValueError, FileNotFoundError, FileExistsError) as e:
-    # Bad data and flags are the usual cause: one line that names the file.
-    sys.exit(f"error: {e}")
+    # Bad data and flags are the usual cause: one line that names the file
+    # (readably, even if its name is not UTF-8).
+    sys.exit(f"error: {sources.readable_name(str(e))}")
+  except Stopped as e:
+    print(f"error: stopped by {signal.Signals(e.signum).name}; --out holds no partial "
+          "dataset.", file=sys.stderr)
+    sys.exit(128 + e.signum)  # The shell's convention for "killed by signal N".
 
 
 if __name__ == "__main__":

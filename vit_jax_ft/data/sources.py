@@ -56,6 +56,16 @@ class Source:
   multilabel: bool = False
 
 
+def readable_name(name: str) -> str:
+  """`name` as valid text: bytes of a file name that are not UTF-8 become '\\xff' escapes.
+
+  Python hands such names over as str with lone surrogates ('\\udcff'), which
+  cannot be written as UTF-8 (JSON, messages). `os.fsencode` gets the original
+  bytes back; this is only for showing them.
+  """
+  return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def normalize_split(name: str, where: str) -> str:
   """Maps 'Train', 'validation', 'TEST', ... to 'train', 'val', 'test'."""
   split = SPLIT_ALIASES.get(name.strip().lower())
@@ -98,6 +108,9 @@ def _class_folder_records(root: str, prefix: str, split: Optional[str],
                           reason="not inside a class folder", kind="ignored"))
   records = []
   for name in classes:
+    # Class names are labels (text, shown in plots and reports): a folder name
+    # that is not UTF-8 becomes its readable form; file paths keep their bytes.
+    label = readable_name(name)
     pruned = []
     for rel in _walk_files(os.path.join(base, name), pruned):
       rel_id = os.path.join(prefix, name, rel).replace(os.sep, "/")
@@ -106,12 +119,12 @@ def _class_folder_records(root: str, prefix: str, split: Optional[str],
         skipped.append(dict(file=rel_id, reason=f"not an image file name (extension {ext!r})",
                             kind="ignored"))
         continue
-      records.append(Record(path=os.path.join(base, name, rel), labels=(name,),
+      records.append(Record(path=os.path.join(base, name, rel), labels=(label,),
                             example_id=rel_id, origin=rel_id, split=split))
     skipped.extend(dict(file=os.path.join(prefix, name, d).replace(os.sep, "/") + "/",
                         reason="hidden or system folder, not read", kind="ignored")
                    for d in pruned)
-  return records, classes
+  return records, [readable_name(name) for name in classes]
 
 
 def read_folder(root: str) -> Source:
@@ -269,6 +282,22 @@ class TableOptions:
   columns: TableColumns = TableColumns()
   multilabel: bool = False
   label_sep: Optional[str] = None  # Multi-label separator; None: any whitespace.
+  allow_outside_image_dir: bool = False  # Let rows name files outside image_dir.
+
+
+def check_inside(path: str, image_dir: str, where: str) -> None:
+  """Raises, naming the row, if `path` is not under `image_dir`.
+
+  The check is on the path as the table spells it ('..', absolute paths), not
+  on where symlinks inside the folder point: the table must not pull
+  arbitrary files into a dataset, but whoever set up the folder may link to
+  images stored elsewhere.
+  """
+  root = os.path.abspath(image_dir)
+  if os.path.commonpath([root, os.path.abspath(path)]) != root:
+    raise ValueError(f"{where}: {path!r} is outside --image_dir {image_dir!r}; a label table "
+                     "may only name files inside it (pass --allow_outside_image_dir if these "
+                     "files are meant to be read).")
 
 
 def _row_record(origin: str, row: dict, cols: TableColumns, opts: TableOptions, image_dir: str,
@@ -280,10 +309,11 @@ def _row_record(origin: str, row: dict, cols: TableColumns, opts: TableOptions, 
   where = f"{origin} ({key})"
   if cols.path:
     path = os.path.normpath(os.path.join(image_dir, key.replace("\\", "/")))
-    exists = os.path.isfile(path)
   else:
-    path = index.find(key, where) or os.path.join(image_dir, key)
-    exists = os.path.isfile(path)
+    path = index.find(key, where) or os.path.normpath(os.path.join(image_dir, key))
+  if not opts.allow_outside_image_dir:
+    check_inside(path, image_dir, where)
+  exists = os.path.isfile(path)
   # .get: JSON objects need not all have every key; a missing value is an error below.
   split = normalize_split(row.get(cols.split) or "", where) if cols.split else None
   labels = _parse_labels(row.get(cols.label) or "", opts.multilabel, opts.label_sep, where)
@@ -297,7 +327,9 @@ def read_table(table: str, opts: TableOptions = TableOptions()) -> Source:
 
   Files the table lists but that do not exist are returned in `skipped`
   (reason 'missing'); if none of them exists, the image folder is probably
-  wrong and this raises instead.
+  wrong and this raises instead. A row naming a file outside the image folder
+  ('../x.jpg', an absolute path) is an error unless
+  `opts.allow_outside_image_dir`.
   """
   rows = load_table(table)
   if not rows:

@@ -5,7 +5,9 @@ A prepared dataset folder holds, per split, shards named
 record has three features:
   image: the encoded image bytes (PNG or JPEG),
   label: int64 list of class indices (one for single-label data),
-  id:    the example's name (file name or id), for reports and leak checks.
+  id:    the example's name (file name or id), for reports and leak checks:
+         the file name's bytes as they are (`os.fsencode`), UTF-8 unless the
+         file system holds names in another encoding.
 Shards and the info file are written under a temporary name and renamed when
 complete, so an interrupted run never leaves a dataset that looks whole.
 """
@@ -18,6 +20,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from vit_jax_ft.data import sources
+
 INFO_FILE = "dataset_info.json"
 
 
@@ -25,7 +29,8 @@ def _example(image: bytes, labels: Sequence[int], example_id: str) -> bytes:
   feature = {
       "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
       "label": tf.train.Feature(int64_list=tf.train.Int64List(value=list(labels))),
-      "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[example_id.encode()])),
+      # fsencode: a file name that is not UTF-8 keeps its bytes (str.encode would fail).
+      "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[os.fsencode(example_id)])),
   }
   return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
@@ -43,20 +48,63 @@ def write_split(out_dir: str, split: str, examples: Iterable[tuple[bytes, Sequen
   try:
     for i, (image, labels, example_id) in enumerate(examples):
       writers[i % num_shards].write(_example(image, labels, example_id))
-  finally:
-    for w in writers:
-      w.close()
+  except BaseException:
+    _close_and_remove(writers, tmp_paths)
+    raise
+  for w in writers:
+    w.close()
   for tmp, name in zip(tmp_paths, names):
     os.replace(tmp, os.path.join(out_dir, name))
   return names
 
 
-def write_info(out_dir: str, info: dict) -> None:
-  """Atomically writes `dataset_info.json`; written last, it marks completion."""
+def _close_and_remove(writers, paths: Sequence[str]) -> None:
+  """Closes the writers and deletes their files (a failed split leaves nothing)."""
+  for w, path in zip(writers, paths):
+    w.close()
+    if os.path.exists(path):
+      os.remove(path)
+
+
+def readable(value):
+  """`value` (nested dicts, lists, strings) with every string made valid text.
+
+  See `sources.readable_name`: file names that are not UTF-8 would make the
+  JSON invalid UTF-8 (or, escaped as surrogates, unreadable).
+  """
+  if isinstance(value, str):
+    return sources.readable_name(value)
+  if isinstance(value, dict):
+    return {readable(k): readable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [readable(v) for v in value]
+  return value
+
+
+def write_info(out_dir: str, info: dict) -> dict:
+  """Atomically writes `dataset_info.json`; returns what it wrote (`readable(info)`).
+
+  Written last, the file marks completion.
+  """
+  info = readable(info)
   path = os.path.join(out_dir, INFO_FILE)
-  with open(path + ".tmp", "w") as f:
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
     json.dump(info, f, indent=2)
   os.replace(path + ".tmp", path)
+  return info
+
+
+def publish(staging_dir: str, out_dir: str) -> list[str]:
+  """Moves every file of `staging_dir` into `out_dir`, `dataset_info.json` last.
+
+  Returns the names moved. Renames within one file system: each file appears
+  whole, and until the info file arrives the folder does not pass for a
+  dataset.
+  """
+  names = sorted(os.listdir(staging_dir), key=lambda n: n == INFO_FILE)
+  for name in names:
+    os.replace(os.path.join(staging_dir, name), os.path.join(out_dir, name))
+  return names
 
 
 def class_counts(labels: Iterable[Sequence[int]], num_classes: int) -> list[int]:
