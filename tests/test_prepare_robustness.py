@@ -347,4 +347,22 @@ def test_killing_prepare_leaves_no_workers_and_no_output(tmp_path, signum):
     assert "stopped by" in open(tmp_path / "log.txt").read().strip().splitlines()[-1]
   else:
     assert not tfrecords.dataset_files(str(out))
+    # At most its staging folder is left, and the next run on --out removes it.
+    assert all(p.startswith(f".prepare-{proc.pid}-") for p in os.listdir(out)), listing(out)
+    builder.remove_stale_staging(str(out))
+    assert listing(out) == []
   shutil.rmtree(tmp_path / "src")
+
+
+def test_stale_staging_folders_of_dead_runs_are_removed(tmp_path):
+  gone = subprocess.Popen(["true"])  # pylint: disable=consider-using-with
+  gone.wait()
+  names = [f".prepare-{gone.pid}-a.tmp", f".prepare-{os.getpid()}-b.tmp", ".prepare-notes.tmp",
+           "keep.txt"]
+  for name in names[:3]:
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "x-00000-of-00001.tfrecord").write_bytes(b"partial")
+  (tmp_path / "keep.txt").write_text("mine")
+  assert builder.remove_stale_staging(str(tmp_path)) == [names[0]]
+  # A live run's folder, and anything not named like a staging folder, stay.
+  assert sorted(os.listdir(tmp_path)) == sorted(names[1:])

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import shutil
 import tempfile
 from typing import Iterator, Optional
@@ -276,6 +277,34 @@ def _options_info(opts: Options) -> dict:
   return info
 
 
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Someone else's live process.
+    return True
+  return True
+
+
+def remove_stale_staging(out_dir: str) -> list[str]:
+  """Removes staging folders of prepare runs that were killed (SIGKILL) mid-write.
+
+  A clean stop removes its own; only a process that is gone leaves one, and
+  its pid (in the name) is how a live run on the same --out is told apart.
+  """
+  removed = []
+  for name in sorted(os.listdir(out_dir)):
+    match = re.fullmatch(r"\.prepare-(\d+)-.*\.tmp", name)
+    if match and not _pid_alive(int(match[1])):
+      shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+      removed.append(name)
+  if removed:
+    logging.info("Removed %d staging folder(s) of killed prepare runs in %s: %s", len(removed),
+                 out_dir, ", ".join(removed))
+  return removed
+
+
 @contextlib.contextmanager
 def _staging(out_dir: str) -> Iterator[str]:
   """A hidden temporary folder inside `out_dir` (same file system: moving out is a rename).
@@ -285,7 +314,9 @@ def _staging(out_dir: str) -> Iterator[str]:
   """
   created = not os.path.isdir(out_dir)
   os.makedirs(out_dir, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".prepare-", suffix=".tmp", dir=out_dir)
+  remove_stale_staging(out_dir)
+  # The pid in the name tells a later run whether its owner is still alive.
+  staging = tempfile.mkdtemp(prefix=f".prepare-{os.getpid()}-", suffix=".tmp", dir=out_dir)
   try:
     yield staging
   finally:
