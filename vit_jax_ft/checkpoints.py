@@ -137,7 +137,7 @@ def eval_record(config: ml_collections.ConfigDict, scalars: dict, new_best: bool
 
 def lost_best(last: ocp.CheckpointManager, best: ocp.CheckpointManager,
               step: int) -> Optional[dict]:
-  """The eval record of last checkpoint `step` if it became the best but no best checkpoint holds it.
+  """Last checkpoint `step`'s eval record if it became the best but no best checkpoint holds it.
 
   At an eval step the best checkpoint's save starts before the last one's,
   but both write in the background: a process killed in between can land the
@@ -167,7 +167,8 @@ def recover_best(last: ocp.CheckpointManager, best: ocp.CheckpointManager, state
     return False
   key = best_key(config)
   logging.warning("Step %d became the best checkpoint (%s) but its save to %s did not finish "
-                  "(the run was killed); re-evaluating it.", step, record["metrics"], best.directory)
+                  "(the run was killed); re-evaluating it.", step, record["metrics"],
+                  best.directory)
   scalars = evaluate(state)
   current = best_value(best, key)
   if not is_better(scalars[key], current, config):

@@ -83,7 +83,7 @@ def split_shards(data_dir: str, info: dict, split: str) -> list[Shard]:
 
 @contextlib.contextmanager
 def naming_damaged_shards(data_dir: str, info: dict, split: str, shards: list[Shard]):
-  """Turns a DataLossError raised inside (a corrupt record) into a DamagedShardError naming the shard.
+  """Re-raises a DataLossError inside (a corrupt record) as a DamagedShardError naming the shard.
 
   TensorFlow's message gives the record's offset but not its file.
   """
