@@ -9,7 +9,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from test_train import assert_same_leaves  # pylint: disable=g-bad-import-order
 from test_train import tiny_demo_config  # pylint: disable=g-bad-import-order
+from test_train import train_until_killed  # pylint: disable=g-bad-import-order
 from vit_jax_ft import checkpoints
 from vit_jax_ft import models
 from vit_jax_ft import workdir as workdir_lib
@@ -160,3 +162,171 @@ def test_a_damaged_only_checkpoint_is_named(tmp_path):
   with pytest.raises(checkpoints.DamagedCheckpointError,
                      match=r"checkpoints/4 is damaged .*no earlier checkpoint"):
     train.train_and_evaluate(tiny_demo_config(total_steps=8), workdir)
+
+
+# --- damaged TFRecord shards -------------------------------------------------
+
+def _prepared(tmp_path):
+  """A tiny dataset written by the prepare tool (two shards per split); returns (dir, info)."""
+  from test_prepare import class_tree, options  # pylint: disable=g-import-not-at-top
+  from vit_jax_ft.data import builder  # pylint: disable=g-import-not-at-top
+  src = class_tree(tmp_path / "src", {"x": 12, "y": 12})
+  out = tmp_path / "prepared"
+  return str(out), builder.build(options(src, out, num_shards=2, val_fraction=0.25))
+
+
+def _shard(data_dir, info, split="train", index=1):
+  return os.path.join(data_dir, info["splits"][split]["files"][index])
+
+
+def _flip_a_middle_byte(path):
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 0xFF
+  open(path, "wb").write(bytes(data))
+
+
+def test_a_truncated_shard_is_named_with_the_prepare_command(tmp_path):
+  from vit_jax_ft.data import tfrecords  # pylint: disable=g-import-not-at-top
+  from vit_jax_ft.inputs import dataset  # pylint: disable=g-import-not-at-top
+  data_dir, info = _prepared(tmp_path)
+  config = tiny_demo_config(**{"data.source": "tfrecord", "data.dir": data_dir})
+  dataset.load_data_info(config, str(tmp_path / "run"))  # Whole: loads.
+  path = _shard(data_dir, info)
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.truncate(size - 7)  # A copy cut short.
+  with pytest.raises(tfrecords.DamagedShardError) as e:
+    dataset.load_data_info(config, str(tmp_path / "run"))
+  message = str(e.value)
+  assert path in message and f"records {size} bytes, the file has {size - 7}" in message
+  assert f"--source={tmp_path / 'src'}" in message and message.endswith("--overwrite")
+  assert "\n" not in message
+
+
+def test_a_corrupt_record_mid_shard_is_named_not_a_dataloss_traceback(tmp_path):
+  from vit_jax_ft.data import tfrecords  # pylint: disable=g-import-not-at-top
+  from vit_jax_ft.inputs import pipeline  # pylint: disable=g-import-not-at-top
+  data_dir, info = _prepared(tmp_path)
+  path = _shard(data_dir, info, "val", 0)
+  _flip_a_middle_byte(path)  # Same size: only the checksum (and the record's CRC) tell.
+  tfrecords.check_shards(data_dir, info, ["val"])  # Sizes only: passes.
+  with pytest.raises(tfrecords.DamagedShardError, match=rf"Shard {path} is damaged: its sha256"):
+    tfrecords.verify_shards(data_dir, info)
+  cfg = tiny_demo_config().data
+  with pytest.raises(tfrecords.DamagedShardError, match=rf"Shard {path} is damaged") as e:
+    list(pipeline.eval_iterator(cfg, data_dir, info, "val", batch_size=8))
+  assert isinstance(e.value.__cause__, tf_errors().DataLossError)
+  # An info from before the checks existed: the record's CRC still finds the shard.
+  for entry in info["splits"].values():
+    del entry["file_bytes"], entry["file_sha256"]
+  with pytest.raises(tfrecords.DamagedShardError, match=rf"Shard {path} of split 'val' is "
+                     r"damaged \(corrupted record at \d+\); rebuild it with: python -m"):
+    list(pipeline.eval_iterator(cfg, data_dir, info, "val", batch_size=8))
+
+
+def tf_errors():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.errors
+
+
+def test_an_old_dataset_info_without_shard_sizes_still_loads(tmp_path, caplog):
+  from vit_jax_ft.data import tfrecords  # pylint: disable=g-import-not-at-top
+  from vit_jax_ft.inputs import dataset  # pylint: disable=g-import-not-at-top
+  data_dir, info = _prepared(tmp_path)
+  for entry in info["splits"].values():
+    del entry["file_bytes"], entry["file_sha256"]
+  del info["command"]
+  tfrecords.write_info(data_dir, info)
+  config = tiny_demo_config(**{"data.source": "tfrecord", "data.dir": data_dir})
+  with caplog.at_level("INFO"):
+    _, loaded = dataset.load_data_info(config, str(tmp_path / "run"))
+  assert loaded["splits"]["train"]["files"] == info["splits"]["train"]["files"]
+  assert "records no shard sizes for split 'train'" in caplog.text
+
+
+def test_training_on_a_damaged_demo_shard_names_it(tmp_path):
+  from vit_jax_ft.data import digits  # pylint: disable=g-import-not-at-top
+  from vit_jax_ft.data import tfrecords  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path / "digits")
+  info = digits.prepare_digits(data_dir)
+  path = _shard(data_dir, info, "train", 0)
+  _flip_a_middle_byte(path)
+  config = tiny_demo_config(**{"data.dir": data_dir})
+  with pytest.raises(tfrecords.DamagedShardError,
+                     match=rf"Shard {path} is damaged: .*; delete {data_dir} and run again"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+# --- a best checkpoint lost to a kill ----------------------------------------
+
+# Every eval step is a checkpoint step; with the loss as the metric the best
+# step is the one with the lowest val loss (usually the last).
+_EVERY_4 = {"eval_every_steps": 4, "checkpoint_every_steps": 4, "best_metric": "loss",
+            "best_mode": "min", "optimizer.schedule": "constant"}
+
+
+def _best(workdir):
+  manager = ocp.CheckpointManager(os.path.join(workdir, checkpoints.BEST_DIR))
+  step = manager.latest_step()
+  return step, manager.metrics(step), manager.restore(step, args=ocp.args.StandardRestore())
+
+
+def _count_val_evals(monkeypatch):
+  calls = []
+  real = train.evaluate
+
+  def counting(*args, split, **kwargs):
+    calls.append(split)
+    return real(*args, split=split, **kwargs)
+
+  monkeypatch.setattr(train, "evaluate", counting)
+  return calls
+
+
+def test_a_best_checkpoint_lost_after_the_last_save_is_recovered_on_resume(tmp_path, monkeypatch):
+  """Both saves of an eval step write in the background: a kill can land the last one only."""
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  config = tiny_demo_config(**_EVERY_4)
+  train.train_and_evaluate(config, straight)
+  best_step, best_metrics, best_state = _best(straight)
+
+  real_save = checkpoints.save
+  lost = []
+
+  def save_then_die(manager, step, state, *args, **kwargs):
+    if step == best_step and manager.directory.name == checkpoints.BEST_DIR and not lost:
+      lost.append(step)  # This write never lands ...
+      return None
+    real_save(manager, step, state, *args, **kwargs)
+    if step == best_step and lost:
+      manager.wait_until_finished()  # ... while the last checkpoint's does,
+      raise KeyboardInterrupt("simulated kill")  # and then the process dies.
+    return None
+
+  monkeypatch.setattr(checkpoints, "save", save_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, killed)
+  monkeypatch.setattr(checkpoints, "save", real_save)
+  assert lost == [best_step] and _saved_steps(killed)[-1] == best_step
+  assert _best(killed)[0] != best_step  # The kill lost it.
+
+  val_evals = _count_val_evals(monkeypatch)
+  train.train_and_evaluate(config, killed)
+  step, metrics, state = _best(killed)
+  assert (step, metrics) == (best_step, best_metrics)
+  assert_same_leaves(state, best_state, ["params"])
+  # One re-evaluation of the restored state, then the evaluations of the rest.
+  later = len([s for s in range(best_step + 1, 13) if s % 4 == 0 or s == 12])
+  assert val_evals.count(config.data.val_split) == 1 + later + (later == 0)
+
+
+@pytest.mark.parametrize("min_delta", [0.0, 100.0])  # 100: only the first eval improves.
+def test_a_normal_resume_does_not_re_evaluate(tmp_path, monkeypatch, min_delta):
+  config = tiny_demo_config(min_delta=min_delta, **_EVERY_4)
+  workdir = str(tmp_path / "run")
+  train_until_killed(config, workdir, monkeypatch, 8)  # Killed fetching step 9's batch.
+  assert _saved_steps(workdir) == [4, 8]
+  assert _best(workdir)[0] == (4 if min_delta else 8)
+  val_evals = _count_val_evals(monkeypatch)
+  train.train_and_evaluate(config, workdir)
+  assert val_evals.count(config.data.val_split) == 1  # Step 12's, reused by the final eval.

@@ -10,11 +10,15 @@ parameters only (`restore_variables`).
 
 With `config.ema_decay` > 0 the state also holds the weights' moving average
 (`ema`); checkpoints written without it (EMA off, or older code) still resume.
+
+A last checkpoint saved at an eval step records that evaluation (`eval_record`)
+in its step metadata, so a resume can tell when the best checkpoint of that
+step was lost (`recover_best`).
 """
 
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from absl import logging
 import jax
@@ -25,6 +29,7 @@ import orbax.checkpoint as ocp
 
 LAST_DIR = "checkpoints"
 BEST_DIR = "checkpoints_best"
+_EVAL = "eval"  # Step-metadata key of the evaluation a last checkpoint was saved at.
 
 class DamagedCheckpointError(ValueError):
   """A checkpoint's files are missing or unreadable (a disk error, a copy cut short)."""
@@ -76,6 +81,21 @@ def best_key(config: ml_collections.ConfigDict) -> str:
   return f"val_{ema}{config.best_metric}"
 
 
+def best_metrics(config: ml_collections.ConfigDict, scalars: dict) -> dict:
+  """The val scalars a best checkpoint keeps: the best metric, raw and EMA where present."""
+  keys = [f"val_{p}{config.best_metric}" for p in ("", "ema_")]
+  return {k: scalars[k] for k in keys if k in scalars}
+
+
+def is_better(value: float, best: Optional[float], config: ml_collections.ConfigDict) -> bool:
+  """Whether `value` beats `best` (None: nothing yet) by config.min_delta in config.best_mode."""
+  if best is None:
+    return True
+  if config.best_mode == "max":
+    return value > best + config.min_delta
+  return value < best - config.min_delta
+
+
 def make_managers(workdir: str, config: ml_collections.ConfigDict):
   """Returns (last, best) CheckpointManagers under `workdir`."""
   last = ocp.CheckpointManager(
@@ -94,18 +114,74 @@ def make_managers(workdir: str, config: ml_collections.ConfigDict):
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
-         metrics: Optional[dict] = None) -> None:
+         metrics: Optional[dict] = None, record: Optional[dict] = None) -> None:
   """Saves `state` as `step`; refuses (NonFiniteError) a state holding NaN/Inf.
 
   A non-finite state would become the checkpoint a rerun resumes from and
-  predict/evaluate read, so it is never written.
+  predict/evaluate read, so it is never written. `record` (see eval_record)
+  goes into the step's metadata.
   """
   bad, total = count_nonfinite(state)
   if bad:
     raise NonFiniteError(f"Step {step}: {bad} of {total} arrays of the train state (parameters, "
                          f"BatchNorm statistics, optimizer state, EMA) are not finite; not "
                          f"saved to {manager.directory}.")
-  manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+  manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True,
+               custom_metadata=record)
+
+
+def eval_record(config: ml_collections.ConfigDict, scalars: dict, new_best: bool) -> dict:
+  """The step metadata of a last checkpoint saved at an eval step (see recover_best)."""
+  return {_EVAL: {"metrics": best_metrics(config, scalars), "new_best": bool(new_best)}}
+
+
+def lost_best(last: ocp.CheckpointManager, best: ocp.CheckpointManager,
+              step: int) -> Optional[dict]:
+  """Last checkpoint `step`'s eval record if it became the best but no best checkpoint holds it.
+
+  At an eval step the best checkpoint's save starts before the last one's,
+  but both write in the background: a process killed in between can land the
+  last checkpoint and lose the best. Steps saved without a record (not an
+  eval step, or older code) are never reported.
+  """
+  if step not in last.all_steps() or step in best.all_steps():  # A fresh run, or nothing lost.
+    return None
+  custom = last.metadata(step).custom_metadata or {}
+  record = custom.get(_EVAL) or {}
+  return record if record.get("new_best") else None
+
+
+def recover_best(last: ocp.CheckpointManager, best: ocp.CheckpointManager, state: Any,
+                 config: ml_collections.ConfigDict,
+                 evaluate: Callable[[Any], dict]) -> bool:
+  """If the resumed `state`'s step was a best whose checkpoint was lost, saves it again.
+
+  `evaluate(state)` returns the val scalars ('val_*'); the state is
+  re-evaluated (its step's evaluation only survives in the last checkpoint's
+  metadata) and the best manager keeps it if it still beats its best. Returns
+  whether it evaluated; a normal resume reads one metadata file and returns False.
+  """
+  step = int(state.step)
+  record = lost_best(last, best, step)
+  if record is None:
+    return False
+  key = best_key(config)
+  logging.warning("Step %d became the best checkpoint (%s) but its save to %s did not finish "
+                  "(the run was killed); re-evaluating it.", step, record["metrics"],
+                  best.directory)
+  scalars = evaluate(state)
+  current = best_value(best, key)
+  if not is_better(scalars[key], current, config):
+    logging.warning("Step %d re-evaluated: %s=%g does not beat the best checkpoint's %s; kept "
+                    "that one.", step, key, scalars[key], current)
+    return True
+  # The same parameters as the best save would have written (only the
+  # plateau's lr_scale can differ, and predict/evaluate read parameters only).
+  save(best, step, state, best_metrics(config, scalars))
+  best.wait_until_finished()
+  logging.info("Step %d (%s=%g) saved as the best checkpoint in %s.", step, key, scalars[key],
+               best.directory)
+  return True
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any,

@@ -22,6 +22,7 @@ import functools
 import math
 import os
 import re
+import shlex
 import shutil
 import tempfile
 from typing import Iterator, Optional
@@ -237,7 +238,8 @@ def write_split(split: str, items: list[_Item], opts: Options, pool, folder: str
 
   files = tfrecords.write_split(folder, split, examples(), _num_shards(items, opts.num_shards))
   return dict(num_examples=len(items), files=files, num_bytes=int(sum(stored_bytes)),
-              stored_image_size=report.size_stats([it.check.stored_size for it in items]))
+              stored_image_size=report.size_stats([it.check.stored_size for it in items]),
+              **tfrecords.file_checks(folder, files))
 
 
 def _conversions(items: list[_Item]) -> dict:
@@ -275,6 +277,41 @@ def _options_info(opts: Options) -> dict:
   if opts.table.image_dir:
     info["table"]["image_dir"] = os.path.abspath(opts.table.image_dir)
   return info
+
+
+# Options that say nothing about the dataset written, left out of its command line.
+_NOT_IN_COMMAND = ("num_workers", "log_every", "overwrite")
+
+
+def command_line(opts: Options) -> str:
+  """The prepare command that rebuilds what `opts` builds (absolute paths, --overwrite).
+
+  Only options that differ from their defaults are spelled out.
+  """
+  given, defaults = _options_info(opts), dataclasses.asdict(Options(source="", out_dir=""))
+  parts = ["python", "-m", "vit_jax_ft.data.prepare"]
+  for path, value in _flatten(given):
+    if path[-1] in _NOT_IN_COMMAND or value is None or value == _lookup(defaults, path):
+      continue
+    flag = {"out_dir": "out"}.get(path[-1], path[-1])
+    flag = f"{flag}_column" if "columns" in path else flag
+    parts.append(f"--{flag}" if value is True else
+                 f"--no{flag}" if value is False else f"--{flag}={value}")
+  return shlex.join(parts + ["--overwrite"])
+
+
+def _flatten(tree: dict, prefix: tuple = ()):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flatten(value, prefix + (key,))
+    else:
+      yield prefix + (key,), value
+
+
+def _lookup(tree: dict, path: tuple):
+  for key in path:
+    tree = tree[key]
+  return tree
 
 
 def _pid_alive(pid: int) -> bool:
@@ -347,7 +384,7 @@ def _info(opts: Options, source: sources.Source, class_names: list[str], items: 
       duplicates=found, skipped=skipped,
       group_leaks=splits_lib.groups_across_splits([it.record.group for it in items],
                                                   [it.split for it in items]),
-      histograms=histograms, tool="vit_jax_ft.data.prepare")
+      histograms=histograms, tool="vit_jax_ft.data.prepare", command=command_line(opts))
 
 
 def build(opts: Options) -> dict:

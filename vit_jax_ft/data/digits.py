@@ -50,7 +50,8 @@ def prepare_digits(out_dir: str, *, scale: int = 4, seed: int = 0,
     files = tfrecords.write_split(out_dir, split, examples, num_shards=2)
     splits[split] = dict(
         num_examples=len(idx), files=files,
-        class_counts=tfrecords.class_counts([[digits.target[i]] for i in idx], 10))
+        class_counts=tfrecords.class_counts([[digits.target[i]] for i in idx], 10),
+        **tfrecords.file_checks(out_dir, files))
   info = dict(
       name="sklearn_digits", class_names=class_names, multilabel=False, splits=splits,
       source="sklearn.datasets.load_digits",

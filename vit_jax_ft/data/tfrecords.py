@@ -10,12 +10,20 @@ record has three features:
          file system holds names in another encoding.
 Shards and the info file are written under a temporary name and renamed when
 complete, so an interrupted run never leaves a dataset that looks whole.
+
+Each split's info entry also records its shards' byte sizes (`file_bytes`)
+and sha256 (`file_sha256`), so a shard cut short or changed after preparation
+is named before training reads it (`check_shards`, `verify_shards`). Infos
+written before these fields existed still load; their shards go unchecked.
 """
 
+import hashlib
 import json
 import os
 import re
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
+
+from absl import logging
 
 import numpy as np
 import tensorflow as tf
@@ -23,6 +31,11 @@ import tensorflow as tf
 from vit_jax_ft.data import sources
 
 INFO_FILE = "dataset_info.json"
+_GENERIC_REBUILD = "python -m vit_jax_ft.data.prepare ... --overwrite"
+
+
+class DamagedShardError(ValueError):
+  """A TFRecord shard is not what `dataset_info.json` records, or cannot be read."""
 
 
 def _example(image: bytes, labels: Sequence[int], example_id: str) -> bytes:
@@ -56,6 +69,76 @@ def write_split(out_dir: str, split: str, examples: Iterable[tuple[bytes, Sequen
   for tmp, name in zip(tmp_paths, names):
     os.replace(tmp, os.path.join(out_dir, name))
   return names
+
+
+def file_checks(out_dir: str, names: Sequence[str]) -> dict:
+  """{'file_bytes': {name: size}, 'file_sha256': {name: hex}} of the files `names` in `out_dir`."""
+  sizes, hashes = {}, {}
+  for name in names:
+    path = os.path.join(out_dir, name)
+    sizes[name] = os.path.getsize(path)
+    hashes[name] = _sha256(path)
+  return dict(file_bytes=sizes, file_sha256=hashes)
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def rebuild_hint(data_dir: str, info: dict) -> str:
+  """How to rebuild the dataset in `data_dir`: the prepare command it records, if any."""
+  if info.get("command"):
+    return f"rebuild it with: {info['command']}"
+  if info.get("source") == "sklearn.datasets.load_digits":  # The demo data (data/digits.py).
+    return f"delete {data_dir} and run again: the demo data is rebuilt"
+  return f"rebuild it with: {_GENERIC_REBUILD}"
+
+
+def check_shards(data_dir: str, info: dict, splits: Iterable[str], checksums: bool = False,
+                 quiet: bool = False) -> None:
+  """Raises DamagedShardError for a shard of `splits` that differs from what the info records.
+
+  Sizes are always compared (one os.stat per shard); `checksums` also reads
+  every shard and compares its sha256 (for an explicit verification). Splits
+  with no recorded sizes (older infos, TFDS shards) are skipped, with a note
+  unless `quiet`.
+  """
+  for split in dict.fromkeys(splits):
+    entry = info["splits"].get(split) or {}
+    recorded = entry.get("file_bytes")
+    if not recorded:
+      if entry.get("files") and not quiet:
+        logging.info("%s/%s records no shard sizes for split %r (prepared by an older version); "
+                     "its shards are not checked before reading.", data_dir, INFO_FILE, split)
+      continue
+    for name in entry["files"]:
+      _check_shard(data_dir, info, name, recorded.get(name),
+                   entry.get("file_sha256", {}).get(name) if checksums else None)
+
+
+def _check_shard(data_dir: str, info: dict, name: str, size: Optional[int],
+                 sha256: Optional[str]) -> None:
+  path = os.path.join(data_dir, name)
+  if not os.path.exists(path):  # Named where the split is read (inputs/pipeline.py).
+    return
+  found = os.path.getsize(path)
+  if size is not None and found != size:
+    raise DamagedShardError(
+        f"Shard {path} is damaged: {INFO_FILE} records {size} bytes, the file has {found} "
+        f"(cut short or changed since it was prepared); {rebuild_hint(data_dir, info)}")
+  if sha256 is not None and _sha256(path) != sha256:
+    raise DamagedShardError(
+        f"Shard {path} is damaged: its sha256 differs from the {sha256} {INFO_FILE} records "
+        f"(changed since it was prepared); {rebuild_hint(data_dir, info)}")
+
+
+def verify_shards(data_dir: str, info: dict, splits: Optional[Iterable[str]] = None) -> None:
+  """Checks sizes and sha256 of every shard of `splits` (default: all); reads every byte."""
+  check_shards(data_dir, info, info["splits"] if splits is None else splits, checksums=True)
 
 
 def _close_and_remove(writers, paths: Sequence[str]) -> None:

@@ -18,7 +18,7 @@ def load_data_info(config: ml_collections.ConfigDict, workdir: str) -> tuple[str
     if jax.process_index() == 0:  # One writer on a shared filesystem.
       digits.prepare_digits(data_dir, seed=config.seed)
     multihost_utils.sync_global_devices("digits prepared")
-    return data_dir, tfrecords.read_info(data_dir)
+    return data_dir, _checked(config, data_dir, tfrecords.read_info(data_dir))
   if config.data.source == "tfds":
     return tfds_source.load_data_info(config.data)
   if config.data.source != "tfrecord":
@@ -26,4 +26,17 @@ def load_data_info(config: ml_collections.ConfigDict, workdir: str) -> tuple[str
                      f"{config.data.source!r}")
   if not config.data.dir:
     raise ValueError(f"config.data.dir is not set. {config.data.help}".strip())
-  return config.data.dir, tfrecords.read_info(config.data.dir, config.data.help)
+  info = tfrecords.read_info(config.data.dir, config.data.help)
+  return config.data.dir, _checked(config, config.data.dir, info)
+
+
+def _checked(config: ml_collections.ConfigDict, data_dir: str, info: dict) -> dict:
+  """`info`, after comparing the sizes of the run's splits' shards with what it records.
+
+  A shard cut short (a copy or download interrupted) fails here, naming the
+  file, rather than as a TensorFlow DataLossError at the first batch.
+  """
+  used = [s for s in (config.data.train_split, config.data.val_split, config.data.test_split)
+          if s and s in info["splits"]]
+  tfrecords.check_shards(data_dir, info, used)
+  return info

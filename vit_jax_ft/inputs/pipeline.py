@@ -22,7 +22,9 @@ relative to the dataset folder, every record) or `shards`, a list of
 features (TFDS datasets); the default is {'image': 'image', 'label': 'label'}.
 """
 
+import contextlib
 import os
+import re
 import time
 from typing import Iterator, NamedTuple
 
@@ -75,7 +77,52 @@ def split_shards(data_dir: str, info: dict, split: str) -> list[Shard]:
   missing = [s.path for s in shards if not os.path.exists(s.path)]
   if missing:
     raise FileNotFoundError(f"Dataset {data_dir} lists shards that do not exist: {missing[:3]}")
+  # Cheap (one stat per shard); also catches a shard changed since the run started.
+  tfrecords.check_shards(data_dir, info, [split], quiet=True)
   return shards
+
+
+@contextlib.contextmanager
+def naming_damaged_shards(data_dir: str, info: dict, split: str, shards: list[Shard]):
+  """Re-raises a DataLossError inside (a corrupt record) as a DamagedShardError naming the shard.
+
+  TensorFlow's message gives the record's offset but not its file.
+  """
+  try:
+    yield
+  except tf.errors.DataLossError as e:
+    raise _damaged_shard_error(data_dir, info, split, shards, e) from e
+
+
+def _damaged_shard_error(data_dir: str, info: dict, split: str, shards: list[Shard],
+                        error: Exception) -> tfrecords.DamagedShardError:
+  """The error naming which of `shards` is damaged, after `error` while reading them.
+
+  Tries the recorded sizes and checksums first, then reads each shard in turn:
+  slow, but only on this failure path.
+  """
+  reason = re.search(r"(corrupted|truncated) record at \d+", str(error))
+  reason = reason.group(0) if reason else (str(error).splitlines() or [type(error).__name__])[0]
+  try:
+    tfrecords.verify_shards(data_dir, info, [split])
+  except tfrecords.DamagedShardError as found:
+    return found
+  hint = tfrecords.rebuild_hint(data_dir, info)
+  for path in dict.fromkeys(s.path for s in shards):
+    try:
+      tf.data.TFRecordDataset(path).reduce(0, lambda n, _: n + 1).numpy()
+    except tf.errors.DataLossError:
+      return tfrecords.DamagedShardError(
+          f"Shard {path} of split {split!r} is damaged ({reason}); {hint}")
+  return tfrecords.DamagedShardError(
+      f"A shard of split {split!r} in {data_dir} could not be read ({reason}), though each "
+      f"reads back alone now; if it happens again, {hint}")
+
+
+def _guarded(batches: Iterator[dict], data_dir: str, info: dict, split: str,
+             shards: list[Shard]) -> Iterator[dict]:
+  with naming_damaged_shards(data_dir, info, split, shards):
+    yield from batches
 
 
 def _shard_records(path, skip, take) -> tf.data.Dataset:
@@ -93,9 +140,10 @@ def _records(shards: list[Shard]) -> tf.data.Dataset:
 def split_ids(data_dir: str, info: dict, split: str) -> list[str]:
   """Example ids of `split` in eval order (its records' 'id'; the index if absent)."""
   spec = {"id": tf.io.FixedLenFeature([], tf.string, default_value="")}
-  ds = _records(split_shards(data_dir, info, split)).map(
-      lambda r: tf.io.parse_single_example(r, spec)["id"]).batch(1024)
-  ids = [b.decode("utf-8", "replace") for batch in ds.as_numpy_iterator() for b in batch]
+  shards = split_shards(data_dir, info, split)
+  ds = _records(shards).map(lambda r: tf.io.parse_single_example(r, spec)["id"]).batch(1024)
+  with naming_damaged_shards(data_dir, info, split, shards):
+    ids = [b.decode("utf-8", "replace") for batch in ds.as_numpy_iterator() for b in batch]
   return [i or f"#{n}" for n, i in enumerate(ids)]
 
 
@@ -322,7 +370,8 @@ def train_iterator(cfg: ml_collections.ConfigDict, data_dir: str, info: dict, *,
     copies_of_epoch = None
   else:
     t0 = time.time()
-    labels, sizes = scan_labels(shards, num_classes, names["label"])
+    with naming_damaged_shards(data_dir, info, cfg.train_split, shards):
+      labels, sizes = scan_labels(shards, num_classes, names["label"])
     if len(labels) != num_examples:
       raise ValueError(f"Split {cfg.train_split!r} has {len(labels)} records but the dataset "
                        f"info says num_examples={num_examples}; re-prepare the dataset.")
@@ -380,7 +429,8 @@ def train_iterator(cfg: ml_collections.ConfigDict, data_dir: str, info: dict, *,
 
     ds = ds.enumerate(start_step).map(mix, num_parallel_calls=tf.data.AUTOTUNE,
                                       deterministic=True)
-  return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+  return _guarded(ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator(), data_dir, info,
+                  cfg.train_split, shards)
 
 
 def eval_iterator(cfg: ml_collections.ConfigDict, data_dir: str, info: dict, split: str, *,
@@ -408,9 +458,10 @@ def eval_iterator(cfg: ml_collections.ConfigDict, data_dir: str, info: dict, spl
       preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch).prefetch(tf.data.AUTOTUNE)
   yielded = 0
-  for batch in ds.as_numpy_iterator():
-    yield pad_batch(batch, local_batch)
-    yielded += 1
+  with naming_damaged_shards(data_dir, info, split, shards):
+    for batch in ds.as_numpy_iterator():
+      yield pad_batch(batch, local_batch)
+      yielded += 1
   size = cfg.image_size
   empty = {"image": np.zeros((0, size, size, 3), np.float32),
            "targets": np.zeros((0, num_classes), np.float32)}

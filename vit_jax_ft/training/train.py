@@ -153,10 +153,6 @@ def _log_train(writer, pending: list, step: int, images_per_sec: float, multilab
                        | {"images_per_sec": images_per_sec})
 
 
-def _is_better(value: float, best, mode: str, min_delta: float) -> bool:
-  return best is None or (value > best + min_delta if mode == "max" else value < best - min_delta)
-
-
 def _after_eval(config, state, step: int, best_step: int):
   """Reduce-on-plateau and early stopping; returns (state, stop).
 
@@ -244,7 +240,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   if last_ckpt.latest_step() is not None:
     workdir_lib.check_resume_config(config, workdir, int(state.step))
   workdir_lib.write_config(config, workdir)  # As run ('auto' resolved), to reproduce it.
-  best = checkpoints.best_value(best_ckpt, checkpoints.best_key(config))
 
   # Per-step scalars (the learning rate) go to TensorBoard only; the console
   # sees the averaged metrics every log_every_steps.
@@ -258,6 +253,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                                       multilabel=multilabel))
   run_eval = functools.partial(evaluate, eval_fn, config=config, data_dir=data_dir, info=info,
                                sharding=data_sharding)
+  checkpoints.recover_best(last_ckpt, best_ckpt, state, config,
+                           lambda s: _val_scalars(run_eval, s, config)[0])
+  best = checkpoints.best_value(best_ckpt, checkpoints.best_key(config))
 
   try:
     state, val_metrics = _train_loop(config, state, train_fn, run_eval, schedule, total_steps,
@@ -315,9 +313,9 @@ def _train_loop(config, state, train_fn, run_eval, schedule, total_steps, data_d
   pending, val_metrics, t0, t0_step = [], None, time.time(), start
   last_saved = last_ckpt.latest_step()  # Finite: checked on resume and before every save.
 
-  def save(manager, step, state, metrics=None):
+  def save(manager, step, state, metrics=None, record=None):
     try:
-      checkpoints.save(manager, step, state, metrics)
+      checkpoints.save(manager, step, state, metrics, record)
     except checkpoints.NonFiniteError as e:
       raise checkpoints.NonFiniteError(
           f"{e} Lower optimizer.lr or set optimizer.grad_clip_norm. {_last_good(last_saved)}"
@@ -333,36 +331,44 @@ def _train_loop(config, state, train_fn, run_eval, schedule, total_steps, data_d
       rate = (step - t0_step) * config.batch_size / (time.time() - t0)
       _log_train(writer, pending, step, rate, info["multilabel"], last_saved)
       pending, t0, t0_step = [], time.time(), step
+    record = None  # What the last checkpoint of an eval step records of it.
     if step % config.eval_every_steps == 0 or last:
-      val_metrics = run_eval(state, split=config.data.val_split)
-      scalars = {f"val_{k}": v for k, v in val_metrics.items()}
-      if state.ema:  # The EMA weights too: val_ema_*.
-        ema_metrics = run_eval(steps.ema_weights(state), split=config.data.val_split)
-        scalars |= {f"val_ema_{k}": v for k, v in ema_metrics.items()}
-        if checkpoints.evaluates_ema(config):  # What the final eval reports.
-          val_metrics = ema_metrics
+      scalars, val_metrics = _val_scalars(run_eval, state, config)
       writer.write_scalars(step, scalars)
       value = scalars[checkpoints.best_key(config)]
-      if _is_better(value, best, config.best_mode, config.min_delta):
+      improved = checkpoints.is_better(value, best, config)
+      if improved:
         best, best_step = value, step
-        keys = [f"val_{p}{config.best_metric}" for p in ("", "ema_")]
-        save(best_ckpt, step, state, {k: scalars[k] for k in keys if k in scalars})
+        save(best_ckpt, step, state, checkpoints.best_metrics(config, scalars))
+      record = checkpoints.eval_record(config, scalars, improved)
       state, stop = _after_eval(config, state, step, best_step)
       lr_scale = float(state.lr_scale)
       if stop and not last:
         logging.info("Early stopping at step %d: no %s improvement since step %d.", step,
                      config.best_metric, best_step)
-        save(last_ckpt, step, state)
+        save(last_ckpt, step, state, record=record)
         if jax.process_index() == 0:
           with open(stopped_file, "w") as f:
             json.dump({"step": step, "best_step": best_step, "best": best}, f)
         return state, val_metrics
     if step % config.checkpoint_every_steps == 0 or last:
-      save(last_ckpt, step, state)
+      save(last_ckpt, step, state, record=record)
       last_saved = step
   if start >= total_steps:
     logging.info("Training already complete at step %d; evaluating only.", start)
   return state, val_metrics
+
+
+def _val_scalars(run_eval, state, config) -> tuple[dict, dict]:
+  """(the 'val_*' and 'val_ema_*' scalars, the metrics the final eval reports) of `state`."""
+  val_metrics = run_eval(state, split=config.data.val_split)
+  scalars = {f"val_{k}": v for k, v in val_metrics.items()}
+  if state.ema:  # The EMA weights too: val_ema_*.
+    ema_metrics = run_eval(steps.ema_weights(state), split=config.data.val_split)
+    scalars |= {f"val_ema_{k}": v for k, v in ema_metrics.items()}
+    if checkpoints.evaluates_ema(config):  # What the final eval reports.
+      val_metrics = ema_metrics
+  return scalars, val_metrics
 
 
 def _final_eval(run_eval, state, config, workdir, val_metrics) -> dict:
