@@ -12,9 +12,15 @@ test macro-F1, accuracy and minutes:
   sklearn    scikit-learn LogisticRegression on the project's cached probe
              features (the independent reference), C chosen on val
   probe      `python -m vit_jax_ft.probe` (L-BFGS in JAX, L2 chosen on val)
-  ft         full fine-tuning with the shipped recipe (config as given)
-  lpft       the probe's head, then full fine-tuning (config.init_head_from)
-  lpft_plus  LP-FT with layer-wise lr decay, EMA of weights, and dihedral TTA
+  ft_plain   full fine-tuning from a random head with the small-data controls
+             off (the shipped recipe before them: PLAIN below)
+  ft         the shipped recipe as it is (--config)
+  lpft       the shipped recipe started from the probe's head
+             (config.init_head_from; its head-only phase and head lr
+             multiplier dropped, since the head starts fitted)
+
+With --tta (default dihedral) the best checkpoints of ft and lpft are also
+evaluated with test-time augmentation, as extra rows.
 
 Every fine-tuning run gets the same budget, --steps optimizer steps of
 --batch images (the minutes are measured and printed, since the machines
@@ -38,7 +44,12 @@ from sklearn import linear_model
 from sklearn import metrics as skm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = ("sklearn", "probe", "ft", "lpft", "lpft_plus")
+RECIPES = ("sklearn", "probe", "ft_plain", "ft", "lpft")
+# The small-data controls switched off: fine-tuning as it was before them.
+PLAIN = ["optimizer.freeze=", "optimizer.head_only_steps=0", "optimizer.lr_mults=",
+         "optimizer.layer_decay=1.0", "ema_decay=0.0", "data.dihedral=False"]
+# LP-FT: the head starts from the probe, so no head-only phase or head boost.
+FROM_PROBE = ["optimizer.head_only_steps=0", "optimizer.lr_mults="]
 
 _DATA = flags.DEFINE_string("data_dir", None, "Prepared dataset (vit_jax_ft.data.prepare).")
 _WEIGHTS = flags.DEFINE_string(
@@ -51,9 +62,8 @@ _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds; each recipe runs once per see
 _STEPS = flags.DEFINE_integer("steps", 600, "Optimizer steps of every fine-tuning run.")
 _BATCH = flags.DEFINE_integer("batch", 16, "Batch size of the fine-tuning runs.")
 _SIZE = flags.DEFINE_integer("image_size", 224, "Input resolution (probes and fine-tuning).")
-_LAYER_DECAY = flags.DEFINE_float("layer_decay", 0.7, "lpft_plus: optimizer.layer_decay.")
-_EMA = flags.DEFINE_float("ema_decay", 0.998, "lpft_plus: ema_decay.")
-_TTA = flags.DEFINE_string("tta", "dihedral", "lpft_plus: evaluate --tta.")
+_TTA = flags.DEFINE_string("tta", "dihedral", "Extra rows: ft and lpft evaluated with this "
+                           "evaluate --tta ('' for none).")
 _EXTRA = flags.DEFINE_list("overrides", [], "More --config.X=Y for every run, e.g. dtype=float32.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny model on the built-in digits: plumbing only.")
 
@@ -180,7 +190,7 @@ def run_seed(seed: int, recipes: list[str]) -> list[dict]:
   rows = []
   probe_dir = os.path.join(out, "probe")
   probe_minutes = None
-  if {"probe", "sklearn", "lpft", "lpft_plus"} & set(recipes):
+  if {"probe", "sklearn", "lpft"} & set(recipes):
     probe_minutes = _train("probe", probe_dir, seed, [])
   if "sklearn" in recipes:
     results, minutes = _sklearn_probe(probe_dir, seed)
@@ -188,22 +198,18 @@ def run_seed(seed: int, recipes: list[str]) -> list[dict]:
   if "probe" in recipes:
     rows.append({"recipe": "probe", "seed": seed, "minutes": probe_minutes}
                 | _results(probe_dir))
-  if "ft" in recipes:
-    minutes = _train("ft", os.path.join(out, "ft"), seed, [])
-    rows.append({"recipe": "ft", "seed": seed, "minutes": minutes}
-                | _results(os.path.join(out, "ft")))
-  if "lpft" in recipes:
-    workdir = os.path.join(out, "lpft")
-    minutes = _train("lpft", workdir, seed, [f"init_head_from={probe_dir}"])
-    rows.append({"recipe": "lpft", "seed": seed, "minutes": minutes} | _results(workdir))
-  if "lpft_plus" in recipes:
-    workdir = os.path.join(out, "lpft_plus")
-    minutes = _train("lpft_plus", workdir, seed, [
-        f"init_head_from={probe_dir}", f"optimizer.layer_decay={_LAYER_DECAY.value}",
-        f"ema_decay={_EMA.value}"])
-    results, tta_minutes = _tta_results(workdir, _TTA.value)
-    rows.append({"recipe": f"lpft_plus (+tta {_TTA.value})", "seed": seed,
-                 "minutes": minutes + tta_minutes} | results)
+  runs = {"ft_plain": PLAIN, "ft": [], "lpft": [f"init_head_from={probe_dir}"] + FROM_PROBE}
+  for name, extra in runs.items():
+    if name not in recipes:
+      continue
+    workdir = os.path.join(out, name)
+    minutes = _train(name, workdir, seed, extra)
+    rows.append({"recipe": name, "seed": seed, "minutes": minutes} | _results(workdir))
+    if _TTA.value and name != "ft_plain":
+      results, tta_minutes = _tta_results(workdir, _TTA.value)
+      rows.append({"recipe": f"{name} (+tta {_TTA.value})", "seed": seed,
+                   "minutes": (minutes + tta_minutes) if minutes == minutes else tta_minutes}
+                  | results)
   return rows
 
 

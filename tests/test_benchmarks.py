@@ -40,9 +40,10 @@ def test_finetune_quality_benchmark_runs_every_recipe_and_prints_the_table(tmp_p
                        env=dict(os.environ, PYTHONPATH=ROOT))
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   rows = {m[1]: (float(m[2]), float(m[3])) for m in re.finditer(
-      r"^\| (sklearn|probe|ft|lpft|lpft_plus \(\+tta dihedral\)) \| ([\d.]+) \| ([\d.]+) \|",
-      out.stdout, re.M)}
-  assert sorted(rows) == sorted(["sklearn", "probe", "ft", "lpft", "lpft_plus (+tta dihedral)"])
+      r"^\| ((?:sklearn|probe|ft_plain|ft|lpft)(?: \(\+tta dihedral\))?) \| ([\d.]+) \| "
+      r"([\d.]+) \|", out.stdout, re.M)}
+  assert sorted(rows) == sorted(["sklearn", "probe", "ft_plain", "ft", "ft (+tta dihedral)",
+                                 "lpft", "lpft (+tta dihedral)"])
   assert all(0 <= f1 <= 1 and 0 <= acc <= 1 for f1, acc in rows.values())
   assert re.search(r"cores", out.stdout)  # Says which CPU it ran on.
   # LP-FT really started from the probe's head.

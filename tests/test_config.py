@@ -118,3 +118,22 @@ def test_readme_config_reference_is_current():
   end = readme.index("\n<!-- config-reference:end -->")
   assert readme[start:end] == base_config.reference_table(), (
       "README config reference is stale; paste the output of `python -m vit_jax_ft.base_config`")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_optimizer_controls_resolve_on_their_model(name):
+  """A freeze pattern that matches nothing, or a head-only phase without a head,
+  would only fail at the first step of a real run: resolve them here."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from vit_jax_ft import workdir  # pylint: disable=import-outside-toplevel
+  from vit_jax_ft.training import optim  # pylint: disable=import-outside-toplevel
+  config = load(name)
+  model = workdir.build_model(config, 9)
+  size = config.data.image_size
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False))
+  groups = optim.param_groups(config.optimizer, variables["params"],
+                              variables.get("batch_stats"))
+  if config.optimizer.freeze == "bn":  # Every BatchNorm layer in inference mode.
+    assert len(groups.frozen_batch_norms(variables["batch_stats"])) == 53
