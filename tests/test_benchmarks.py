@@ -39,9 +39,10 @@ def test_finetune_quality_benchmark_runs_every_recipe_and_prints_the_table(tmp_p
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT,
                        env=dict(os.environ, PYTHONPATH=ROOT))
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-  rows = {m[1]: (float(m[2]), float(m[3])) for m in re.finditer(
+  # recipe | test macro-F1 | worst seed | test accuracy | ...
+  rows = {m[1]: (float(m[2]), float(m[4])) for m in re.finditer(
       r"^\| ((?:sklearn|probe|ft_plain|ft|lpft)(?: \(\+tta dihedral\))?) \| ([\d.]+) \| "
-      r"([\d.]+) \|", out.stdout, re.M)}
+      r"([\d.]+) \| ([\d.]+) \|", out.stdout, re.M)}
   assert sorted(rows) == sorted(["sklearn", "probe", "ft_plain", "ft", "ft (+tta dihedral)",
                                  "lpft", "lpft (+tta dihedral)"])
   assert all(0 <= f1 <= 1 and 0 <= acc <= 1 for f1, acc in rows.values())

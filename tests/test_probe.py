@@ -291,7 +291,7 @@ def test_init_head_from_refuses_other_classes(probed, tmp_path):
     init_from.load_head(config, state, fewer, str(tmp_path))
 
 
-def test_multilabel_probe_with_flips_and_balancing(tmp_path):
+def test_multilabel_probe_with_flips_balancing_and_a_fine_tuning_recipe(tmp_path):
   from test_evaluate import _write_multilabel_dataset  # pylint: disable=g-import-not-at-top
   data_dir = str(tmp_path / "data")
   _write_multilabel_dataset(data_dir, np.random.default_rng(0))
@@ -299,9 +299,15 @@ def test_multilabel_probe_with_flips_and_balancing(tmp_path):
       "data.source": "tfrecord", "data.dir": data_dir, "data.image_size": 16,
       "model.patch_size": 8, "loss.name": "sigmoid_bce", "eval_batch_size": 16,
       "best_metric": "macro_f1", "final_report": True, "probe.flip": True,
-      "probe.class_weight": "balanced", "probe.l2_grid": "1e-2,1e-1"})
+      "probe.class_weight": "balanced", "probe.l2_grid": "1e-2,1e-1",
+      # A shipped fine-tuning recipe's controls (configs/resnet_skin_cancer.py) must not stop
+      # the probe of the same config, and its EMA must not leak into the probe's run.
+      "optimizer.freeze": "^embedding/", "optimizer.head_only_steps": 2,
+      "optimizer.layer_decay": 0.7, "optimizer.lr_mults": "head/=10", "ema_decay": 0.99})
   workdir = str(tmp_path / "probe")
   results = probe.run_probe(config, workdir)
+  assert not workdir_lib.run_uses_ema(workdir)
+  assert workdir_lib.restore(workdir, "best").weights == "raw"
   summary = _summary(workdir)
   assert summary["class_weight"] == "balanced" and summary["flip"]
   assert summary["chosen"]["val_macro_f1"] == max(r["val_macro_f1"] for r in summary["grid"])

@@ -225,6 +225,12 @@ def run_probe(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Fits the linear probe of config's backbone into `workdir`; returns eval_results.json's dict."""
   t_start = time.time()
   config = config.copy_and_resolve_references()  # Resolved below; the caller's stays as is.
+  if config.ema_decay:
+    # The probe's head is a closed-form fit with nothing to average; its config.json must not
+    # send evaluate, predict or init_head_from looking for EMA weights.
+    logging.info("config.ema_decay=%s does not apply to a probe; its checkpoints hold the fit.",
+                 config.ema_decay)
+    config.ema_decay = 0.0
   config_ranges.check_ranges(config)
   grid = linear_fit.parse_l2_grid(config.probe.l2_grid)
   balanced = _is_balanced(config)
@@ -243,8 +249,11 @@ def run_probe(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = workdir_lib.build_model(config, num_classes)
   total_steps = train.total_train_steps(
       config, info["splits"][config.data.train_split]["num_examples"])
+  # The optimizer a training run builds (freezing etc. included), so that the saved state
+  # has the structure the train loop expects.
+  _, groups = train.model_param_groups(config, model)
   tx = optim.make_optimizer(config.optimizer,
-                            optim.learning_rate_schedule(config.optimizer, total_steps))
+                            optim.learning_rate_schedule(config.optimizer, total_steps), groups)
   state = steps.create_train_state(model, tx, config.data.image_size, config.seed,
                                    config.loss_scale_init if config.dtype == "float16" else 1.0)
   metadata = None

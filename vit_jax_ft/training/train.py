@@ -180,6 +180,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return _train_and_evaluate(config, workdir)
 
 
+def model_param_groups(config: ml_collections.ConfigDict, model) -> tuple[dict, optim.ParamGroups]:
+  """The model's abstract variables and config.optimizer's parameter groups over them."""
+  abstract_vars = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1,) + (config.data.image_size,) * 2 + (3,)), train=False))
+  groups = optim.param_groups(config.optimizer, abstract_vars["params"],
+                              abstract_vars.get("batch_stats"))
+  return abstract_vars, groups
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """train_and_evaluate, holding the workdir's lock."""
   data_dir, info = dataset.load_data_info(config, workdir)
@@ -189,10 +198,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
   init_from.apply_model_options(config, workdir)
   model = workdir_lib.build_model(config, len(info["class_names"]))
-  abstract_vars = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1,) + (config.data.image_size,) * 2 + (3,)), train=False))
-  groups = optim.param_groups(config.optimizer, abstract_vars["params"],
-                              abstract_vars.get("batch_stats"))
+  abstract_vars, groups = model_param_groups(config, model)
   tx = optim.make_optimizer(config.optimizer, schedule, groups)
   loss_fn = losses.get_loss_fn(config.loss, class_weights(config, info))
 
