@@ -30,6 +30,19 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets==4.9.10",
 ]
 
+# Reading Hugging Face datasets in `vit_jax_ft.data.prepare` (`--source=hf:...`, parquet,
+# save_to_disk): `pip install -e '.[hf]'`. Imported only there; the rest never needs it.
+# datasets 5.2.0 and what it installed beside this package's pins (pyarrow came with
+# tensorflow-datasets already), pinned as they were tested together.
+HF_REQUIRES = [
+    "datasets==5.2.0",
+    "dill==0.4.1",
+    "multiprocess==0.70.19",
+    "pandas==3.1.1",
+    "pyarrow==26.0.1",
+    "xxhash==4.1.0",
+]
+
 setuptools.setup(
     name="vit_jax_ft",
     version="0.1.0",
@@ -46,7 +59,8 @@ setuptools.setup(
         # JAX on the CPU.
         "cuda12": ["jax[cuda12]==0.10.2"],
         "cuda13": ["jax[cuda13]==0.10.2"],
-        "test": [
+        "hf": HF_REQUIRES,
+        "test": HF_REQUIRES + [
         "pytest>=8.0",
         "pytest-xdist>=3.5",
         # Reference implementations for the pretrained-weights parity tests.

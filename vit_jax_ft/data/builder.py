@@ -1,6 +1,8 @@
 """Building a prepared dataset from a source: the steps behind `prepare`.
 
-1. Read the source (folder tree or label table) into records; check labels.
+1. Read the source (folder tree, label table or Hugging Face dataset, whose
+   image cells are written as files into a scratch folder) into records;
+   check labels.
 2. Check every file on all cores: sha256, full decode, what conversion it needs.
 3. Apply --bad_files to unreadable and missing files.
 4. Assign splits (given ones kept, val/test carved stratified by label, groups
@@ -31,6 +33,7 @@ from absl import logging
 import numpy as np
 
 from vit_jax_ft.data import duplicates
+from vit_jax_ft.data import hf_source
 from vit_jax_ft.data import images
 from vit_jax_ft.data import parallel
 from vit_jax_ft.data import report
@@ -48,6 +51,7 @@ class Options:
   source: str
   out_dir: str
   table: sources.TableOptions = sources.TableOptions()
+  hf: hf_source.HfOptions = hf_source.HfOptions()
   class_names: Optional[str] = None     # 'a,b,c' or a file with one name per line.
   val_fraction: float = 0.1
   test_fraction: Optional[float] = None  # None: 0.1 if the source has no splits, else 0.
@@ -86,6 +90,8 @@ def _validate(opts: Options) -> None:
     raise ValueError(f"--max_side must be positive, got {opts.image.max_side}.")
   if opts.image.max_pixels < 1:
     raise ValueError(f"--max_pixels must be positive, got {opts.image.max_pixels}.")
+  if hf_source.is_hub_id(opts.source):
+    return
   if not os.path.exists(opts.source):
     raise FileNotFoundError(f"--source {opts.source!r} does not exist.")
   source, out = os.path.realpath(opts.source), os.path.realpath(opts.out_dir)
@@ -105,18 +111,32 @@ def check_out_dir(out_dir: str, overwrite: bool) -> None:
                           "replace it or choose another --out.")
 
 
-def read_source(opts: Options) -> sources.Source:
-  """Reads --source: a folder tree, or a .csv/.json label table."""
+def read_source(opts: Options, scratch: Optional[str] = None) -> sources.Source:
+  """Reads --source: a Hugging Face dataset, a folder tree, or a .csv/.json label table.
+
+  A Hugging Face dataset's image cells are written as files into `scratch`.
+  """
+  if hf_source.is_hf_source(opts.source):
+    if scratch is None:
+      raise ValueError(f"--source {opts.source!r} is a Hugging Face dataset: it needs a scratch "
+                       "folder for its images.")
+    return hf_source.read(opts.source, opts.hf, opts.table, scratch)
+  if opts.hf != hf_source.HfOptions():
+    raise ValueError(f"--hf_config, --hf_split, --hf_revision and --image_column apply to "
+                     f"Hugging Face datasets, not to --source {opts.source!r}.")
   if os.path.isdir(opts.source):
     return sources.read_folder(opts.source)
   if opts.source.lower().endswith((".csv", ".json")):
     return sources.read_table(opts.source, opts.table)
-  raise ValueError(f"--source {opts.source!r} must be a folder of class folders or a "
-                   ".csv/.json label table.")
+  raise ValueError(f"--source {opts.source!r} must be a folder of class folders, a "
+                   ".csv/.json label table, a Hugging Face dataset (hf:OWNER/NAME, a "
+                   "save_to_disk or parquet folder) or a .parquet/.arrow file.")
 
 
 def dataset_name(source: str) -> str:
   """The folder's name, or for a label table the name of the folder it is in."""
+  if hf_source.is_hub_id(source):
+    return hf_source.dataset_name(source)
   path = os.path.abspath(source)
   return os.path.basename(path if os.path.isdir(path) else os.path.dirname(path))
 
@@ -273,7 +293,9 @@ def _source_info(source: sources.Source) -> dict:
 def _options_info(opts: Options) -> dict:
   """The options as JSON, with absolute paths (the run can be repeated from anywhere)."""
   info = dataclasses.asdict(opts)
-  info["source"], info["out_dir"] = os.path.abspath(opts.source), os.path.abspath(opts.out_dir)
+  info["out_dir"] = os.path.abspath(opts.out_dir)
+  if not hf_source.is_hub_id(opts.source):
+    info["source"] = os.path.abspath(opts.source)
   if opts.table.image_dir:
     info["table"]["image_dir"] = os.path.abspath(opts.table.image_dir)
   return info
@@ -387,15 +409,8 @@ def _info(opts: Options, source: sources.Source, class_names: list[str], items: 
       histograms=histograms, tool="vit_jax_ft.data.prepare", command=command_line(opts))
 
 
-def build(opts: Options) -> dict:
-  """Prepares `opts.source` into `opts.out_dir`; returns the dataset info written.
-
-  On any error (or KeyboardInterrupt) --out is left as it was: the new files
-  go to a staging folder that is only moved into place once complete.
-  """
-  _validate(opts)
-  check_out_dir(opts.out_dir, opts.overwrite)
-  source = read_source(opts)
+def _build(opts: Options, source: sources.Source) -> dict:
+  """Steps 2-6 of `build` for the records read from the source."""
   class_names = _class_names(source, opts.class_names)
   logging.info("Source %s: %d files, %d classes%s.", opts.source, len(source.records),
                len(class_names), " (multi-label)" if source.multilabel else "")
@@ -409,5 +424,22 @@ def build(opts: Options) -> dict:
       info = tfrecords.write_info(staging, _info(opts, source, class_names, items, split_info,
                                                  histograms, found, skipped))
       _publish(staging, opts)
+  return info
+
+
+def build(opts: Options) -> dict:
+  """Prepares `opts.source` into `opts.out_dir`; returns the dataset info written.
+
+  On any error (or KeyboardInterrupt) --out is left as it was: the new files
+  go to a staging folder that is only moved into place once complete. The
+  image files of a Hugging Face dataset go to another such folder, removed
+  at the end.
+  """
+  _validate(opts)
+  check_out_dir(opts.out_dir, opts.overwrite)
+  with contextlib.ExitStack() as stack:
+    scratch = (stack.enter_context(_staging(opts.out_dir))
+               if hf_source.is_hf_source(opts.source) else None)
+    info = _build(opts, read_source(opts, scratch))
   report.log_summary(info, opts.out_dir)
   return info

@@ -7,7 +7,13 @@ r"""Prepare image data for training: `python -m vit_jax_ft.data.prepare --source
     default: the table's folder) or an id column (matched to file names under
     --image_dir), a label column (--multilabel: space-separated labels), and
     optionally split and group columns (e.g. HAM10000's lesion_id). Paths
-    outside --image_dir are refused unless --allow_outside_image_dir.
+    outside --image_dir are refused unless --allow_outside_image_dir;
+  * a Hugging Face dataset: `hf:OWNER/NAME` (downloaded with `datasets`;
+    --hf_config, --hf_split, --hf_revision), or a local copy: a save_to_disk
+    folder, a folder of .parquet files (and no images), a .parquet or .arrow
+    file. Image column: a datasets.Image feature or bytes (--image_column);
+    labels: ClassLabel (its order kept), strings, ints or lists (multi-label).
+    Its splits are kept; --group_column as for tables; --id_column: the ids.
 
 --out receives sharded TFRecords per split, class histograms and
 dataset_info.json (written last: a folder without it is not a dataset). The
@@ -17,6 +23,8 @@ Example:
 
   python -m vit_jax_ft.data.prepare --source=data/isic_skin_9cls \
       --out=data/isic_prepared --val_fraction=0.05 --max_side=512
+  python -m vit_jax_ft.data.prepare --source=hf:marmal88/skin_cancer \
+      --label_column=dx --group_column=lesion_id --out=data/skin_cancer --max_side=512
 """
 
 import os
@@ -32,7 +40,9 @@ import sys  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from absl import app
 from absl import flags
 
-_SOURCE = flags.DEFINE_string("source", None, "Folder of class folders, or a .csv/.json table.")
+_SOURCE = flags.DEFINE_string("source", None,
+                              "Folder of class folders, a .csv/.json table, hf:OWNER/NAME, or a "
+                              "Hugging Face save_to_disk/parquet folder or .parquet/.arrow file.")
 _OUT = flags.DEFINE_string("out", None, "Output folder for the prepared dataset.")
 _IMAGE_DIR = flags.DEFINE_string("image_dir", None,
                                  "Folder the table's paths/ids refer to (default: its folder).")
@@ -45,7 +55,9 @@ _PATH_COLUMN = flags.DEFINE_string("path_column", None,
                                    "Table column with file paths (default: auto, e.g. 'file').")
 _ID_COLUMN = flags.DEFINE_string("id_column", None,
                                  "Table column with image ids matched to file names "
-                                 "(default: auto, e.g. 'image_id'), used without a path column.")
+                                 "(default: auto, e.g. 'image_id'), used without a path column. "
+                                 "Hugging Face data: the column whose values are the examples' "
+                                 "ids (default: <split>/<row>).")
 _LABEL_COLUMN = flags.DEFINE_string("label_column", None, "Table label column (default: auto).")
 _SPLIT_COLUMN = flags.DEFINE_string("split_column", None,
                                     "Table column with train/val/test (default: 'split' if "
@@ -53,6 +65,16 @@ _SPLIT_COLUMN = flags.DEFINE_string("split_column", None,
 _GROUP_COLUMN = flags.DEFINE_string("group_column", None,
                                     "Table column whose values never span two splits, e.g. "
                                     "lesion_id (default: auto; '' for none).")
+_HF_CONFIG = flags.DEFINE_string("hf_config", None,
+                                 "Hugging Face dataset: its configuration (subset) name.")
+_HF_SPLIT = flags.DEFINE_string("hf_split", None,
+                                "Hugging Face dataset: its splits to read, e.g. 'train,test' "
+                                "(default: all).")
+_HF_REVISION = flags.DEFINE_string("hf_revision", None,
+                                   "hf:OWNER/NAME: the branch, tag or commit to download.")
+_IMAGE_COLUMN = flags.DEFINE_string("image_column", None,
+                                    "Hugging Face dataset: the image column (default: the "
+                                    "datasets.Image or bytes column).")
 _MULTILABEL = flags.DEFINE_bool("multilabel", False, "Labels are separator-separated lists.")
 _LABEL_SEP = flags.DEFINE_string("label_sep", None, "Multi-label separator (default: whitespace).")
 _CLASS_NAMES = flags.DEFINE_string("class_names", None,
@@ -91,6 +113,7 @@ def options_from_flags():
   """The flags as `builder.Options`."""
   # pylint: disable=g-import-not-at-top
   from vit_jax_ft.data import builder
+  from vit_jax_ft.data import hf_source
   from vit_jax_ft.data import images
   from vit_jax_ft.data import parallel
   from vit_jax_ft.data import sources
@@ -102,6 +125,8 @@ def options_from_flags():
       table=sources.TableOptions(image_dir=_IMAGE_DIR.value, columns=columns,
                                  multilabel=_MULTILABEL.value, label_sep=_LABEL_SEP.value,
                                  allow_outside_image_dir=_ALLOW_OUTSIDE.value),
+      hf=hf_source.HfOptions(hf_config=_HF_CONFIG.value, hf_split=_HF_SPLIT.value,
+                             hf_revision=_HF_REVISION.value, image_column=_IMAGE_COLUMN.value),
       class_names=_CLASS_NAMES.value, val_fraction=_VAL_FRACTION.value,
       test_fraction=_TEST_FRACTION.value, seed=_SEED.value,
       image=images.ImageOptions(max_side=_MAX_SIDE.value, image_format=_IMAGE_FORMAT.value,

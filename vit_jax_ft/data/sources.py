@@ -187,8 +187,8 @@ def _clean(value):
   return "" if value is None else str(value).strip()
 
 
-def _pick_column(columns: Sequence[str], flag_value: Optional[str], candidates: Sequence[str],
-                 what: str, table: str, required: bool) -> Optional[str]:
+def pick_column(columns: Sequence[str], flag_value: Optional[str], candidates: Sequence[str],
+                what: str, table: str, required: bool) -> Optional[str]:
   """The column named by a flag, else the first known name present ('' = none)."""
   if flag_value == "":
     return None
@@ -215,18 +215,18 @@ class TableColumns:
 
 
 def _resolve_columns(columns: Sequence[str], given: TableColumns, table: str) -> TableColumns:
-  path = _pick_column(columns, given.path, PATH_COLUMNS, "path", table, required=False)
+  path = pick_column(columns, given.path, PATH_COLUMNS, "path", table, required=False)
   file_id = None
   if path is None:
-    file_id = _pick_column(columns, given.id, ID_COLUMNS, "id", table, required=False)
+    file_id = pick_column(columns, given.id, ID_COLUMNS, "id", table, required=False)
   if path is None and file_id is None:
     raise ValueError(f"{table}: no file path or image id column among {list(columns)}; "
                      "name one with --path_column or --id_column.")
   return TableColumns(
       path=path, id=file_id,
-      label=_pick_column(columns, given.label, LABEL_COLUMNS, "label", table, required=True),
-      split=_pick_column(columns, given.split, SPLIT_COLUMNS, "split", table, required=False),
-      group=_pick_column(columns, given.group, GROUP_COLUMNS, "group", table, required=False))
+      label=pick_column(columns, given.label, LABEL_COLUMNS, "label", table, required=True),
+      split=pick_column(columns, given.split, SPLIT_COLUMNS, "split", table, required=False),
+      group=pick_column(columns, given.group, GROUP_COLUMNS, "group", table, required=False))
 
 
 class _FileIndex:
