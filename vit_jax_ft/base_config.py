@@ -39,6 +39,8 @@ FIELD_DOCS = {
     "best_on_ema": "With EMA: select the best checkpoint (and early stopping, plateau) by val_ema_{best_metric}.",
     "eval_ema": "With EMA: the final eval, reports, predict, explain and export use the EMA weights.",
     "final_report": "After training, write the evaluation report (WORKDIR/reports) for val and test.",
+    "bootstrap_resamples": "Reports: bootstrap resamples (stratified by class) for the 95% confidence intervals and `compare`'s paired differences; 0: no intervals.",
+    "bootstrap_seed": "Reports: seed of the bootstrap resamples (the same seed pairs two runs' resamples).",
     "init_from": "Pretrained weights: a converted dir, .npz, HF folder or id, timm/torchvision/Keras file.",
     "init_strict": "Fail unless every backbone parameter loads and nothing in the checkpoint is unused.",
     "init_cache_dir": "Where raw sources are cached after conversion (default ~/.cache/vit_jax_ft).",
@@ -196,6 +198,8 @@ def get_base_config() -> config_dict.ConfigDict:
   c.best_on_ema = True
   c.eval_ema = True
   c.final_report = True
+  c.bootstrap_resamples = 1000
+  c.bootstrap_seed = 0
   c.init_from = placeholder(str)
   c.init_strict = True
   c.init_cache_dir = placeholder(str)

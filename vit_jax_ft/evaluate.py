@@ -7,8 +7,10 @@ Restores a checkpoint ('best', 'last' or a step number), predicts every
 example of the split and writes WORKDIR/reports/<split>_<checkpoint>/:
 report.json, report.md, confusion_matrix.png (single-label),
 error_cooccurrence.png (multi-label), pr_curves.png, roc_curves.png,
-reliability.png and learning_curves.png. The headline numbers also go to
-TensorBoard under report/<split>_<checkpoint>/. Multi-label thresholds are
+reliability.png, learning_curves.png and predictions.npz (for
+`vit_jax_ft.compare`); report.md and report.json give 95% bootstrap intervals
+(`--bootstrap_resamples`, default config.bootstrap_resamples). The headline
+numbers also go to TensorBoard under report/<split>_<checkpoint>/. Multi-label thresholds are
 tuned per label on the validation split and saved to
 WORKDIR/reports/thresholds_<checkpoint>.json, which `vit_jax_ft.predict` uses.
 
@@ -54,6 +56,9 @@ def define_flags() -> None:
   flags.DEFINE_string(
       "calibrate", "none", "'temperature': fit one temperature on the validation split, save "
       "it for predict and report the split temperature-scaled; 'none': off.")
+  flags.DEFINE_integer(
+      "bootstrap_resamples", None, "Resamples for the reports' 95% bootstrap confidence "
+      "intervals (0: none); default: the run's config.bootstrap_resamples (1000).")
 
 
 def parse_required_recall(text: str) -> tuple[float, Any]:
@@ -79,8 +84,11 @@ def main(argv):
 
   def body():
     recall, classes = parse_required_recall(f.required_recall)
+    if f.bootstrap_resamples is not None and f.bootstrap_resamples < 0:
+      raise ValueError(f"--bootstrap_resamples must be >= 0; got {f.bootstrap_resamples}.")
     options = report_lib.Options(top_k=tuple(int(k) for k in f.top_k),
-                                 required_recall=recall, recall_classes=classes)
+                                 required_recall=recall, recall_classes=classes,
+                                 bootstrap_resamples=f.bootstrap_resamples)
     dirs = writer.write_reports(None, f.workdir, splits=f.split, checkpoint=f.checkpoint,
                                 options=options, tta=f.tta, calibrate=f.calibrate)
     for split, path in dirs.items():

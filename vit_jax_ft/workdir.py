@@ -104,8 +104,9 @@ def lock(workdir: str) -> Iterator[None]:
 # how it is watched, or they extend the run.
 RESUMABLE_CHANGES = ("total_steps", "num_epochs", "log_every_steps", "eval_every_steps",
                      "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
-                     "final_report", "early_stopping_patience", "resume_with_changes",
-                     "init_cache_dir", "data.help")
+                     "final_report", "bootstrap_resamples", "bootstrap_seed",
+                     "early_stopping_patience", "resume_with_changes", "init_cache_dir",
+                     "data.help")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

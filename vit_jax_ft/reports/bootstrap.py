@@ -88,6 +88,18 @@ class Resampler:
     return np.concatenate([np.asarray(p, np.float64) for p in parts])
 
 
+class Whole:
+  """The split itself as the only 'resample': point estimates through the same code."""
+
+  def __init__(self, n: int):
+    self.n, self.resamples = n, 1
+
+  def blocks(self) -> Iterator[np.ndarray]:
+    yield np.arange(self.n)[None]
+
+  values = Resampler.values
+
+
 def counts(idx: np.ndarray, n: int) -> np.ndarray:
   """[k, N] indices -> [k, n] how often each example was drawn."""
   k = idx.shape[0]
@@ -96,7 +108,10 @@ def counts(idx: np.ndarray, n: int) -> np.ndarray:
 
 
 def interval(values: np.ndarray, confidence: float = CONFIDENCE) -> dict:
-  """{'ci95': [lo, hi] or None, 'resamples': how many were defined} of [R] values (NaN: undefined)."""
+  """{'ci95': [lo, hi] or None, 'resamples': how many were defined} of [R] values.
+
+  NaN marks a resample where the metric is undefined; those are left out.
+  """
   values = np.asarray(values, np.float64)
   ok = values[np.isfinite(values)]
   if not len(ok):

@@ -20,6 +20,32 @@ def _fmt(value: Any) -> str:
   return str(value)
 
 
+def _ci(row: dict, key: str) -> Any:
+  """row[key], as '0.5530 [0.471, 0.630]' when the report has its 95% interval."""
+  value, ci = row.get(key), row.get(f"{key}_ci95")
+  if value is None or ci is None:
+    return value
+  return f"{value:.4f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _interval_note(report: dict) -> list[str]:
+  """What the intervals are, and the metrics some resamples were left out of."""
+  boot = report.get("bootstrap")
+  if not boot or not boot.get("resamples"):
+    return []
+  note = (f"Brackets: 95% confidence intervals, {boot['method']} over {boot['resamples']} "
+          f"resamples of this split stratified by {boot['stratified_by']} (seed "
+          f"{boot['seed']}): the spread these numbers would show on another test set of the "
+          "same size and class mix. Two runs compare by the paired difference on the same "
+          "examples (`python -m vit_jax_ft.compare RUN_A RUN_B`), not by overlapping intervals.")
+  short = sorted(k for k, v in (report.get("intervals") or {}).items()
+                 if v["resamples"] < boot["resamples"])
+  if short:
+    note += (f" Some resamples left out (metric undefined there) for: {', '.join(short)}; "
+             "report.json's `*_ci95_resamples` count those used.")
+  return [note, ""]
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
   lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
   lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
@@ -33,12 +59,14 @@ def _image(files: dict, key: str, caption: str) -> list[str]:
 def _operating_cells(ops: dict, name: str) -> list[Any]:
   row = ops["per_class"][name]
   point = row.get("at_required_recall")
-  cells = [row["average_precision"], row["roc_auc"]]
+  cells = [row["average_precision"], _ci(row, "roc_auc")]
   if "required_recall" not in row:
     return cells + [None, None]
   if point is None:
     return cells + ["no positives", None]
-  return cells + [f"{point['precision']:.4f} (R={point['recall']:.4f})", point["threshold"]]
+  precision = _ci(point, "precision")
+  precision = precision if isinstance(precision, str) else f"{precision:.4f}"
+  return cells + [f"{precision} (R={point['recall']:.4f})", point["threshold"]]
 
 
 def _single_label(report: dict, names: Sequence[str], files: dict) -> list[str]:
@@ -48,18 +76,19 @@ def _single_label(report: dict, names: Sequence[str], files: dict) -> list[str]:
   at = "/".join(f"{r:g}" for r in recall) or "-"
   header = ["class", "precision", "recall", "F1", "support", "AP", "ROC AUC",
             f"precision at recall >= {at}", "threshold"]
-  rows = [[n, cr[n]["precision"], cr[n]["recall"], cr[n]["f1-score"], int(cr[n]["support"])]
-          + _operating_cells(ops, n) for n in names if n in cr]
+  rows = [[n, _ci(cr[n], "precision"), _ci(cr[n], "recall"), _ci(cr[n], "f1-score"),
+           int(cr[n]["support"])] + _operating_cells(ops, n) for n in names if n in cr]
   for avg in ("macro avg", "weighted avg"):
     r = cr[avg]
-    extra = ([ops["macro_average_precision"], ops["macro_roc_auc"]] if avg == "macro avg"
+    extra = ([ops["macro_average_precision"], _ci(ops, "macro_roc_auc")] if avg == "macro avg"
              else [None, None])
-    rows.append([f"**{avg}**", r["precision"], r["recall"], r["f1-score"], int(r["support"])]
-                + extra + [None, None])
+    rows.append([f"**{avg}**", _ci(r, "precision"), _ci(r, "recall"), _ci(r, "f1-score"),
+                 int(r["support"])] + extra + [None, None])
   lines = ["## Per class", ""] + _table(header, rows)
-  lines += [f"Accuracy: **{cr['accuracy']:.4f}**. Averages run over the classes present in the "
-            "labels or the predictions (as sklearn's classification_report). Thresholds: "
-            "predict the class when its probability is >= the threshold (one vs rest).", ""]
+  lines += [f"Accuracy: **{_fmt(_ci(cr, 'accuracy'))}**. Averages run over the classes "
+            "present in the labels or the predictions (as sklearn's classification_report). "
+            "Thresholds: predict the class when its probability is >= the threshold (one vs "
+            "rest).", ""]
   if cr["absent_classes"]:
     lines += [f"Classes with no examples and no predictions: {', '.join(cr['absent_classes'])}.",
               ""]
@@ -81,15 +110,16 @@ def _multi_label(report: dict, names: Sequence[str], files: dict) -> list[str]:
   rows = []
   for n in names:
     t = tuned["per_label"][n]
-    rows.append([n, t["threshold"], t["precision"], t["recall"], t["f1-score"], t["support"],
-                 half["per_label"][n]["f1-score"]] + _operating_cells(ops, n))
+    rows.append([n, t["threshold"], _ci(t, "precision"), _ci(t, "recall"), _ci(t, "f1-score"),
+                 t["support"], half["per_label"][n]["f1-score"]] + _operating_cells(ops, n))
   for avg in ("micro", "macro"):
-    rows.append([f"**{avg}**", None, tuned[avg]["precision"], tuned[avg]["recall"],
-                 tuned[avg]["f1-score"], None, half[avg]["f1-score"], None, None, None, None])
+    rows.append([f"**{avg}**", None, _ci(tuned[avg], "precision"), _ci(tuned[avg], "recall"),
+                 _ci(tuned[avg], "f1-score"), None, half[avg]["f1-score"], None,
+                 _ci(ops, "macro_roc_auc") if avg == "macro" else None, None, None])
   lines = ["## Per label", "", f"Thresholds: {report['thresholds']['source']}.", ""]
   lines += _table(header, rows)
   lines += _table(["", "tuned thresholds", "0.5"],
-                  [["exact match", tuned["exact_match"], half["exact_match"]],
+                  [["exact match", _ci(tuned, "exact_match"), half["exact_match"]],
                    ["Hamming loss", tuned["hamming_loss"], half["hamming_loss"]]])
   errors = report["errors"]
   lines += ["## Errors that occur together", ""]
@@ -156,7 +186,10 @@ def render(report: dict, files: dict, headline: dict,
   if scaling:
     lines += ["The report's probabilities are temperature-scaled (see Calibration); the "
               "`*_uncalibrated` numbers are before scaling.", ""]
-  lines += ["## Summary", ""] + _table(["metric", "value"], list(headline.items()))
+  intervals = report.get("intervals") or {}
+  summary = [[k, _ci({k: v, f"{k}_ci95": (intervals.get(k) or {}).get("ci95")}, k)]
+             for k, v in headline.items()]
+  lines += ["## Summary", ""] + _table(["metric", "value"], summary) + _interval_note(report)
   body = _multi_label if report["multilabel"] else _single_label
   lines += body(report, names, files)
   lines += ["## Operating points", "",

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from vit_jax_ft import workdir as workdir_lib
+from vit_jax_ft.reports import bootstrap
 from vit_jax_ft.reports import calibration
 from vit_jax_ft.reports import classification
 from vit_jax_ft.reports import curves
@@ -27,12 +28,25 @@ class Options:
     recall_classes: the classes to report it for, by name; empty: every class.
       Per-class recalls may be given as {name: recall} instead.
     num_bins: calibration bins.
+    bootstrap_resamples: resamples for the 95% confidence intervals
+      (reports/bootstrap.py); 0: no intervals; None: bootstrap.RESAMPLES.
+    bootstrap_seed: seed of the resamples; None: bootstrap.SEED.
   """
 
   top_k: Sequence[int] = classification.DEFAULT_TOP_K
   required_recall: float = 0.99
   recall_classes: Sequence[str] | dict = ()
   num_bins: int = calibration.NUM_BINS
+  bootstrap_resamples: Optional[int] = None
+  bootstrap_seed: Optional[int] = None
+
+  def resampler(self, strata: np.ndarray) -> Optional[bootstrap.Resampler]:
+    """The bootstrap resamples of a split with these strata; None when off (or no examples)."""
+    n = bootstrap.RESAMPLES if self.bootstrap_resamples is None else self.bootstrap_resamples
+    if not n or not len(strata):
+      return None
+    seed = bootstrap.SEED if self.bootstrap_seed is None else self.bootstrap_seed
+    return bootstrap.Resampler(strata, n, seed)
 
   def recall_targets(self, class_names: Sequence[str]) -> dict[int, float]:
     """{class index: required recall}; unknown names fail with the valid ones."""
@@ -54,7 +68,7 @@ def single_label(preds: workdir_lib.Predictions, class_names: Sequence[str],
   predicted = probs.argmax(axis=1)
   cm = classification.confusion_matrix(labels, predicted, len(class_names))
   truth = preds.targets > 0.5
-  return {
+  report = {
       "num_examples": int(len(labels)),
       "log_loss": classification.log_loss(probs, truth, multilabel=False),
       "classification_report": classification.classification_report(labels, predicted,
@@ -67,6 +81,47 @@ def single_label(preds: workdir_lib.Predictions, class_names: Sequence[str],
       "most_confident_errors": classification.most_confident_errors(
           probs, labels, preds.ids, class_names),
   }
+  resampler = options.resampler(bootstrap.single_label_strata(labels))
+  report["bootstrap"] = bootstrap.describe(resampler, multilabel=False)
+  if resampler:
+    values = bootstrap.single_label_values(labels, probs, resampler,
+                                           options.recall_targets(class_names))
+    cr = report["classification_report"]
+    for c, name in enumerate(class_names):
+      if name in cr:
+        for key in ("precision", "recall", "f1-score"):
+          _attach(cr[name], key, values[key][:, c])
+    for avg in ("macro", "weighted"):
+      for key in ("precision", "recall", "f1-score"):
+        _attach(cr[f"{avg} avg"], key, values[f"{avg}_{key}"])
+    _attach(cr, "accuracy", values["accuracy"])
+    _attach_scores(report["operating_points"], class_names, values)
+    report["intervals"] = _intervals(values, multilabel_data=False)
+  return report
+
+
+def _attach(row: dict, key: str, values: np.ndarray) -> None:
+  """Adds '<key>_ci95' ([lo, hi] or None) and '<key>_ci95_resamples' next to row[key]."""
+  if row.get(key) is None:  # Undefined on the whole split: no interval either.
+    return
+  ci = bootstrap.interval(values)
+  row[f"{key}_ci95"], row[f"{key}_ci95_resamples"] = ci["ci95"], ci["resamples"]
+
+
+def _attach_scores(ops: dict, class_names: Sequence[str], values: dict) -> None:
+  """Intervals of the one-vs-rest ROC AUCs and the precisions at the required recall."""
+  for c, name in enumerate(class_names):
+    row = ops["per_class"][name]
+    _attach(row, "roc_auc", values["roc_auc"][:, c])
+    if row.get("at_required_recall"):
+      _attach(row["at_required_recall"], "precision", values["precision_at_recall"][:, c])
+  _attach(ops, "macro_roc_auc", values["macro_roc_auc"])
+
+
+def _intervals(values: dict, multilabel_data: bool) -> dict:
+  """{headline metric: {'ci95', 'resamples'}} (report.json's 'intervals')."""
+  return {name: bootstrap.interval(v)
+          for name, v in bootstrap.headline(values, multilabel_data).items()}
 
 
 def multi_label(preds: workdir_lib.Predictions, class_names: Sequence[str], options: Options,
@@ -74,7 +129,7 @@ def multi_label(preds: workdir_lib.Predictions, class_names: Sequence[str], opti
   """Metrics at 0.5 and at the tuned thresholds, error analysis, operating points."""
   probs, truth = preds.probs, preds.targets > 0.5
   half = np.full(len(class_names), multilabel.DEFAULT_THRESHOLD)
-  return {
+  report = {
       "num_examples": int(len(probs)),
       "log_loss": classification.log_loss(probs, truth, multilabel=True),
       "thresholds": {"source": thresholds_source,
@@ -86,6 +141,22 @@ def multi_label(preds: workdir_lib.Predictions, class_names: Sequence[str], opti
           probs, truth, class_names, options.recall_targets(class_names)),
       "calibration": calibration.multi_label(probs, truth, options.num_bins),
   }
+  resampler = options.resampler(bootstrap.multi_label_strata(truth))
+  report["bootstrap"] = bootstrap.describe(resampler, multilabel=True)
+  if resampler:
+    values = bootstrap.multi_label_values(truth, probs, probs >= thresholds[None, :], resampler,
+                                          options.recall_targets(class_names))
+    tuned = report["at_tuned_thresholds"]
+    for c, name in enumerate(class_names):
+      for key in ("precision", "recall", "f1-score"):
+        _attach(tuned["per_label"][name], key, values[key][:, c])
+    for avg in ("micro", "macro"):
+      for key in ("precision", "recall", "f1-score"):
+        _attach(tuned[avg], key, values[f"{avg}_{key}"])
+    _attach(tuned, "exact_match", values["exact_match"])
+    _attach_scores(report["operating_points"], class_names, values)
+    report["intervals"] = _intervals(values, multilabel_data=True)
+  return report
 
 
 def headline(report: dict, multilabel_data: bool) -> dict[str, float]:

@@ -2,10 +2,11 @@
 
 Restores a checkpoint ('best', 'last' or a step number) or takes an in-memory
 train state, predicts every example of each split and writes report.json,
-report.md and the PNGs. The headline numbers also go to TensorBoard under
-report/<split>_<checkpoint>/. Multi-label thresholds are tuned per label on
-the validation split and saved where `vit_jax_ft.predict` reads them
-(workdir.thresholds_path).
+report.md (with 95% bootstrap intervals, reports/bootstrap.py), the PNGs and
+predictions.npz (what `vit_jax_ft.compare` pairs runs by). The headline
+numbers also go to TensorBoard under report/<split>_<checkpoint>/.
+Multi-label thresholds are tuned per label on the validation split and saved
+where `vit_jax_ft.predict` reads them (workdir.thresholds_path).
 
 `tta` averages the probabilities over the image and its mirror, or over the
 8 rotations/mirrors of the square input (models/tta.py); `calibrate=
@@ -35,6 +36,7 @@ from vit_jax_ft import workdir as workdir_lib
 from vit_jax_ft.models import tta as tta_lib
 from vit_jax_ft.reports import calibration
 from vit_jax_ft.reports import classification
+from vit_jax_ft.reports import compare
 from vit_jax_ft.reports import curves
 from vit_jax_ft.reports import markdown
 from vit_jax_ft.reports import multilabel
@@ -190,6 +192,21 @@ def _log_to_tensorboard(workdir: str, step: int, tag: str, headline: dict,
   writer.close()
 
 
+def _save_predictions(out_dir: str, preds: workdir_lib.Predictions, report: dict,
+                      run: workdir_lib.Run) -> str:
+  """Writes predictions.npz, what `vit_jax_ft.compare` pairs two runs by: ids, targets,
+  probabilities and the decisions this report scored."""
+  if run.multilabel:
+    thresholds = np.array([report["thresholds"]["values"][n] for n in run.class_names])
+    predicted = preds.probs >= thresholds[None, :]
+  else:
+    predicted = np.eye(len(run.class_names), dtype=bool)[preds.probs.argmax(axis=1)]
+  compare.save_predictions(os.path.join(out_dir, compare.PREDICTIONS_FILE), preds.ids,
+                           preds.targets, preds.probs, predicted, run.class_names,
+                           run.multilabel)
+  return compare.PREDICTIONS_FILE
+
+
 def _write_one(ev: _Evaluation, split: str, options: report_lib.Options,
                scalars: dict, summary: dict) -> str:
   """Writes reports/<split>_<checkpoint>/ and logs its headline; returns the folder."""
@@ -203,9 +220,11 @@ def _write_one(ev: _Evaluation, split: str, options: report_lib.Options,
     title += f", TTA {ev.tta}"
   if report["temperature_scaling"]:
     title += f", T={report['temperature_scaling']['temperature']:.3g}"
-  files = report_lib.write_pngs(out_dir, ev.reported(split), report, ev.run.class_names,
+  preds = ev.reported(split)
+  files = report_lib.write_pngs(out_dir, preds, report, ev.run.class_names,
                                 title + ")", scalars,
                                 summary.get("best_checkpoint", {}).get("step"))
+  files["predictions"] = _save_predictions(out_dir, preds, report, ev.run)
   report |= {"headline": headline, "files": files, "run": summary}
   with open(os.path.join(out_dir, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
@@ -232,7 +251,8 @@ def write_reports(config: Optional[ml_collections.ConfigDict], workdir: str, *,
     state: a steps.TrainState to evaluate instead of a checkpoint (reported as 'last').
     splits: default: the config's validation and test splits.
     checkpoint: 'best', 'last' or a step number, when `state` is None.
-    options: top-k, required recall, calibration bins.
+    options: top-k, required recall, calibration bins, bootstrap resamples and seed (None:
+      the run's config.bootstrap_resamples / bootstrap_seed).
     tta: test-time augmentation, 'none', 'flip' or 'dihedral' (evaluators/tta.py).
     calibrate: 'none' or 'temperature' (fitted on the validation split).
   """
@@ -246,6 +266,10 @@ def write_reports(config: Optional[ml_collections.ConfigDict], workdir: str, *,
   if splits is None:
     splits = [s for s in (run.config.data.val_split, run.config.data.test_split) if s]
   options = options or report_lib.Options()
+  if options.bootstrap_resamples is None:
+    options = dataclasses.replace(options, bootstrap_resamples=run.config.bootstrap_resamples)
+  if options.bootstrap_seed is None:
+    options = dataclasses.replace(options, bootstrap_seed=run.config.bootstrap_seed)
   options.recall_targets(run.class_names)  # Fail on a typo before predicting anything.
   scalars = report_lib.training_scalars(curves.read_scalars(workdir))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(ck.variables["params"]))
