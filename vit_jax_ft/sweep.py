@@ -11,7 +11,12 @@ finished and not run again; an interrupted one resumes from its last
 checkpoint (main does that). `--dry_run` prints the commands instead, e.g.
 for a cluster scheduler. Finally WORKDIR/sweep.md and WORKDIR/sweep.csv
 compare the chosen metrics of every configuration (the best value of each
-metric in bold in the markdown).
+metric in bold in the markdown) and, when the runs' reports saved their
+predictions, each run's paired bootstrap difference from the first run (the
+baseline) on the test split's macro-F1 (`--compare_metric`, `--compare_split`):
+'+0.0123 [-0.0201, +0.0412] ~', the difference run - baseline, its 95%
+interval, and '>' (better beyond the noise), '<' (worse) or '~' (no
+significant difference), as `python -m vit_jax_ft.compare` computes it.
 """
 
 import csv
@@ -130,19 +135,51 @@ def _results(run: Run) -> dict:
     return json.load(f)
 
 
-def table_rows(runs: Sequence[Run], statuses: dict, metrics: Optional[Sequence[str]]
+def paired_column(runs: Sequence[Run], metric: str = "macro_f1", split: str = "test",
+                  checkpoint: str = "best") -> Optional[tuple[str, list]]:
+  """(header, cells): each run's paired bootstrap difference from runs[0] in `metric`.
+
+  None when the baseline has no saved predictions for the split (nothing to pair).
+  """
+  from vit_jax_ft.reports import compare  # pylint: disable=g-import-not-at-top
+  if len(runs) < 2 or not split:
+    return None
+  try:
+    base = compare.find_predictions(runs[0].workdir, split, checkpoint)
+  except FileNotFoundError:
+    return None
+  cells = []
+  for r in runs:
+    if r is runs[0]:
+      cells.append("baseline")
+      continue
+    try:
+      result = compare.compare_files(base, compare.find_predictions(r.workdir, split, checkpoint),
+                                     name_a=runs[0].name, name_b=r.name)
+      cells.append(compare.cell(result, metric) if metric in result["metrics"] else None)
+    except (FileNotFoundError, ValueError) as e:
+      logging.warning("No paired comparison of %s with %s: %s", r.name, runs[0].name, e)
+      cells.append(None)
+  return f"{split}_{metric} - {runs[0].name} (95% CI)", cells
+
+
+def table_rows(runs: Sequence[Run], statuses: dict, metrics: Optional[Sequence[str]],
+               compare_metric: str = "macro_f1", compare_split: str = "test"
                ) -> tuple[list[str], list[list]]:
-  """(header, rows): grid values, the metrics, step and status of each run."""
+  """(header, rows): grid values, the metrics, the paired difference from the first run
+  (when its predictions were saved), step and status of each run."""
   results = {r.name: _results(r) for r in runs}
   if metrics is None:  # The defaults that any run reported.
     metrics = [m for m in DEFAULT_METRICS if any(m in res for res in results.values())]
   keys = [k for k, _ in runs[0].overrides] if runs else []
-  header = keys + list(metrics) + ["step", "status", "workdir"]
+  paired = paired_column(runs, compare_metric, compare_split)
+  header = keys + list(metrics) + ([paired[0]] if paired else []) + ["step", "status", "workdir"]
   rows = []
-  for r in runs:
+  for i, r in enumerate(runs):
     res = results[r.name]
     status = statuses.get(r.name, "done" if res else "not run")
     rows.append([v for _, v in r.overrides] + [res.get(m) for m in metrics]
+                + ([paired[1][i]] if paired else [])
                 + [res.get("step"), status, os.path.basename(r.workdir)])
   return header, rows
 
@@ -173,13 +210,18 @@ def write_tables(workdir: str, header: list[str], rows: list[list], metrics: Seq
           cells[i][col] = f"**{cells[i][col]}**"
   lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
   lines += ["| " + " | ".join(row) + " |" for row in cells]
+  if any(h.endswith("(95% CI)") for h in header):
+    lines += ["", "Paired bootstrap difference from the first run on the same examples and its "
+              "95% interval: '>' better beyond the noise, '<' worse, '~' no significant "
+              "difference (`python -m vit_jax_ft.compare FIRST_RUN RUN` gives every metric)."]
   with open(md_path, "w") as f:
     f.write("\n".join(lines) + "\n")
   return csv_path, md_path
 
 
 def sweep(config: str, grid_text: str, workdir: str, fixed_text: str = "",
-          metrics: Optional[Sequence[str]] = None, dry_run: bool = False) -> list[Run]:
+          metrics: Optional[Sequence[str]] = None, dry_run: bool = False,
+          compare_metric: str = "macro_f1", compare_split: str = "test") -> list[Run]:
   """Plans, runs what is not finished (unless dry_run) and writes the tables."""
   grid = parse_assignments(grid_text, "grid")
   fixed = parse_assignments(fixed_text, "set")
@@ -198,7 +240,7 @@ def sweep(config: str, grid_text: str, workdir: str, fixed_text: str = "",
     else:
       statuses[run.name] = execute(run, command)
   if not dry_run:
-    header, rows = table_rows(runs, statuses, metrics)
+    header, rows = table_rows(runs, statuses, metrics, compare_metric, compare_split)
     shown = [h for h in header if h in (metrics or DEFAULT_METRICS)]
     paths = write_tables(workdir, header, rows, shown)
     print(open(paths[1]).read())
@@ -217,6 +259,10 @@ def define_flags() -> None:
   flags.DEFINE_list("metrics", None, "eval_results.json keys to compare (default: "
                     "val/test accuracy and F1 that the runs report).")
   flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
+  flags.DEFINE_string("compare_metric", "macro_f1", "Metric of the paired bootstrap difference "
+                      "from the first run (accuracy, macro_f1, weighted_f1, macro_roc_auc; "
+                      "multi-label: micro_f1, macro_f1, exact_match, macro_roc_auc).")
+  flags.DEFINE_string("compare_split", "test", "Split of that comparison ('' for none).")
 
 
 def main(argv):
@@ -224,7 +270,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   try:
-    sweep(f.config, f.grid, f.workdir, f.set, f.metrics, f.dry_run)
+    sweep(f.config, f.grid, f.workdir, f.set, f.metrics, f.dry_run, f.compare_metric,
+          f.compare_split)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 
