@@ -155,12 +155,17 @@ def test_sweep_table_has_the_paired_difference_from_the_first_run(tmp_path):
 
 
 def test_two_seeds_of_the_demo_show_no_significant_difference(tmp_path):
-  """The tiny demo trained twice, seeds 0 and 1: reports with intervals, then `compare`."""
+  """The tiny demo trained twice, seeds 0 and 1: reports with intervals, then `compare`.
+
+  The demo splits the digits with the run's seed, so both runs share one prepared
+  copy (data.dir): otherwise their test sets differ and compare refuses them.
+  """
   workdirs = []
   for seed in (0, 1):
     workdir = str(tmp_path / f"seed{seed}")
-    train.train_and_evaluate(tiny_demo_config(seed=seed, final_report=True,
-                                              bootstrap_resamples=200), workdir)
+    train.train_and_evaluate(tiny_demo_config(**{
+        "seed": seed, "final_report": True, "bootstrap_resamples": 200,
+        "data.dir": str(tmp_path / "digits")}), workdir)
     workdirs.append(workdir)
   report_dir = os.path.join(workdirs[0], "reports", "test_best")
   md = open(os.path.join(report_dir, "report.md")).read()
