@@ -9,4 +9,6 @@ curves.py          learning curves and the run summary from TensorBoard event fi
 plots.py           the PNGs (matplotlib, no pyplot state)
 saliency.py        attention rollout and Grad-CAM
 markdown.py        report.md
+bootstrap.py       stratified bootstrap resamples and the reports' 95% confidence intervals
+compare.py         predictions.npz and the paired bootstrap difference of two runs
 """
