@@ -79,8 +79,7 @@ def test_single_label_point_values_on_the_whole_split_match_the_report():
   report = classification.classification_report(labels, preds, ["a", "b", "c", "d"])
   assert values["accuracy"][0] == pytest.approx(report["accuracy"], abs=1e-12)
   assert values["macro_f1-score"][0] == pytest.approx(report["macro avg"]["f1-score"], abs=1e-12)
-  w = bootstrap.counts(whole, len(labels))
-  assert bootstrap.roc_auc(probs[:, 2], labels == 2, w)[0] == pytest.approx(
+  assert bootstrap.roc_auc(probs[:, 2], labels == 2, whole)[0] == pytest.approx(
       skm.roc_auc_score(labels == 2, probs[:, 2]), abs=1e-12)
 
 
@@ -119,7 +118,7 @@ def test_undefined_resamples_are_left_out_and_counted_never_nan():
   labels = np.array([1] + [0] * 29)
   scores = np.linspace(0, 1, 30)
   r = bootstrap.Resampler(np.zeros(30, np.int64), resamples=200, seed=0)
-  aucs = r.values(lambda idx: bootstrap.roc_auc(scores, labels == 1, bootstrap.counts(idx, 30)))
+  aucs = r.values(lambda idx: bootstrap.roc_auc(scores, labels == 1, idx))
   ci = bootstrap.interval(aucs)
   assert 100 < ci["resamples"] < 200 and all(np.isfinite(ci["ci95"]))
 
@@ -131,3 +130,69 @@ def test_a_thousand_resamples_of_a_few_thousand_examples_take_seconds():
   values = bootstrap.single_label_values(labels, probs, r, {c: 0.95 for c in range(7)})
   assert time.perf_counter() - start < 30  # ~2 s on a quiet 2-core machine.
   assert values["macro_f1-score"].shape == (1000,) and values["roc_auc"].shape == (1000, 7)
+
+
+def _report(multilabel, resamples):
+  from vit_jax_ft import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from vit_jax_ft.reports import markdown  # pylint: disable=g-import-not-at-top
+  from vit_jax_ft.reports import report as report_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  names = ["a", "b", "c"]
+  if multilabel:
+    truth = rng.random((90, 3)) < [0.5, 0.3, 0.0]  # Label c: no positives at all.
+    probs = np.clip(truth * 0.4 + rng.random((90, 3)) * 0.6, 0, 1)
+  else:
+    labels, probs = _single_label_data(n=90, c=3)
+    truth = np.eye(3, dtype=bool)[labels]
+  preds = workdir_lib.Predictions(probs=probs, targets=truth.astype(np.float32),
+                                  ids=[str(i) for i in range(90)])
+  options = report_lib.Options(recall_classes={"a": 0.9}, bootstrap_resamples=resamples)
+  report = (report_lib.multi_label(preds, names, options, np.full(3, 0.5), "fixed")
+            if multilabel else report_lib.single_label(preds, names, options))
+  report |= {"workdir": "w", "split": "test", "checkpoint": {"label": "best", "step": 1},
+             "model": "vit", "multilabel": multilabel, "class_names": names}
+  return report, markdown.render(report, {}, report_lib.headline(report, multilabel))
+
+
+def test_reports_carry_intervals_next_to_each_value():
+  report, md = _report(multilabel=False, resamples=100)
+  cr, ops = report["classification_report"], report["operating_points"]
+  for row in (cr["a"], cr["macro avg"], cr["weighted avg"]):
+    for key in ("precision", "recall", "f1-score"):
+      lo, hi = row[f"{key}_ci95"]
+      assert lo <= hi and row[f"{key}_ci95_resamples"] == 100
+  assert cr["accuracy_ci95"][0] <= cr["accuracy"] <= cr["accuracy_ci95"][1]
+  assert len(ops["per_class"]["b"]["roc_auc_ci95"]) == 2 and len(ops["macro_roc_auc_ci95"]) == 2
+  assert len(ops["per_class"]["a"]["at_required_recall"]["precision_ci95"]) == 2
+  assert set(report["intervals"]) == {"accuracy", "macro_f1", "weighted_f1", "macro_roc_auc"}
+  assert report["bootstrap"]["stratified_by"] == "class"
+  acc = f"| accuracy | {cr['accuracy']:.4f} [{cr['accuracy_ci95'][0]:.3f}, "
+  assert acc in md and "Brackets: 95% confidence intervals" in md
+
+  report, md = _report(multilabel=True, resamples=100)
+  tuned, ops = report["at_tuned_thresholds"], report["operating_points"]
+  assert len(tuned["micro"]["f1-score_ci95"]) == 2 and len(tuned["exact_match_ci95"]) == 2
+  # A label without positives: undefined in every resample, no interval and never NaN.
+  assert tuned["per_label"]["c"]["f1-score_ci95"] is None
+  assert tuned["per_label"]["c"]["f1-score_ci95_resamples"] == 0
+  assert ops["per_class"]["c"]["roc_auc"] is None and "roc_auc_ci95" not in ops["per_class"]["c"]
+  assert report["bootstrap"]["stratified_by"] == "each example's rarest label"
+  assert "| **micro** | - | " in md and "nan" not in md.lower()
+
+  report, md = _report(multilabel=False, resamples=0)  # Off: the report as before.
+  assert "intervals" not in report and "accuracy_ci95" not in report["classification_report"]
+  assert "Brackets" not in md
+
+
+def test_config_range_of_the_resamples():
+  from vit_jax_ft import base_config  # pylint: disable=g-import-not-at-top
+  from vit_jax_ft import config_ranges  # pylint: disable=g-import-not-at-top
+  config = base_config.get_base_config()
+  assert (config.bootstrap_resamples, config.bootstrap_seed) == (1000, 0)
+  config_ranges.check_ranges(config)
+  for bad in (-1, 10):
+    config.bootstrap_resamples = bad
+    with pytest.raises(ValueError, match=f"config.bootstrap_resamples={bad} must be 0"):
+      config_ranges.check_ranges(config)
+  config.bootstrap_resamples = 0
+  config_ranges.check_ranges(config)

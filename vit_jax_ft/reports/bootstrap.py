@@ -190,22 +190,23 @@ def from_multi_label_counts(c: dict) -> dict[str, np.ndarray]:
 
 # Scores: one vs rest, from the examples sorted by score and grouped by ties.
 
-def _grouped(scores: np.ndarray, positive: np.ndarray, w: np.ndarray, descending: bool
+def _grouped(scores: np.ndarray, positive: np.ndarray, idx: np.ndarray
              ) -> tuple[np.ndarray, np.ndarray]:
-  """Per-resample positive and negative weights [k, G] of each distinct score, sorted."""
-  order = np.argsort(-scores if descending else scores, kind="stable")
-  s = scores[order]
-  starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-  w = np.asarray(w, np.float64)[:, order]
-  pos = positive[order]
-  return (np.add.reduceat(w * pos, starts, axis=1), np.add.reduceat(w * ~pos, starts, axis=1))
+  """Per-resample counts of positives and negatives [k, G] at each distinct score,
+  in increasing order of score (one gather and one bincount over [k, N])."""
+  _, group = np.unique(scores, return_inverse=True)
+  groups = int(group.max()) + 1
+  cell = group.ravel() * 2 + np.asarray(positive, bool).ravel()
+  k = idx.shape[0]
+  flat = (cell[idx] + 2 * groups * np.arange(k)[:, None]).ravel()
+  c = np.bincount(flat, minlength=k * 2 * groups).reshape(k, groups, 2).astype(np.float64)
+  return c[:, :, 1], c[:, :, 0]
 
 
-def roc_auc(scores: np.ndarray, positive: np.ndarray, w: np.ndarray) -> np.ndarray:
-  """[k] ROC AUC (ties count half), NaN where a resample lacks positives or negatives;
-  w: [k, N] counts(idx, N)."""
-  positive = np.asarray(positive, bool)
-  gp, gn = _grouped(np.asarray(scores), positive, w, descending=False)
+def roc_auc(scores: np.ndarray, positive: np.ndarray, idx: np.ndarray) -> np.ndarray:
+  """[k] ROC AUC of each resample idx [k, N] (ties count half), NaN where a
+  resample lacks positives or negatives."""
+  gp, gn = _grouped(np.asarray(scores), positive, idx)
   below = np.cumsum(gn, axis=1) - gn
   num = np.sum(gp * (below + 0.5 * gn), axis=1)
   den = gp.sum(axis=1) * gn.sum(axis=1)
@@ -213,12 +214,12 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray, w: np.ndarray) -> np.ndarr
 
 
 def precision_at_recall(scores: np.ndarray, positive: np.ndarray, required_recall: float,
-                        w: np.ndarray) -> np.ndarray:
+                        idx: np.ndarray) -> np.ndarray:
   """[k] best precision of `score >= t` among thresholds t keeping recall >= required
-  (as `classification.precision_at_recall`), NaN where a resample lacks positives;
-  w: [k, N] counts(idx, N)."""
-  positive = np.asarray(positive, bool)
-  gp, gn = _grouped(np.asarray(scores), positive, w, descending=True)
+  (as `classification.precision_at_recall`) in each resample idx [k, N], NaN where a
+  resample lacks positives."""
+  gp, gn = _grouped(np.asarray(scores), positive, idx)
+  gp, gn = gp[:, ::-1], gn[:, ::-1]  # Highest score first: thresholds from the top.
   tp, predicted = np.cumsum(gp, axis=1), np.cumsum(gp + gn, axis=1)
   total = tp[:, -1:]
   recall = _divide(tp, total)
@@ -248,14 +249,14 @@ def _nanmean(x: np.ndarray) -> np.ndarray:
   return np.where(n > 0, total / np.maximum(n, 1), np.nan)
 
 
-def _scores(probs: np.ndarray, truth: np.ndarray, w: np.ndarray,
+def _scores(probs: np.ndarray, truth: np.ndarray, idx: np.ndarray,
             recall_targets: dict[int, float]) -> dict[str, np.ndarray]:
   """One-vs-rest ROC AUC [k, C], its macro mean [k] and precision at recall [k, C]."""
   num_classes = probs.shape[1]
-  auc = np.stack([roc_auc(probs[:, c], truth[:, c], w) for c in range(num_classes)], axis=1)
+  auc = np.stack([roc_auc(probs[:, c], truth[:, c], idx) for c in range(num_classes)], axis=1)
   par = np.full(auc.shape, np.nan)
   for c, required in recall_targets.items():
-    par[:, c] = precision_at_recall(probs[:, c], truth[:, c], required, w)
+    par[:, c] = precision_at_recall(probs[:, c], truth[:, c], required, idx)
   return {"roc_auc": auc, "macro_roc_auc": _nanmean(auc), "precision_at_recall": par}
 
 
@@ -269,7 +270,7 @@ def single_label_values(labels: np.ndarray, probs: np.ndarray, resampler: Resamp
 
   def metric(idx):
     out = from_confusion(confusion_matrices(labels, preds, num_classes, idx))
-    return out | _scores(probs, truth, counts(idx, len(labels)), recall_targets or {})
+    return out | _scores(probs, truth, idx, recall_targets or {})
 
   return resampler.values(metric)
 
@@ -285,7 +286,7 @@ def multi_label_values(truth: np.ndarray, probs: np.ndarray, pred: np.ndarray,
   def metric(idx):
     w = counts(idx, len(truth))
     out = from_multi_label_counts(multi_label_counts(truth, pred, w))
-    return out | _scores(probs, truth, w, recall_targets or {})
+    return out | _scores(probs, truth, idx, recall_targets or {})
 
   return resampler.values(metric)
 
