@@ -1,4 +1,4 @@
-"""Paired bootstrap comparisons: reports/compare.py, `python -m vit_jax_ft.compare`, sweep's column."""
+"""Paired bootstrap comparisons: reports/compare.py, the compare tool, sweep's column."""
 
 import json
 import os
