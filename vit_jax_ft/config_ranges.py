@@ -29,6 +29,8 @@ _RANGES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
     ("plateau_patience", lambda v: v >= 0, "an integer >= 0"),
     ("plateau_factor", lambda v: 0 < v < 1, "in (0, 1)"),
     ("ema_decay", lambda v: 0 <= v < 1, "in [0, 1) (0 disables)"),
+    ("data.fold", lambda v: v >= -1 and v == int(v),
+     "an integer >= -1 (-1: no cross-validation; k: fold k of a dataset prepared with --folds)"),
     ("data.image_size", lambda v: v >= 1, "an integer >= 1"),
     ("data.shuffle_buffer", lambda v: v >= 1, "an integer >= 1"),
     ("data.crop_min_scale", lambda v: 0 < v <= 1, "in (0, 1]"),
