@@ -174,6 +174,7 @@ def test_ham10000_sample_five_folds_keep_each_lesion_in_one_fold(shared_data, tm
   out = tmp_path / "ham"
   info = _prepare_ham(table, out, 5)
   assert info["folds"]["num_folds"] == 5 and info["folds"]["group_column"] == "lesion_id"
+  assert "--folds=5" in info["command"]  # The recorded rebuild command keeps the folds.
   _check_lesions(table, out, info, 5)
   # 63 train+val images of 7 classes (9 each): every fold has 1-2 of each class.
   for entry in info["folds"]["folds"]:

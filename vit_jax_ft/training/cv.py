@@ -32,6 +32,7 @@ from typing import Optional
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -82,6 +83,7 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str,
     if jax.process_index() == 0:
       digits.prepare_digits(config.data.dir, seed=config.seed,
                             num_folds=num_folds or DEFAULT_DIGITS_FOLDS)
+    multihost_utils.sync_global_devices("cv digits prepared")
   elif config.data.source != "tfrecord":
     raise ValueError(f"vit_jax_ft.cv needs a dataset prepared with "
                      f"`python -m vit_jax_ft.data.prepare ... --folds=K` (data.source='tfrecord'),"
