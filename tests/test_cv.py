@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from vit_jax_ft import workdir as workdir_lib
 from vit_jax_ft.data import digits
 from vit_jax_ft.training import cv
 from vit_jax_ft.training import train
@@ -146,3 +147,35 @@ def test_command_line_one_line_error(finished):
   assert proc.returncode == 1, proc.stderr[-2000:]
   assert "error: --folds=4, but the dataset" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_multilabel_metrics_csv_and_oof_report(tmp_path):
+  """Multi-label folds, from synthetic predictions (threshold 0.5 throughout)."""
+  names = ["red", "shirt", "dress"]
+  rng = np.random.default_rng(0)
+  targets = (rng.random((40, 3)) < 0.4).astype(np.float32)
+  probs = np.clip(targets * 0.7 + rng.random((40, 3)) * 0.4, 0, 1)
+  preds = workdir_lib.Predictions(probs=probs, targets=targets,
+                                     ids=[f"x{i}" for i in range(40)])
+  metrics = cv.split_metrics(preds, names, True)
+  decided = probs >= 0.5
+  assert metrics["summary"]["exact_match"] == pytest.approx(
+      np.mean((decided == (targets > 0.5)).all(axis=1)))
+  tp = (decided & (targets > 0.5)).sum(axis=0)
+  assert metrics["per_class"]["red"]["recall"] == pytest.approx(tp[0] / targets[:, 0].sum())
+  path = tmp_path / "oof.csv"
+  cv.write_oof_csv(str(path), preds, [i % 2 for i in range(40)], names, True)
+  rows = list(csv.DictReader(open(path)))
+  assert rows[0]["label"] == ";".join(n for n, t in zip(names, targets[0]) if t)
+  assert rows[0]["predicted"] == ";".join(n for n, d in zip(names, decided[0]) if d)
+  headline = cv.write_oof_report(str(tmp_path / "oof"), preds, names, True, str(tmp_path),
+                                 "vit", 2)
+  assert headline["macro_f1_at_0.5"] == pytest.approx(metrics["summary"]["macro_f1"])
+  assert os.path.exists(tmp_path / "oof" / "report.md")
+  folds = [{"fold": k, "class_names": names, "val": cv.split_metrics(
+      workdir_lib.Predictions(probs=probs[k::2], targets=targets[k::2], ids=[]), names, True)}
+           for k in range(2)]
+  agg = cv.aggregate(folds, "val")
+  f1 = [f["val"]["summary"]["micro_f1"] for f in folds]
+  assert agg["summary"]["micro_f1"]["std"] == pytest.approx(np.std(f1, ddof=1))
+  assert cv.aggregate(folds, "test") is None

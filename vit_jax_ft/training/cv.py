@@ -116,7 +116,7 @@ def _check_finished_config(config: ml_collections.ConfigDict, directory: str, k:
                      "use a new --workdir for a new experiment.")
 
 
-def _metrics(preds: workdir_lib.Predictions, class_names: list[str], multi: bool) -> dict:
+def split_metrics(preds: workdir_lib.Predictions, class_names: list[str], multi: bool) -> dict:
   """{'summary': {metric: value}, 'per_class': {class: {metric: value}}} of one split."""
   if multi:
     at = multilabel.metrics_at(preds.probs, preds.targets > 0.5,
@@ -171,7 +171,8 @@ def evaluate_fold(directory: str, k: int) -> dict:
   results = {"fold": k, "checkpoint": CHECKPOINT, "step": ck.step, "weights": ck.weights,
              "model": run.config.model.name, "class_names": run.class_names,
              "multilabel": run.multilabel}
-  results |= {split: _metrics(p, run.class_names, run.multilabel) for split, p in splits.items()}
+  results |= {split: split_metrics(p, run.class_names, run.multilabel)
+              for split, p in splits.items()}
   _save_predictions(os.path.join(directory, FOLD_PREDICTIONS), splits)
   with open(os.path.join(directory, FOLD_RESULTS + ".tmp"), "w") as f:
     json.dump(results, f, indent=2)
