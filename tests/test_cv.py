@@ -179,3 +179,29 @@ def test_multilabel_metrics_csv_and_oof_report(tmp_path):
   f1 = [f["val"]["summary"]["micro_f1"] for f in folds]
   assert agg["summary"]["micro_f1"]["std"] == pytest.approx(np.std(f1, ddof=1))
   assert cv.aggregate(folds, "test") is None
+
+
+def test_ham10000_sample_five_folds_end_to_end(shared_data, tmp_path):
+  """prepare --folds=5 --group_column=lesion_id on the HAM10000 sample, then the CV command."""
+  from vit_jax_ft.data import builder  # pylint: disable=g-import-not-at-top
+  from vit_jax_ft.data import images  # pylint: disable=g-import-not-at-top
+  from vit_jax_ft.data import sources  # pylint: disable=g-import-not-at-top
+  table = os.path.join(shared_data, "ham10000_sample", "HAM10000_metadata_sample.csv")
+  data = tmp_path / "ham"
+  builder.build(builder.Options(
+      source=table, out_dir=str(data), folds=5, num_workers=1,
+      image=images.ImageOptions(max_side=48),
+      table=sources.TableOptions(columns=sources.TableColumns(
+          id="image_id", label="dx", group="lesion_id"))))
+  config = tiny_cv_config(**{"data.source": "tfrecord", "data.dir": str(data),
+                             "total_steps": 2, "optimizer.warmup_steps": 1, "batch_size": 8,
+                             "eval_batch_size": 16,
+                             "eval_every_steps": 2, "checkpoint_every_steps": 2})
+  report = cv.run_cv(config, str(tmp_path / "cv"), num_folds=5)
+  assert report["num_folds"] == 5 and len(report["folds"]) == 5
+  assert report["oof"]["num_examples"] == 63  # 70 images, 7 held out for test.
+  assert set(report["val"]["per_class"]) == {"akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"}
+  with open(os.path.join(tmp_path, "cv", cv.OOF_CSV)) as f:
+    rows = list(csv.DictReader(f))
+  assert len({r["id"] for r in rows}) == 63
+  assert os.path.exists(tmp_path / "cv" / cv.REPORT_MD)
