@@ -110,7 +110,8 @@ def test_rerun_reuses_finished_folds_and_resumes_an_interrupted_one(finished, mo
   assert stamps == {k: os.path.getmtime(os.path.join(workdir, f"fold_{k}", cv.FOLD_RESULTS))
                     for k in range(FOLDS)}
   assert again["val"] == report["val"]
-  # Fold 1 "interrupted" after its last checkpoint: it resumes there (no step trained again).
+  # Fold 1 killed in its final evaluation (last checkpoint saved, no results): the train loop
+  # finds it complete and only evaluates (no step trained again).
   fold1 = os.path.join(workdir, "fold_1")
   for name in (cv.FOLD_RESULTS, "eval_results.json"):
     os.remove(os.path.join(fold1, name))
@@ -205,3 +206,30 @@ def test_ham10000_sample_five_folds_end_to_end(shared_data, tmp_path):
     rows = list(csv.DictReader(f))
   assert len({r["id"] for r in rows}) == 63
   assert os.path.exists(tmp_path / "cv" / cv.REPORT_MD)
+
+
+def test_a_fold_killed_mid_training_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+  from vit_jax_ft.inputs import pipeline  # pylint: disable=g-import-not-at-top
+  real = pipeline.train_iterator
+  starts = []
+
+  def killed_in_fold_1(cfg, *args, **kwargs):
+    starts.append((cfg.fold, kwargs["start_step"]))
+    for i, batch in enumerate(real(cfg, *args, **kwargs)):
+      if cfg.fold == 1 and kwargs["start_step"] == 0 and i == 5:  # After the step-4 checkpoint.
+        raise KeyboardInterrupt("simulated kill")
+      yield batch
+
+  monkeypatch.setattr(pipeline, "train_iterator", killed_in_fold_1)
+  config = tiny_cv_config(total_steps=8)
+  workdir = str(tmp_path / "cv")
+  with pytest.raises(KeyboardInterrupt):
+    cv.run_cv(config, workdir, num_folds=2)
+  assert os.path.exists(os.path.join(workdir, "fold_0", cv.FOLD_RESULTS))
+  assert not os.path.exists(os.path.join(workdir, "fold_1", cv.FOLD_RESULTS))
+  assert not os.path.exists(os.path.join(workdir, cv.REPORT_JSON))
+  report = cv.run_cv(config, workdir)
+  assert starts == [(0, 0), (1, 0), (1, 4)]  # Fold 0 reused; fold 1 went on from step 4.
+  assert [r["fold"] for r in report["folds"]] == [0, 1]
+  with open(os.path.join(workdir, "fold_1", "eval_results.json")) as f:
+    assert json.load(f)["step"] == 8
