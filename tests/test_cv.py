@@ -223,13 +223,19 @@ def test_a_fold_killed_mid_training_resumes_from_its_checkpoint(tmp_path, monkey
   monkeypatch.setattr(pipeline, "train_iterator", killed_in_fold_1)
   config = tiny_cv_config(total_steps=8)
   workdir = str(tmp_path / "cv")
+  # Fold 0 trained beforehand by the train entry point (as `main --config.data.fold=0` would).
+  digits.prepare_digits(os.path.join(workdir, "data"), num_folds=2)
+  fold0 = cv.fold_config(config, 0)
+  fold0.data.dir = os.path.join(workdir, "data")
+  train.train_and_evaluate(fold0, os.path.join(workdir, "fold_0"))
   with pytest.raises(KeyboardInterrupt):
     cv.run_cv(config, workdir, num_folds=2)
-  assert os.path.exists(os.path.join(workdir, "fold_0", cv.FOLD_RESULTS))
+  assert os.path.exists(os.path.join(workdir, "fold_0", cv.FOLD_RESULTS))  # Picked up, scored.
   assert not os.path.exists(os.path.join(workdir, "fold_1", cv.FOLD_RESULTS))
   assert not os.path.exists(os.path.join(workdir, cv.REPORT_JSON))
   report = cv.run_cv(config, workdir)
-  assert starts == [(0, 0), (1, 0), (1, 4)]  # Fold 0 reused; fold 1 went on from step 4.
+  # Fold 0 trained once (outside cv, then only scored); fold 1 went on from step 4.
+  assert starts == [(0, 0), (1, 0), (1, 4)]
   assert [r["fold"] for r in report["folds"]] == [0, 1]
   with open(os.path.join(workdir, "fold_1", "eval_results.json")) as f:
     assert json.load(f)["step"] == 8
