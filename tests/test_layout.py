@@ -17,7 +17,7 @@ LAYERS = (
     ("export", 4, ("vit_jax_ft.pretrained.hf_export", "vit_jax_ft.pretrained.__main__")),
     ("tools", 6, ("vit_jax_ft.main", "vit_jax_ft.evaluate", "vit_jax_ft.predict",
                   "vit_jax_ft.explain", "vit_jax_ft.sweep", "vit_jax_ft.probe", "vit_jax_ft.cli",
-                  "vit_jax_ft.compare")),
+                  "vit_jax_ft.compare", "vit_jax_ft.cv")),
     ("training", 5, ("vit_jax_ft.training",)),
     ("reports", 4, ("vit_jax_ft.reports",)),
     ("run", 3, ("vit_jax_ft.workdir", "vit_jax_ft.checkpoints", "vit_jax_ft.base_config",

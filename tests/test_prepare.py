@@ -474,3 +474,70 @@ def test_command_line_errors_are_one_line(tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1] == (
       "error: a/000.jpg: label 'a' is not in the class list (1 classes: ['b']).")
+
+
+# --- cross-validation folds --------------------------------------------------
+
+def _fold_ids(out, info):
+  return [[r[0] for r in read_split(out, {"splits": {"f": entry}}, "f")]
+          for entry in info["folds"]["folds"]]
+
+
+def test_folds_pool_train_and_val_and_write_each_image_once(tmp_path):
+  src = class_tree(tmp_path / "src", {"a": 12, "b": 6, "c": 4})
+  (src / "b" / "copy.jpg").write_bytes((src / "a" / "000.jpg").read_bytes())  # A label conflict.
+  out = tmp_path / "out"
+  info = builder.build(options(src, out, folds=3, seed=2))
+  test_ids = [r[0] for r in read_split(out, info, "test")]
+  ids = _fold_ids(out, info)
+  pooled = [i for fold in ids for i in fold]
+  assert len(pooled) == len(set(pooled)) and not set(pooled) & set(test_ids)
+  assert len(pooled) + len(test_ids) == 23
+  fold_of = {i: k for k, fold in enumerate(ids) for i in fold}
+  # Identical bytes share a fold (or are both in test: None).
+  assert fold_of.get("a/000.jpg") == fold_of.get("b/copy.jpg")
+  entries = info["folds"]["folds"]
+  assert [e["num_examples"] for e in entries] == [len(f) for f in ids]
+  assert info["splits"]["val"]["files"] == entries[0]["files"]
+  assert info["splits"]["train"]["files"] == entries[1]["files"] + entries[2]["files"]
+  assert info["splits"]["train"]["num_examples"] == entries[1]["num_examples"] + \
+      entries[2]["num_examples"]
+  assert sorted(info["histograms"]) == ["fold0", "fold1", "fold2", "test"]
+  # Prepared again without folds (--overwrite): no fold shard is left behind.
+  plain = builder.build(options(src, out, overwrite=True))
+  assert "folds" not in plain
+  assert not [n for n in os.listdir(out) if n.startswith("fold")]
+
+
+def test_folds_multilabel_stratify_by_the_rarest_label(tmp_path):
+  rows = [(f"x/{i}.jpg", "rare common" if i < 6 else "common other" if i % 2 else "common")
+          for i in range(30)]
+  for i, (path, _) in enumerate(rows):
+    pixels = np.random.default_rng(i).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    save(tmp_path / "img" / path, Image.fromarray(pixels))
+  table = tmp_path / "labels.csv"
+  with open(table, "w", newline="") as f:
+    csv.writer(f).writerows([("image", "labels")] + rows)
+  out = tmp_path / "out"
+  info = builder.build(options(table, out, image_dir=str(tmp_path / "img"), multilabel=True,
+                               folds=3, test_fraction=0.0))
+  rare = info["class_names"].index("rare")
+  assert [e["class_counts"][rare] for e in info["folds"]["folds"]] == [2, 2, 2]
+
+
+def test_folds_command_line(tmp_path):
+  src = class_tree(tmp_path / "src", {"a": 6, "b": 6})
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = lambda *flags: subprocess.run(  # pylint: disable=g-long-lambda
+      [sys.executable, "-m", "vit_jax_ft.data.prepare", f"--source={src}", *flags],
+      capture_output=True, text=True, cwd=repo, check=False,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+  proc = run(f"--out={tmp_path}/bad", "--folds=1")
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: --folds must be 0 (no cross-validation) or at least 2, got 1.")
+  proc = run(f"--out={tmp_path}/o", "--folds=2", "--test_fraction=0", "--num_workers=1")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  info = json.load(open(tmp_path / "o" / tfrecords.INFO_FILE))
+  assert info["folds"]["num_folds"] == 2 and "--folds=2" in info["command"]
+  assert sum(e["num_examples"] for e in info["folds"]["folds"]) == 12

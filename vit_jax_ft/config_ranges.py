@@ -32,6 +32,8 @@ _RANGES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
     ("bootstrap_resamples", lambda v: v == 0 or 100 <= v <= 100_000,
      "0 (no intervals) or an integer in [100, 100000]"),
     ("bootstrap_seed", lambda v: v >= 0, "an integer >= 0"),
+    ("data.fold", lambda v: v >= -1 and v == int(v),
+     "an integer >= -1 (-1: no cross-validation; k: fold k of a dataset prepared with --folds)"),
     ("data.image_size", lambda v: v >= 1, "an integer >= 1"),
     ("data.shuffle_buffer", lambda v: v >= 1, "an integer >= 1"),
     ("data.crop_min_scale", lambda v: 0 < v <= 1, "in (0, 1]"),

@@ -7,7 +7,8 @@
 3. Apply --bad_files to unreadable and missing files.
 4. Assign splits (given ones kept, val/test carved stratified by label, groups
    and identical contents kept together).
-5. Report byte-identical files and apply --duplicates.
+5. Report byte-identical files and apply --duplicates. With --folds=K, pool
+   train and val and assign each example to one of K folds (data/folds.py).
 6. Write shards per split (fine JPEGs byte-for-byte, the rest converted), the
    class histograms, and `dataset_info.json` last, into a hidden staging
    folder inside --out; on success replace the previous dataset (--overwrite)
@@ -33,6 +34,7 @@ from absl import logging
 import numpy as np
 
 from vit_jax_ft.data import duplicates
+from vit_jax_ft.data import folds as folds_lib
 from vit_jax_ft.data import hf_source
 from vit_jax_ft.data import images
 from vit_jax_ft.data import parallel
@@ -63,6 +65,7 @@ class Options:
   num_workers: int = dataclasses.field(default_factory=parallel.default_workers)
   overwrite: bool = False
   log_every: int = 1000
+  folds: int = 0                        # K >= 2: train+val pooled into K cross-validation folds.
 
 
 @dataclasses.dataclass
@@ -72,6 +75,7 @@ class _Item:
   check: images.ImageResult
   labels: list[int]
   split: str = ""
+  fold: int = -1  # With --folds: the train/val example's fold.
 
 
 def _validate(opts: Options) -> None:
@@ -90,6 +94,8 @@ def _validate(opts: Options) -> None:
     raise ValueError(f"--max_side must be positive, got {opts.image.max_side}.")
   if opts.image.max_pixels < 1:
     raise ValueError(f"--max_pixels must be positive, got {opts.image.max_pixels}.")
+  if opts.folds < 0 or opts.folds == 1:
+    raise ValueError(f"--folds must be 0 (no cross-validation) or at least 2, got {opts.folds}.")
   if hf_source.is_hub_id(opts.source):
     return
   if not os.path.exists(opts.source):
@@ -186,20 +192,36 @@ def check_files(source: sources.Source, class_names: list[str], opts: Options,
   return items, skipped
 
 
+def _group_keys(items: list[_Item]) -> list[list[tuple[str, str]]]:
+  # Identical contents and source groups (e.g. lesion_id) travel together.
+  return [[("sha256", it.check.sha256)] + ([("group", it.record.group)] if it.record.group else [])
+          for it in items]
+
+
 def assign_splits(items: list[_Item], opts: Options) -> None:
   """Sets `item.split`: given splits kept, missing val (and test) carved out of train."""
   given = [it.record.split for it in items]
   test_fraction = opts.test_fraction
   if test_fraction is None:
     test_fraction = 0.1 if all(s is None for s in given) else 0.0
-  # Identical contents and source groups (e.g. lesion_id) travel together.
-  keys = [[("sha256", it.check.sha256)] + ([("group", it.record.group)] if it.record.group else [])
-          for it in items]
+  keys = _group_keys(items)
   planned = splits_lib.plan_splits([it.labels for it in items], given, keys,
                                    val_fraction=opts.val_fraction, test_fraction=test_fraction,
                                    seed=opts.seed)
   for it, split in zip(items, planned):
     it.split = split
+
+
+def assign_folds(items: list[_Item], opts: Options) -> None:
+  """With --folds=K: sets `item.fold` of every train and val item (test stays held out)."""
+  pool = [it for it in items if it.split in ("train", "val")]
+  try:
+    folds = folds_lib.assign_folds([it.labels for it in pool], _group_keys(pool), opts.folds,
+                                   opts.seed)
+  except ValueError as e:
+    raise ValueError(f"{opts.source}: {e}") from e
+  for it, fold in zip(pool, folds):
+    it.fold = fold
 
 
 def apply_duplicates(items: list[_Item], class_names: list[str],
@@ -233,14 +255,17 @@ def _num_shards(items: list[_Item], requested: int) -> int:
   return max(1, min(len(items), math.ceil(estimate / _SHARD_BYTES)))
 
 
-def write_split(split: str, items: list[_Item], opts: Options, pool, folder: str) -> dict:
+def write_split(split: str, items: list[_Item], opts: Options, pool, folder: str,
+                stream: Optional[int] = None) -> dict:
   """Writes one split's shards into `folder` (converting images on all cores).
 
-  Returns the split's info entry.
+  Returns the split's info entry. `stream` seeds the record order (default:
+  the split's index in SPLITS).
   """
   # A fixed, seeded order mixes the classes: records are read in order within a
   # shard, and a shuffle buffer smaller than the split cannot undo class runs.
-  order = np.random.default_rng([opts.seed, splits_lib.SPLITS.index(split)]).permutation(len(items))
+  stream = splits_lib.SPLITS.index(split) if stream is None else stream
+  order = np.random.default_rng([opts.seed, stream]).permutation(len(items))
   items = [items[i] for i in order]
   encode = functools.partial(images.process_image, options=opts.image, encode=True)
   results = parallel.ordered_map(encode, [it.record.path for it in items], pool=pool,
@@ -272,17 +297,31 @@ def _write(items: list[_Item], class_names: list[str], opts: Options, pool,
            folder: str) -> tuple[dict, dict]:
   """Writes all splits and their histograms into `folder`; returns (splits info, histograms)."""
   split_info, histograms = {}, {}
-  for split in splits_lib.SPLITS:
-    members = [it for it in items if it.split == split]
+  # With --folds, train and val are written as the folds instead (each example once).
+  parts = [(s, [it for it in items if it.split == s], None) for s in splits_lib.SPLITS
+           if not (opts.folds and s in ("train", "val"))]
+  parts += [(folds_lib.fold_split_name(k), [it for it in items if it.fold == k],
+             len(splits_lib.SPLITS) + k) for k in range(opts.folds)]
+  for split, members, stream in parts:
     if not members:
       continue
     counts = tfrecords.class_counts([it.labels for it in members], len(class_names))
-    split_info[split] = dict(write_split(split, members, opts, pool, folder), class_counts=counts)
+    split_info[split] = dict(write_split(split, members, opts, pool, folder, stream),
+                             class_counts=counts)
     histograms[split] = f"class_histogram_{split}.png"
     report.save_histogram(os.path.join(folder, histograms[split]), class_names, counts,
                           f"{dataset_name(opts.source)}: {split} "
                           f"({len(members)} examples)")
   return split_info, histograms
+
+
+def _fold_splits(split_info: dict, opts: Options) -> tuple[dict, Optional[dict]]:
+  """(the info's splits, its `folds` entry): with --folds, train/val are fold 0's."""
+  if not opts.folds:
+    return split_info, None
+  entries = [split_info.pop(folds_lib.fold_split_name(k)) for k in range(opts.folds)]
+  splits = folds_lib.fold_splits(entries, 0) | split_info
+  return splits, folds_lib.folds_info(entries, opts.seed, opts.table.columns.group)
 
 
 def _source_info(source: sources.Source) -> dict:
@@ -394,18 +433,21 @@ def _publish(staging: str, opts: Options) -> None:
 def _info(opts: Options, source: sources.Source, class_names: list[str], items: list[_Item],
           split_info: dict, histograms: dict, found: dict, skipped: list[dict]) -> dict:
   """The contents of dataset_info.json."""
+  split_info, folds = _fold_splits(dict(split_info), opts)
   train_counts = split_info["train"]["class_counts"]
+  extra = {folds_lib.FOLDS_KEY: folds} if folds else {}
   return dict(
       name=dataset_name(opts.source), class_names=class_names,
-      multilabel=source.multilabel, splits=split_info,
+      multilabel=source.multilabel, splits=split_info, **extra,
       class_weights=report.class_weights(train_counts),
       imbalance_ratio=report.imbalance_ratio(train_counts),
       image_sizes=dict(original=report.size_stats([it.check.size for it in items]),
                        stored=report.size_stats([it.check.stored_size for it in items])),
       conversions=_conversions(items), source=_source_info(source), options=_options_info(opts),
       duplicates=found, skipped=skipped,
-      group_leaks=splits_lib.groups_across_splits([it.record.group for it in items],
-                                                  [it.split for it in items]),
+      group_leaks=splits_lib.groups_across_splits(
+          [it.record.group for it in items],
+          [folds_lib.fold_split_name(it.fold) if it.fold >= 0 else it.split for it in items]),
       histograms=histograms, tool="vit_jax_ft.data.prepare", command=command_line(opts))
 
 
@@ -419,6 +461,8 @@ def _build(opts: Options, source: sources.Source) -> dict:
     assign_splits(items, opts)
     items, found = apply_duplicates(items, class_names, opts.duplicates)
     skipped += [dict(d, kind="duplicate") for d in found["dropped"]]
+    if opts.folds:
+      assign_folds(items, opts)
     with _staging(opts.out_dir) as staging:
       split_info, histograms = _write(items, class_names, opts, pool, staging)
       info = tfrecords.write_info(staging, _info(opts, source, class_names, items, split_info,

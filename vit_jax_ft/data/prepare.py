@@ -19,6 +19,8 @@ r"""Prepare image data for training: `python -m vit_jax_ft.data.prepare --source
 dataset_info.json (written last: a folder without it is not a dataset). The
 tool always writes train and val splits (val carved out of train when the
 source has none) and test when the source has one or --test_fraction asks.
+With --folds=K, train and val are pooled and written once as K folds
+(`fold{k}-*.tfrecord`) for `python -m vit_jax_ft.cv`.
 Example:
 
   python -m vit_jax_ft.data.prepare --source=data/isic_skin_9cls \
@@ -87,6 +89,11 @@ _TEST_FRACTION = flags.DEFINE_float("test_fraction", None,
                                     "Test share (default: 0.1 when the source has no splits, "
                                     "else no test is carved).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the split and of the record order.")
+_FOLDS = flags.DEFINE_integer(
+    "folds", 0, "K >= 2: pool the train and val examples (test stays held out) into K "
+    "cross-validation folds, stratified by label (multi-label: the rarest label) and keeping "
+    "--group_column groups together; each example is written once. Train every fold with "
+    "python -m vit_jax_ft.cv (README: Cross-validation). 0: no folds.")
 _MAX_SIDE = flags.DEFINE_integer("max_side", None, "Shrink larger images to this longest side.")
 _MAX_PIXELS = flags.DEFINE_integer(
     "max_pixels", None,
@@ -134,7 +141,7 @@ def options_from_flags():
                                 max_pixels=_MAX_PIXELS.value or images.DEFAULT_MAX_PIXELS),
       bad_files=_BAD_FILES.value, duplicates=_DUPLICATES.value, num_shards=_NUM_SHARDS.value,
       num_workers=_NUM_WORKERS.value or parallel.default_workers(),
-      overwrite=_OVERWRITE.value, log_every=_LOG_EVERY.value)
+      overwrite=_OVERWRITE.value, log_every=_LOG_EVERY.value, folds=_FOLDS.value)
 
 
 class Stopped(KeyboardInterrupt):

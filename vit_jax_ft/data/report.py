@@ -75,6 +75,15 @@ def log_summary(info: dict, out_dir: str) -> None:
   logging.info("Train class counts: %s; imbalance ratio (largest/smallest class) %s.",
                dict(zip(info["class_names"], splits["train"]["class_counts"])),
                info["imbalance_ratio"])
+  folds = (info.get("folds") or {}).get("folds")
+  if folds:
+    logging.info("%d cross-validation folds of the train and val examples (val and train are "
+                 "fold 0's; data.fold=k picks another): %s examples.", len(folds),
+                 [f["num_examples"] for f in folds])
+    for k, entry in enumerate(folds):
+      empty = [n for n, c in zip(info["class_names"], entry["class_counts"]) if not c]
+      if empty:
+        logging.warning("Fold %d has no examples of %s (fewer groups than folds).", k, empty)
   for split, entry in splits.items():
     empty = [n for n, c in zip(info["class_names"], entry["class_counts"]) if not c]
     if empty:

@@ -70,7 +70,7 @@ def _allocate(sizes: Sequence[int], target: int, rng: np.random.Generator) -> li
   return alloc.tolist()
 
 
-def _unit_strata(strata: Sequence[str], groups: Sequence[Hashable]) -> dict:
+def unit_strata(strata: Sequence[str], groups: Sequence[Hashable]) -> dict:
   """Group -> its stratum (the most common among its items, ties: smallest)."""
   votes = {}
   for stratum, group in zip(strata, groups):
@@ -90,7 +90,7 @@ def stratified_group_split(strata: Sequence[str], groups: Sequence[Hashable],
       gets at least one group (when train keeps at least one).
     seed: the same seed and items give the same split.
   """
-  unit_stratum = _unit_strata(strata, groups)
+  unit_stratum = unit_strata(strata, groups)
   by_stratum = {}
   for unit in sorted(unit_stratum, key=repr):
     by_stratum.setdefault(unit_stratum[unit], []).append(unit)
