@@ -105,7 +105,8 @@ def lock(workdir: str) -> Iterator[None]:
 RESUMABLE_CHANGES = ("total_steps", "num_epochs", "log_every_steps", "eval_every_steps",
                      "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
                      "final_report", "early_stopping_patience", "resume_with_changes",
-                     "init_cache_dir", "data.help")
+                     "init_cache_dir", "data.help",
+                     "model.layer_impl")  # Same parameters; results differ by rounding only.
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
