@@ -12,7 +12,8 @@
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 if [ "$1" = "--prepare" ]; then
-  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> "$(git rev-parse --git-common-dir)/info/exclude"
+  exclude="$(git rev-parse --git-common-dir)/info/exclude"
+  grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
   exec python3 -m pip download --no-deps --only-binary=:all: -d .whl ml_collections==1.1.0
 fi
 if ls .whl/*.whl >/dev/null 2>&1; then
