@@ -99,6 +99,7 @@ FIELD_DOCS = {
     "model.head_bias_init": "Initial head bias (e.g. -6.9 for sigmoid multi-label).",
     "model.remat": "Recompute blocks in the backward pass to save memory.",
     "model.drop_path_rate": "Stochastic depth (training): rate of dropping a residual branch per sample in the last block, linear from 0 at the first.",
+    "model.layer_impl": "Layer implementations: 'auto' (per backend: the project's XLA:CPU-tuned convs, matmuls, BatchNorm and max-pool on CPU; plain Flax on GPU/TPU, see models/layer_impl.py), 'project' or 'flax'. Same parameters and results.",
     "optimizer.name": "'adamw', 'adam', 'sgd', 'adadelta', 'rmsprop', 'lamb' or 'lion' (optax).",
     "optimizer.schedule": "After warmup: 'cosine', 'linear' (to the floor), 'constant' (peak) or 'step' (step_decay_factor at each boundary).",
     "optimizer.lr": "Peak learning rate (reached at the end of warmup).",
@@ -153,6 +154,7 @@ def vit_model_config(name: str = "vit_b16") -> config_dict.ConfigDict:
       head_bias_init=0.0,
       remat=False,
       drop_path_rate=0.0,
+      layer_impl="auto",
   ))
 
 
@@ -170,6 +172,7 @@ def resnet_model_config(name: str = "resnet50") -> config_dict.ConfigDict:
       head_bias_init=0.0,
       remat=False,
       drop_path_rate=0.0,
+      layer_impl="auto",
   ))
 
 

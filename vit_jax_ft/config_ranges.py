@@ -10,6 +10,8 @@ from typing import Callable
 
 import ml_collections
 
+from vit_jax_ft.models import layer_impl
+
 # (dotted field, test, what the test means). Optional fields (None) are checked
 # only when set. Fields of one model family are skipped when the config's model
 # section has no such field.
@@ -67,6 +69,12 @@ _RANGES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
 )
 
 
+# (dotted field, allowed values) for string fields checked before the model is built.
+_CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("model.layer_impl", layer_impl.LAYER_IMPLS),
+)
+
+
 def _lookup(config: ml_collections.ConfigDict, dotted: str):
   node = config
   for part in dotted.split("."):
@@ -80,7 +88,8 @@ _MISSING = object()
 
 
 def check_ranges(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first numeric field outside its allowed range."""
+  """Raises ValueError naming the first numeric field outside its range (or string field
+  outside its choices)."""
   for field, ok, meaning in _RANGES:
     value = _lookup(config, field)
     if value is _MISSING or value is None:
@@ -89,3 +98,8 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{field}={value!r} must be a number ({meaning}).")
     if not math.isfinite(value) or not ok(value):
       raise ValueError(f"config.{field}={value!r} must be {meaning}.")
+  for field, allowed in _CHOICES:
+    value = _lookup(config, field)
+    if value is not _MISSING and value not in allowed:
+      raise ValueError(f"config.{field}={value!r} must be one of "
+                       f"{', '.join(map(repr, allowed))}.")

@@ -106,7 +106,8 @@ RESUMABLE_CHANGES = ("total_steps", "num_epochs", "log_every_steps", "eval_every
                      "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
                      "final_report", "bootstrap_resamples", "bootstrap_seed",
                      "early_stopping_patience", "resume_with_changes", "init_cache_dir",
-                     "data.help")
+                     "data.help",
+                     "model.layer_impl")  # Same parameters; results differ by rounding only.
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -1,10 +1,13 @@
 """Flax image classifiers: ViT and ResNet families, built from `config.model`."""
 
+import logging
 from typing import Any
 
 import flax.linen as nn
+import jax
 import ml_collections
 
+from vit_jax_ft.models import layer_impl
 from vit_jax_ft.models import resnet
 from vit_jax_ft.models import vit
 
@@ -28,8 +31,15 @@ def vit_architecture(model_config: ml_collections.ConfigDict) -> dict:
 
 def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
                  dtype: Any) -> nn.Module:
-  """Builds the classifier named by `model_config.name` with a fresh head."""
+  """Builds the classifier named by `model_config.name` with a fresh head.
+
+  `model_config.layer_impl` ('auto' by default) is resolved here, for the
+  backend JAX runs on now (models/layer_impl.py), and logged.
+  """
   name = model_config.name
+  layers = layer_impl.resolve(model_config.layer_impl)
+  logging.info("model.layer_impl=%r on %s: %s layers.", model_config.layer_impl,
+               jax.default_backend(), layers.name)
   is_vit = name == "vit" or name in vit.VIT_PRESETS
   if (is_vit or name in resnet.RESNET_PRESETS) and is_vit != ("patch_size" in model_config):
     family = "ViT" if is_vit else "ResNet"
@@ -50,6 +60,7 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
         head_bias_init=model_config.head_bias_init,
         remat=model_config.remat,
         drop_path_rate=model_config.drop_path_rate,
+        layer_impl=layers,
         dtype=dtype,
     )
   if name in resnet.RESNET_PRESETS:
@@ -64,6 +75,7 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
         head_bias_init=model_config.head_bias_init,
         remat=model_config.remat,
         drop_path_rate=model_config.drop_path_rate,
+        layer_impl=layers,
         dtype=dtype,
     )
   valid = sorted(vit.VIT_PRESETS) + ["vit"] + sorted(resnet.RESNET_PRESETS)

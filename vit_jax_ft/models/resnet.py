@@ -54,6 +54,7 @@ import jax.numpy as jnp
 
 from vit_jax_ft.models import batch_norm
 from vit_jax_ft.models import drop_path
+from vit_jax_ft.models import layer_impl as layer_impl_lib
 from vit_jax_ft.models import precision
 
 # torchvision initializes convs with kaiming_normal_(mode='fan_out',
@@ -236,6 +237,9 @@ class ResNet(nn.Module):
     drop_path_rate: stochastic depth in training: the last block's rate of
       dropping its residual branch per sample, ramping linearly from 0 over
       all blocks of all stages (timm). Draws from the 'dropout' RNG stream.
+    layer_impl: 'auto' (per backend), 'project' (the XLA:CPU-tuned convs,
+      BatchNorm and max-pool) or 'flax' (nn.Conv, nn.BatchNorm, nn.max_pool),
+      or a layer_impl.Layers; see models/layer_impl.py. Same parameters.
   """
 
   num_classes: int
@@ -252,6 +256,7 @@ class ResNet(nn.Module):
   remat: bool = False
   frozen_bn: Sequence[str] = ()
   drop_path_rate: float = 0.0
+  layer_impl: Any = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -286,11 +291,12 @@ class ResNet(nn.Module):
       # Arg 0 is `self`, 1 is `x`, 2 is `train` (a Python bool -> static).
       block_cls = nn.remat(block_cls, static_argnums=(2,))
 
+    layers = layer_impl_lib.resolve(self.layer_impl)
     conv = functools.partial(
-        precision.Conv, use_bias=self.conv_bias, dtype=self.dtype,
+        layers.conv_module(), use_bias=self.conv_bias, dtype=self.dtype,
         param_dtype=jnp.float32, kernel_init=_conv_kernel_init)
     norm = functools.partial(
-        batch_norm.BatchNorm, use_running_average=not train,
+        layers.norm_module(), use_running_average=not train,
         momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
         param_dtype=jnp.float32)
 
@@ -298,7 +304,8 @@ class ResNet(nn.Module):
     x = conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)),
              name='conv_init')(x)
     x = self._norm_at(norm, '')(name='bn_init', relu=True)(x)
-    x = max_pool_3x3_s2(x)
+    x = (max_pool_3x3_s2(x) if layers.max_pool == 'project'
+         else layer_impl_lib.flax_max_pool_3x3_s2(x))
     self.sow('intermediates', 'stem', x)
 
     rates = iter(drop_path.block_rates(self.drop_path_rate, sum(self.stage_sizes)))

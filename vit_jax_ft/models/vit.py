@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vit_jax_ft.models import drop_path
-from vit_jax_ft.models import precision
+from vit_jax_ft.models import layer_impl as layer_impl_lib
 
 Dtype = Any
 
@@ -40,12 +40,13 @@ class MlpBlock(nn.Module):
   gelu_approximate: bool
   dropout_rate: float
   dtype: Dtype
+  layers: layer_impl_lib.Layers = layer_impl_lib.Layers()
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     out_dim = x.shape[-1]
     dense = functools.partial(
-        precision.DenseGeneral,
+        self.layers.dense_module(),
         dtype=self.dtype,
         kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6),
@@ -65,26 +66,27 @@ class SelfAttention(nn.Module):
   `query`/`key`/`value` kernels are [hidden, heads, head_dim] and `out` is
   [heads, head_dim, hidden], as in vit_jax checkpoints. Written out (rather
   than nn.MultiHeadDotProductAttention) so every projection goes through
-  `precision.DenseGeneral`. `sow_weights=True` sows the softmax weights into
+  the chosen dense layer (`precision.DenseGeneral` on the project path).
+  `sow_weights=True` sows the softmax weights into
   'intermediates/attention_weights' (for attention maps).
   """
 
   num_heads: int
   dropout_rate: float
   dtype: Dtype
+  layers: layer_impl_lib.Layers = layer_impl_lib.Layers()
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool, sow_weights: bool = False):
     hidden = x.shape[-1]
     if hidden % self.num_heads:
       raise ValueError(f"hidden size {hidden} is not divisible by num_heads={self.num_heads}")
-    dense = functools.partial(precision.DenseGeneral, dtype=self.dtype,
+    dense = functools.partial(self.layers.dense_module(), dtype=self.dtype,
                               kernel_init=nn.initializers.xavier_uniform())
     q, k, v = (dense((self.num_heads, hidden // self.num_heads), name=name)(x)
                for name in ("query", "key", "value"))
     use_dropout = not deterministic and self.dropout_rate > 0.0
-    attention_fn = (precision.attention if jnp.dtype(self.dtype) != jnp.float32
-                    else nn.dot_product_attention)
+    attention_fn = self.layers.attention_fn(self.dtype)
     y = attention_fn(q, k, v, dropout_rng=self.make_rng("dropout") if use_dropout else None,
                      dropout_rate=self.dropout_rate, deterministic=not use_dropout,
                      dtype=self.dtype, module=self if sow_weights else None)
@@ -106,6 +108,7 @@ class Encoder1DBlock(nn.Module):
   attention_dropout_rate: float
   dtype: Dtype
   drop_path_rate: float = 0.0
+  layers: layer_impl_lib.Layers = layer_impl_lib.Layers()
 
   def _drop_path(self, y, train: bool):
     if not train or self.drop_path_rate == 0.0:
@@ -121,6 +124,7 @@ class Encoder1DBlock(nn.Module):
         num_heads=self.num_heads,
         dropout_rate=self.attention_dropout_rate,
         dtype=self.dtype,
+        layers=self.layers,
         name="MultiHeadDotProductAttention_1",
     )(y, deterministic=not train)
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
@@ -131,6 +135,7 @@ class Encoder1DBlock(nn.Module):
         gelu_approximate=self.gelu_approximate,
         dropout_rate=self.dropout_rate,
         dtype=self.dtype,
+        layers=self.layers,
         name="MlpBlock_3",
     )(y, train=train)
     return x + self._drop_path(y, train)
@@ -160,6 +165,7 @@ class Transformer(nn.Module):
   remat: bool
   dtype: Dtype
   drop_path_rate: float = 0.0
+  layers: layer_impl_lib.Layers = layer_impl_lib.Layers()
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -178,6 +184,7 @@ class Transformer(nn.Module):
           attention_dropout_rate=self.attention_dropout_rate,
           dtype=self.dtype,
           drop_path_rate=rates[i],
+          layers=self.layers,
           name=f"encoderblock_{i}",
       )(x, train)
     return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="encoder_norm")(x)
@@ -195,6 +202,9 @@ class VisionTransformer(nn.Module):
     drop_path_rate: Stochastic depth in training: the last block's rate of
       dropping a branch per sample; earlier blocks ramp linearly from 0.
     dtype: Compute dtype; parameters are always float32.
+    layer_impl: 'auto' (per backend), 'project' (the XLA:CPU-tuned matmul
+      layers) or 'flax' (nn.Conv, nn.Dense, nn.dot_product_attention), or a
+      layer_impl.Layers; see models/layer_impl.py. Same parameters.
   """
 
   num_classes: int
@@ -214,14 +224,16 @@ class VisionTransformer(nn.Module):
   head_bias_init: float = 0.0
   remat: bool = False
   dtype: Dtype = jnp.float32
+  layer_impl: Any = "auto"
 
   @nn.compact
   def __call__(self, images, *, train: bool):
     if self.classifier not in ("token", "gap"):
       raise ValueError(f"model.classifier must be 'token' or 'gap', got {self.classifier!r}")
+    layers = layer_impl_lib.resolve(self.layer_impl)
     x = images.astype(self.dtype)
     p = self.patch_size
-    x = precision.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID",
+    x = layers.conv_module()(self.hidden_size, (p, p), strides=(p, p), padding="VALID",
                        dtype=self.dtype, name="embedding")(x)
     b, h, w, c = x.shape
     # The residual stream stays float32 (as under torch.autocast): blocks compute in
@@ -242,15 +254,16 @@ class VisionTransformer(nn.Module):
         remat=self.remat,
         dtype=self.dtype,
         drop_path_rate=self.drop_path_rate,
+        layers=layers,
         name="Transformer",
     )(x, train=train)
     x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
     if self.representation_size is not None:
-      x = nn.tanh(precision.DenseGeneral(self.representation_size, dtype=self.dtype,
+      x = nn.tanh(layers.dense_module()(self.representation_size, dtype=self.dtype,
                                          name="pre_logits")(x))
     if self.num_classes == 0:
       return x.astype(jnp.float32)
-    logits = precision.DenseGeneral(
+    logits = layers.dense_module()(
         self.num_classes,
         dtype=self.dtype,
         kernel_init=_head_kernel_init(self.head_init),

@@ -1,0 +1,137 @@
+"""Which implementation of the basic layers a model runs on: `model.layer_impl`.
+
+The project's layers were tuned on XLA:CPU: 1x1 and patchify convolutions as
+float32-accumulating matmuls and Dense layers on the same einsum
+(models/precision.py), BatchNorm with a hand-written gradient fused with the
+ReLU and the residual add (models/batch_norm.py), a separable max-pool
+(resnet.max_pool_3x3_s2) and attention on those matmuls. On a GPU or TPU,
+XLA's own lowering of the plain Flax layers (cuDNN convolutions, cuBLAS
+matmuls, its fusions) may be as fast or faster, and nobody has measured it yet.
+
+* 'project': the project's layers everywhere.
+* 'flax': plain Flax: `nn.Conv`, `nn.Dense` / `nn.DenseGeneral`, `nn.BatchNorm`
+  (the ReLU, drop-path scale and residual add as plain jnp after it),
+  `nn.max_pool` and `nn.dot_product_attention` (softmax in float32).
+* 'auto': per layer and backend from `AUTO`, resolved when the model is built
+  (`models.create_model`) from `jax.default_backend()`.
+
+Both give the same parameters (names, shapes and initial values), so
+checkpoints and converters are shared, and the same outputs and gradients up to
+float rounding (tests/test_layer_impl.py). `python benchmarks/gpu_step.py`
+times both on an accelerator; `AUTO` is the place to record what it finds.
+"""
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vit_jax_ft.models import batch_norm
+from vit_jax_ft.models import precision
+
+LAYER_IMPLS = ("auto", "project", "flax")
+LAYER_KINDS = ("conv", "dense", "batch_norm", "max_pool", "attention")
+
+# What 'auto' picks, per backend and kind of layer; backends not listed take
+# AUTO_DEFAULT. CPU: the project's layers, each measured faster on XLA:CPU
+# (benchmarks/layers.py and benchmarks/train_step.py, on AMX and non-AMX CPUs).
+# GPU and TPU: plain Flax, by default and not by measurement: no GPU had been
+# lent to this project when this was written. Run benchmarks/gpu_step.py and
+# move a kind to 'project' here only where its cells show it winning.
+AUTO: dict[str, dict[str, str]] = {"cpu": {kind: "project" for kind in LAYER_KINDS}}
+AUTO_DEFAULT = "flax"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layers:
+  """The implementation, 'project' or 'flax', of each kind of layer (hashable: a module field)."""
+
+  conv: str = "project"
+  dense: str = "project"
+  batch_norm: str = "project"
+  max_pool: str = "project"
+  attention: str = "project"
+
+  def __post_init__(self):
+    for kind in LAYER_KINDS:
+      if getattr(self, kind) not in ("project", "flax"):
+        raise ValueError(f"Layers.{kind} must be 'project' or 'flax', got "
+                         f"{getattr(self, kind)!r}.")
+
+  @property
+  def name(self) -> str:
+    """'project' or 'flax' when every kind agrees, else 'kind=impl,...'."""
+    impls = {getattr(self, k) for k in LAYER_KINDS}
+    if len(impls) == 1:
+      return impls.pop()
+    return ",".join(f"{k}={getattr(self, k)}" for k in LAYER_KINDS)
+
+  def conv_module(self) -> Callable[..., nn.Module]:
+    """precision.Conv or nn.Conv (the same fields and parameters)."""
+    return precision.Conv if self.conv == "project" else nn.Conv
+
+  def dense_module(self) -> Callable[..., nn.Module]:
+    """precision.DenseGeneral, or nn.Dense / nn.DenseGeneral (the same fields and parameters)."""
+    return precision.DenseGeneral if self.dense == "project" else flax_dense
+
+  def norm_module(self) -> Callable[..., nn.Module]:
+    """batch_norm.BatchNorm or FlaxBatchNorm (the same fields, call and parameters)."""
+    return batch_norm.BatchNorm if self.batch_norm == "project" else FlaxBatchNorm
+
+  def attention_fn(self, dtype: Any) -> Callable:
+    """The project's attention in low precision (float32 uses Flax's there too), or Flax's."""
+    if self.attention == "project" and jnp.dtype(dtype) != jnp.float32:
+      return precision.attention
+    return _flax_attention
+
+
+def resolve(layer_impl: "str | Layers", backend: Optional[str] = None) -> Layers:
+  """`Layers` for a config value ('auto', 'project', 'flax') on `backend` (default: JAX's)."""
+  if isinstance(layer_impl, Layers):
+    return layer_impl
+  if layer_impl not in LAYER_IMPLS:
+    raise ValueError(f"model.layer_impl must be one of {', '.join(map(repr, LAYER_IMPLS))}, "
+                     f"got {layer_impl!r}.")
+  if layer_impl == "auto":
+    backend = backend or jax.default_backend()
+    return Layers(**AUTO.get(backend, {k: AUTO_DEFAULT for k in LAYER_KINDS}))
+  return Layers(**{k: layer_impl for k in LAYER_KINDS})
+
+
+def flax_dense(features: "int | Sequence[int]", axis: "int | Sequence[int]" = -1,
+               **kwargs) -> nn.Module:
+  """nn.Dense for one output axis over the last input axis, else nn.DenseGeneral."""
+  if isinstance(features, int) and axis == -1:
+    return nn.Dense(features, **kwargs)
+  return nn.DenseGeneral(features, axis=axis, **kwargs)
+
+
+class FlaxBatchNorm(nn.BatchNorm):
+  """nn.BatchNorm with batch_norm.BatchNorm's call: `relu`, `shortcut`, `branch_scale`.
+
+  relu(bn(x) * branch_scale + shortcut), the extras as plain jnp in the
+  compute dtype after Flax's BatchNorm, for XLA to fuse as it sees fit.
+  """
+
+  relu: bool = False
+
+  def __call__(self, x: jax.Array, shortcut: Optional[jax.Array] = None,
+               branch_scale: Optional[jax.Array] = None) -> jax.Array:
+    y = super().__call__(x)
+    if branch_scale is not None:
+      y = y * branch_scale.astype(y.dtype).reshape((-1,) + (1,) * (y.ndim - 1))
+    if shortcut is not None:
+      y = y + shortcut.astype(y.dtype)
+    return nn.relu(y) if self.relu else y
+
+
+def flax_max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+  """PyTorch's MaxPool2d(3, stride=2, padding=1) as nn.max_pool (padding never wins: -inf)."""
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def _flax_attention(query, key, value, **kwargs):
+  """nn.dot_product_attention with the softmax in float32 (as the project's)."""
+  return nn.dot_product_attention(query, key, value, force_fp32_for_softmax=True, **kwargs)
