@@ -12,6 +12,7 @@ what it is, never from a flag:
 | `*.npz` | vit_jax / big_vision ViT |
 | `*.safetensors`, `*.bin`, `*.pth`, `*.pt` | HF, timm or torchvision, by tensor names |
 | `*.h5`, `*.hdf5` | Keras HDF5 |
+| `*.tar.gz`, folder with `checkpoint` / `*.index`, `ckpt-N` prefix, its `.index`/`.data-*` | TF Model Garden (TF checkpoint) |
 | `owner/name` that is not a path | Hugging Face Hub id (downloaded) |
 """
 
@@ -27,6 +28,7 @@ from vit_jax_ft.pretrained import huggingface
 from vit_jax_ft.pretrained import keras
 from vit_jax_ft.pretrained import storage
 from vit_jax_ft.pretrained import tensor_files
+from vit_jax_ft.pretrained import tf_model_garden
 from vit_jax_ft.pretrained import timm
 from vit_jax_ft.pretrained import torchvision
 from vit_jax_ft.pretrained import vit_jax_npz
@@ -45,13 +47,18 @@ def detect_format(source: str) -> str:
       return "huggingface"
     if timm.is_timm_folder(source):
       return "timm_folder"
+    if tf_model_garden.is_checkpoint_folder(source):
+      return "tf_checkpoint"
     raise conversion.ConversionError(
         f"Cannot tell what {source} holds: expected config.json (Hugging Face / timm), "
-        f"model.json (TF.js) or a converted checkpoint; found {sorted(os.listdir(source))[:12]}")
+        "model.json (TF.js), a TensorFlow checkpoint (ckpt-N.index) or a converted checkpoint; "
+        f"found {sorted(os.listdir(source))[:12]}")
   if os.path.isfile(source):
     ext = os.path.splitext(source)[1].lower()
     if os.path.basename(source) == "model.json":
       return "keras_tfjs"
+    if tf_model_garden.is_tar(source) or tf_model_garden.is_prefix_file(source):
+      return "tf_checkpoint"
     if ext == ".npz":
       return "npz"
     if ext in _TORCH_EXTS:
@@ -60,7 +67,9 @@ def detect_format(source: str) -> str:
       return "keras_h5"
     raise conversion.ConversionError(
         f"Unknown checkpoint file type {ext!r}: {source} (expected .npz, .safetensors, .bin, "
-        ".pth, .h5 or model.json)")
+        ".pth, .h5, model.json, a TensorFlow ckpt-N.index / .data-* or a .tar.gz of one)")
+  if tf_model_garden.is_prefix(source):
+    return "tf_checkpoint"
   if hub.looks_like_hub_id(source):
     return "hub"
   raise tensor_files.CheckpointFileError(f"Pretrained weights not found: {source} is neither a "
@@ -86,6 +95,8 @@ def convert(source: str, *, strict: bool = True, normalization: str | None = Non
     converted = storage.load(source)
   elif fmt == "hub":
     converted = _convert_folder(hub.download(source), source, strict)
+  elif fmt == "tf_checkpoint":
+    converted = tf_model_garden.convert(source, strict=strict)
   elif os.path.isdir(source) and fmt != "keras_tfjs":
     converted = _convert_folder(source, source, strict)
   else:
