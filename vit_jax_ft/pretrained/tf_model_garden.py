@@ -220,7 +220,7 @@ class _Checkpoint:
     try:
       self.reader = tf.train.load_checkpoint(prefix)
       self.shapes = {k: tuple(v) for k, v in self.reader.get_variable_to_shape_map().items()}
-    except (tf.errors.OpError, ValueError) as e:
+    except (tf.errors.OpError, IndexError, ValueError) as e:
       raise tensor_files.CheckpointFileError(
           f"Cannot read the TensorFlow checkpoint {shown} (missing, truncated or corrupted "
           f".index/.data file?): {_first_line(e)}") from e
@@ -232,7 +232,7 @@ class _Checkpoint:
   def read(self, key: str) -> np.ndarray:
     try:
       return np.asarray(self.reader.get_tensor(key))
-    except self._tf.errors.OpError as e:
+    except (self._tf.errors.OpError, IndexError, ValueError) as e:  # IndexError: short read.
       raise tensor_files.CheckpointFileError(
           f"{self.shown}: cannot read {key} (truncated or corrupted .data file?): "
           f"{_first_line(e)}") from e
