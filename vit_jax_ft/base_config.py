@@ -39,7 +39,7 @@ FIELD_DOCS = {
     "best_on_ema": "With EMA: select the best checkpoint (and early stopping, plateau) by val_ema_{best_metric}.",
     "eval_ema": "With EMA: the final eval, reports, predict, explain and export use the EMA weights.",
     "final_report": "After training, write the evaluation report (WORKDIR/reports) for val and test.",
-    "init_from": "Pretrained weights: a converted dir, .npz, HF folder or id, timm/torchvision/Keras file.",
+    "init_from": "Pretrained weights: a converted dir, .npz, HF folder or id, timm/torchvision/Keras file, TF Model Garden checkpoint (.tar.gz, folder, ckpt-N).",
     "init_strict": "Fail unless every backbone parameter loads and nothing in the checkpoint is unused.",
     "init_cache_dir": "Where raw sources are cached after conversion (default ~/.cache/vit_jax_ft).",
     "resume_with_changes": "Resume a workdir even though experiment fields (data, model, optimizer, seed, ...) differ from its config.json; the changes go to config_history.jsonl.",
