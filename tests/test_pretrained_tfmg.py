@@ -218,6 +218,11 @@ def test_command_line_convert_and_inspect(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   with open(out / "metadata.json") as f:
     assert json.load(f)["origin"].startswith("TF Model Garden")
+  shown = subprocess.run(
+      [sys.executable, "-m", "vit_jax_ft.pretrained", "inspect", f"--source={out}"],
+      capture_output=True, text=True, env=env, timeout=300, check=False)
+  assert shown.returncode == 0 and json.loads(shown.stdout)["format"] == "tf_model_garden"
+  assert "TF Model Garden" in shown.stderr and "stage_sizes=[3, 4, 6, 3]" in shown.stderr
   bad = subprocess.run(
       [sys.executable, "-m", "vit_jax_ft.pretrained", "inspect",
        f"--source={os.path.join(FIXTURES, 'resnet_rs')}"],

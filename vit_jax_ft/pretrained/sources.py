@@ -19,6 +19,7 @@ what it is, never from a flag:
 from __future__ import annotations
 
 import os
+import re
 
 from vit_jax_ft.pretrained import architecture
 from vit_jax_ft.pretrained import completeness
@@ -34,6 +35,31 @@ from vit_jax_ft.pretrained import torchvision
 from vit_jax_ft.pretrained import vit_jax_npz
 
 _TORCH_EXTS = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+
+# What a user calls the family and origin of each format (metadata "origin", `inspect`).
+ORIGINS = {
+    "vit_jax_npz": "vit_jax (google-research/vision_transformer) .npz",
+    "big_vision_npz": "big_vision .npz",
+    "huggingface": "Hugging Face transformers",
+    "timm": "timm",
+    "torchvision": "torchvision",
+    "keras_h5": "Keras Applications (HDF5)",
+    "keras_tfjs": "Keras Applications (TF.js layers model)",
+    tf_model_garden.FORMAT: tf_model_garden.ORIGIN,
+}
+# AugReg ('How to train your ViT') file names: Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-....npz
+_AUGREG_NAME = re.compile(r".*-i(1|21)k-\d+ep-lr_.*-aug_.*\.npz", re.I)
+
+
+def origin_of(metadata: dict) -> str:
+  """The family and origin of converted weights, as their users know them."""
+  if metadata.get("origin"):
+    return metadata["origin"]
+  origin = ORIGINS.get(metadata.get("format", ""), metadata.get("format", "unknown"))
+  if metadata.get("format") == "vit_jax_npz" and _AUGREG_NAME.fullmatch(
+      os.path.basename(str(metadata.get("source", "")))):
+    origin = "AugReg (How to train your ViT), vit_jax .npz"
+  return origin
 
 
 def detect_format(source: str) -> str:
@@ -103,6 +129,7 @@ def convert(source: str, *, strict: bool = True, normalization: str | None = Non
     converted = _convert_file(source, fmt, strict)
   if fmt != "converted":
     completeness.check_complete(converted, strict)
+    converted.metadata["origin"] = origin_of(converted.metadata)
   if normalization is not None:
     if normalization not in conversion.NORMALIZATIONS:
       raise ValueError(f"normalization must be one of {conversion.NORMALIZATIONS}, "
