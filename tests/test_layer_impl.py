@@ -165,3 +165,18 @@ def test_unknown_layer_impl_is_refused_with_the_choices():
     config_ranges.check_ranges(config)
   config.model.layer_impl = "flax"
   config_ranges.check_ranges(config)
+
+
+@pytest.mark.parametrize("size", [37, 38])
+def test_tf_same_padding_agrees_across_layer_impls(size):
+  """TF Model Garden ResNets (padding='tf_same'): both paths pad the convs and pool alike,
+  on odd and even sides (TF 'SAME' pads asymmetrically at stride 2)."""
+  project, flax_model = _models(_tiny_resnet("resnet18"), padding="tf_same",
+                                first_block_projection=True)
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, size, size, 3))
+  variables = project.init(jax.random.PRNGKey(0), images[:1], train=False)
+  outs = [m.apply(variables, images, train=False) for m in (project, flax_model)]
+  _assert_close(outs[0], outs[1], 1e-4, 1e-5, "logits")
+  torch_style = _models(_tiny_resnet("resnet18"), first_block_projection=True)[1]
+  # The padding really is different (else this test could not fail).
+  assert not np.allclose(torch_style.apply(variables, images, train=False), outs[1], atol=1e-3)

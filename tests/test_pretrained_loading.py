@@ -160,3 +160,15 @@ def test_cli_convert_inspect_and_errors(npz_path, tmp_path):
   assert json.loads(shown.stdout)["model_options"]["gelu_approximate"] is True
   again = _cli("convert", f"--source={npz_path}", f"--out={out}")
   assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_origin_names_the_family_users_know():
+  from vit_jax_ft.pretrained import sources  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  assert sources.origin_of({"format": "vit_jax_npz", "source": "ViT-B_16.npz"}).startswith(
+      "vit_jax")
+  augreg = "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz"
+  assert sources.origin_of({"format": "vit_jax_npz", "source": augreg}).startswith("AugReg")
+  assert sources.origin_of({"format": "big_vision_npz"}) == "big_vision .npz"
+  assert sources.origin_of({"format": "keras_h5"}).startswith("Keras")
+  assert sources.origin_of({"format": "tf_model_garden"}).startswith("TF Model Garden")
+  assert sources.origin_of({"format": "timm", "origin": "given"}) == "given"

@@ -127,9 +127,13 @@ class FlaxBatchNorm(nn.BatchNorm):
     return nn.relu(y) if self.relu else y
 
 
-def flax_max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-  """PyTorch's MaxPool2d(3, stride=2, padding=1) as nn.max_pool (padding never wins: -inf)."""
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+def flax_max_pool_3x3_s2(x: jax.Array, padding: str = 'torch') -> jax.Array:
+  """PyTorch's MaxPool2d(3, stride=2, padding=1) as nn.max_pool (padding never wins: -inf).
+
+  ``padding='tf_same'``: TensorFlow's MaxPool2D(3, 2, 'same'), which is XLA's 'SAME'.
+  """
+  return nn.max_pool(x, (3, 3), strides=(2, 2),
+                     padding='SAME' if padding == 'tf_same' else ((1, 1), (1, 1)))
 
 
 def _flax_attention(query, key, value, **kwargs):

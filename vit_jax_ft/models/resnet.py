@@ -14,6 +14,11 @@ HuggingFace and Keras can be mapped onto it one tensor at a time:
 * ``conv_bias`` and ``bn_epsilon`` cover the Keras flavour (biases on every
   conv, ``epsilon=1.001e-5`` in keras.applications' ResNet50, ``1e-3`` for the
   layer default).
+* ``padding='tf_same'`` is TensorFlow's 'SAME' instead (the TF Model Garden
+  ResNets): computed from the input size, so at stride 2 on an even input the
+  extra row and column go after (the 7x7 stem pads (2, 3), 3x3 convs and the
+  max-pool (0, 1)); ``first_block_projection`` gives the first basic block a
+  projection shortcut as Model Garden's ResNet-18/34 have.
 
 Parameter names (stable; converters rely on them)::
 
@@ -76,6 +81,7 @@ RESNET_PRESETS: Mapping[str, tuple[str, tuple[int, ...]]] = (
     }))
 
 _VARIANTS = ('v1', 'v1.5')
+_PADDINGS = ('torch', 'tf_same')
 _HEAD_INITS = ('zeros', 'lecun_normal')
 
 
@@ -101,8 +107,12 @@ def resnet_preset(name: str) -> dict[str, Any]:
   return {'block': block, 'stage_sizes': stage_sizes}
 
 
-def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+def max_pool_3x3_s2(x: jax.Array, padding: str = 'torch') -> jax.Array:
   """PyTorch ``MaxPool2d(3, stride=2, padding=1)`` on NHWC inputs.
+
+  ``padding='tf_same'``: TensorFlow's ``MaxPool2D(3, 2, 'same')`` instead
+  (one -inf pad after an even side, one on each side of an odd one; the output
+  size is the same).
 
   Padding is symmetric and uses -inf, so padded positions never win the max.
   Written as a 1-D pool over rows and then over columns (the max is
@@ -115,7 +125,11 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   gradient is shared among them instead of going to one; ties happen at
   ReLU's zeros, whose own gradient is zero.
   """
-  return _max_pool_3_s2(_max_pool_3_s2(x.astype(jnp.float32), 1), 2).astype(x.dtype)
+  if padding not in _PADDINGS:
+    raise ValueError(f'padding must be one of {_PADDINGS}, got {padding!r}')
+  tf_same = padding == 'tf_same'
+  return _max_pool_3_s2(_max_pool_3_s2(x.astype(jnp.float32), 1, tf_same), 2,
+                        tf_same).astype(x.dtype)
 
 
 def _branch_scale(module: nn.Module, x: jax.Array, rate: float,
@@ -130,11 +144,14 @@ def _branch_scale(module: nn.Module, x: jax.Array, rate: float,
   return drop_path.sample_scale(module.make_rng('dropout'), x.shape[0], rate)
 
 
-def _max_pool_3_s2(x: jax.Array, axis: int) -> jax.Array:
-  """Max over windows of 3 with stride 2 and one -inf pad on each side, along `axis`."""
+def _max_pool_3_s2(x: jax.Array, axis: int, tf_same: bool = False) -> jax.Array:
+  """Max over windows of 3 with stride 2 and one -inf pad on each side, along `axis`.
+
+  With `tf_same`, an even side gets its one pad after (TensorFlow 'SAME').
+  """
   out = (x.shape[axis] - 1) // 2 + 1
   pad = [(0, 0)] * x.ndim
-  pad[axis] = (1, 1)
+  pad[axis] = (0, 1) if tf_same and x.shape[axis] % 2 == 0 else (1, 1)
   x = jnp.pad(x, pad, constant_values=-jnp.inf)
   taps = [jax.lax.slice_in_dim(x, i, i + 2 * out - 1, 2, axis) for i in range(3)]
   return jnp.maximum(jnp.maximum(taps[0], taps[1]), taps[2])
@@ -153,6 +170,8 @@ class BasicBlock(nn.Module):
   conv: Callable[..., nn.Module] = precision.Conv
   norm: Callable[..., nn.Module] = batch_norm.BatchNorm
   drop_path_rate: float = 0.0
+  pad_3x3: Any = _PAD_3x3
+  projection: bool = False  # A projection shortcut even where the shape stays.
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -162,10 +181,10 @@ class BasicBlock(nn.Module):
     branch_scale = _branch_scale(self, x, self.drop_path_rate, train)
     s = (self.strides, self.strides)
     residual = x
-    y = self.conv(self.features, (3, 3), s, padding=_PAD_3x3, name='conv1')(x)
+    y = self.conv(self.features, (3, 3), s, padding=self.pad_3x3, name='conv1')(x)
     y = self.norm(name='bn1', relu=True)(y)
-    y = self.conv(self.features, (3, 3), padding=_PAD_3x3, name='conv2')(y)
-    if residual.shape != y.shape:
+    y = self.conv(self.features, (3, 3), padding=self.pad_3x3, name='conv2')(y)
+    if self.projection or residual.shape != y.shape:
       residual = self.conv(self.features, (1, 1), s, name='proj_conv')(residual)
       residual = self.norm(name='proj_bn')(residual)
     # relu(bn2(y) * branch_scale + residual)
@@ -181,6 +200,8 @@ class BottleneckBlock(nn.Module):
   conv: Callable[..., nn.Module] = precision.Conv
   norm: Callable[..., nn.Module] = batch_norm.BatchNorm
   drop_path_rate: float = 0.0
+  pad_3x3: Any = _PAD_3x3
+  projection: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -193,10 +214,10 @@ class BottleneckBlock(nn.Module):
     residual = x
     y = self.conv(self.features, (1, 1), s1, name='conv1')(x)
     y = self.norm(name='bn1', relu=True)(y)
-    y = self.conv(self.features, (3, 3), s2, padding=_PAD_3x3, name='conv2')(y)
+    y = self.conv(self.features, (3, 3), s2, padding=self.pad_3x3, name='conv2')(y)
     y = self.norm(name='bn2', relu=True)(y)
     y = self.conv(self.features * 4, (1, 1), name='conv3')(y)
-    if residual.shape != y.shape:
+    if self.projection or residual.shape != y.shape:
       residual = self.conv(
           self.features * 4, (1, 1), s, name='proj_conv')(residual)
       residual = self.norm(name='proj_bn')(residual)
@@ -220,7 +241,12 @@ class ResNet(nn.Module):
     bn_epsilon: BatchNorm epsilon (PyTorch 1e-5; Keras layer default 1e-3,
       keras.applications ResNet50 uses 1.001e-5).
     bn_momentum: BatchNorm running-average momentum in the Flax convention
-      (1 - PyTorch momentum).
+      (1 - PyTorch momentum; the same number as Keras' momentum).
+    padding: 'torch' (explicit symmetric padding, as PyTorch) or 'tf_same'
+      (TensorFlow 'SAME': TF Model Garden ResNets).
+    first_block_projection: give the first block of the first stage a
+      projection shortcut even where its shape does not change (TF Model
+      Garden ResNet-18/34, `use_first_projection`).
     width: channels of the stem and of the first stage's blocks; stage i
       (0-based) uses ``width * 2**i``.
     dtype: compute dtype. Parameters are always stored in float32; the
@@ -257,6 +283,8 @@ class ResNet(nn.Module):
   frozen_bn: Sequence[str] = ()
   drop_path_rate: float = 0.0
   layer_impl: Any = 'auto'
+  padding: str = 'torch'
+  first_block_projection: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -284,6 +312,8 @@ class ResNet(nn.Module):
     if self.variant not in _VARIANTS:
       raise ValueError(f'variant must be one of {_VARIANTS}, got '
                        f'{self.variant!r}')
+    if self.padding not in _PADDINGS:
+      raise ValueError(f'padding must be one of {_PADDINGS}, got {self.padding!r}')
     if self.head_init not in _HEAD_INITS:
       raise ValueError(f'head_init must be one of {_HEAD_INITS}, got '
                        f'{self.head_init!r}')
@@ -301,11 +331,12 @@ class ResNet(nn.Module):
         param_dtype=jnp.float32)
 
     # Stem: 7x7/2 conv (pad 3) -> BN -> ReLU -> 3x3/2 max-pool (pad 1).
-    x = conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)),
-             name='conv_init')(x)
+    tf_same = self.padding == 'tf_same'
+    x = conv(self.width, (7, 7), (2, 2),
+             padding='SAME' if tf_same else ((3, 3), (3, 3)), name='conv_init')(x)
     x = self._norm_at(norm, '')(name='bn_init', relu=True)(x)
-    x = (max_pool_3x3_s2(x) if layers.max_pool == 'project'
-         else layer_impl_lib.flax_max_pool_3x3_s2(x))
+    x = (max_pool_3x3_s2(x, self.padding) if layers.max_pool == 'project'
+         else layer_impl_lib.flax_max_pool_3x3_s2(x, self.padding))
     self.sow('intermediates', 'stem', x)
 
     rates = iter(drop_path.block_rates(self.drop_path_rate, sum(self.stage_sizes)))
@@ -318,6 +349,8 @@ class ResNet(nn.Module):
             features=self.width * 2**i, strides=strides, conv=conv,
             norm=self._norm_at(norm, f'stage{i + 1}_block{j + 1}/'),
             drop_path_rate=next(rates), name=f'stage{i + 1}_block{j + 1}',
+            pad_3x3='SAME' if tf_same else _PAD_3x3,
+            projection=self.first_block_projection and i == 0 and j == 0,
             **block_kw)(x, train)
 
     # Global average pooling in float32: summing 49+ bf16 values loses

@@ -1,7 +1,8 @@
 """Pretrained ViT and ResNet weights: convert, store and load for fine-tuning.
 
 Sources: vit_jax / big_vision `.npz`, Hugging Face transformers folders or Hub
-ids, timm and torchvision state dicts, Keras ResNet50 (`.h5`, TF.js). See
+ids, timm and torchvision state dicts, Keras ResNet50 (`.h5`, TF.js), TF Model
+Garden checkpoints (`.tar.gz`, folder, `ckpt-N`). See
 `sources.py` for how a source's format is recognised.
 
 Typical use from a train loop::

@@ -15,6 +15,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from vit_jax_ft.pretrained import architecture
 from vit_jax_ft.pretrained import conversion
 from vit_jax_ft.pretrained import hf_export
 from vit_jax_ft.pretrained import sources
@@ -57,6 +58,10 @@ def _inspect() -> None:
     metadata = storage.load_metadata(source)
   else:
     metadata = sources.convert(source, strict=False).metadata
+  arch = metadata.get("architecture") or {}
+  # One line for people (stderr), the metadata as JSON for programs (stdout).
+  print(f"{source}: {sources.origin_of(metadata)}, "
+        f"{architecture.describe(arch) if arch else 'unknown architecture'}", file=sys.stderr)
   print(json.dumps(metadata, indent=2))
 
 

@@ -156,6 +156,11 @@ def resnet_config(model: resnet_lib.ResNet) -> dict[str, Any]:
     raise ExportError(
         "Hugging Face ResNet has no conv biases and BatchNorm epsilon 1e-5; this model has "
         f"conv_bias={model.conv_bias}, bn_epsilon={model.bn_epsilon} (Keras-style weights).")
+  if model.padding != "torch" or model.first_block_projection:
+    raise ExportError(
+        "Hugging Face ResNet pads symmetrically and has no projection on a shape-preserving "
+        f"first block; this model has padding={model.padding!r}, first_block_projection="
+        f"{model.first_block_projection} (TF Model Garden weights).")
   expansion = 4 if model.block == "bottleneck" else 1
   return {
       "architectures": ["ResNetForImageClassification"], "model_type": "resnet",

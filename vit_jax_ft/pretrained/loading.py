@@ -11,9 +11,11 @@ when the model's options differ from those the weights were trained with.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +28,7 @@ from vit_jax_ft.pretrained import architecture
 from vit_jax_ft.pretrained import conversion
 from vit_jax_ft.pretrained import sources
 from vit_jax_ft.pretrained import storage
+from vit_jax_ft.pretrained import tf_model_garden
 
 _POSEMB = "Transformer/posembed_input/pos_embedding"
 # Top-level modules that belong to the classifier, not the backbone: a new
@@ -196,13 +199,17 @@ def _default_cache_dir() -> str:
 def _cache_key(source: str) -> str:
   """Changes when the source's files or the converters change."""
   parts = [source, str(conversion.CONVERTER_VERSION)]
+  path = os.path.realpath(source)
   if os.path.exists(source):
-    path = os.path.realpath(source)
     files = ([os.path.join(root, f) for root, _, fs in os.walk(path) for f in fs]
              if os.path.isdir(path) else [path])
-    for f in sorted(files):
-      stat = os.stat(f)
-      parts.append(f"{f}:{stat.st_size}:{stat.st_mtime_ns}")
+  else:  # A TF checkpoint prefix (ckpt-N): its .index and .data-* files.
+    files = glob.glob(glob.escape(path) + ".*")
+  if tf_model_garden.is_prefix_file(path):  # ckpt-N.index: the .data-* files too.
+    files += glob.glob(glob.escape(re.sub(r"\.(index|data-\d+-of-\d+)$", "", path)) + ".data-*")
+  for f in sorted(set(files)):
+    stat = os.stat(f)
+    parts.append(f"{f}:{stat.st_size}:{stat.st_mtime_ns}")
   return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

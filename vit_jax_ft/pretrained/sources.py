@@ -12,12 +12,14 @@ what it is, never from a flag:
 | `*.npz` | vit_jax / big_vision ViT |
 | `*.safetensors`, `*.bin`, `*.pth`, `*.pt` | HF, timm or torchvision, by tensor names |
 | `*.h5`, `*.hdf5` | Keras HDF5 |
+| `*.tar.gz`, folder with `checkpoint` / `*.index`, `ckpt-N` prefix, its `.index`/`.data-*` | TF Model Garden (TF checkpoint) |
 | `owner/name` that is not a path | Hugging Face Hub id (downloaded) |
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 from vit_jax_ft.pretrained import architecture
 from vit_jax_ft.pretrained import completeness
@@ -27,11 +29,37 @@ from vit_jax_ft.pretrained import huggingface
 from vit_jax_ft.pretrained import keras
 from vit_jax_ft.pretrained import storage
 from vit_jax_ft.pretrained import tensor_files
+from vit_jax_ft.pretrained import tf_model_garden
 from vit_jax_ft.pretrained import timm
 from vit_jax_ft.pretrained import torchvision
 from vit_jax_ft.pretrained import vit_jax_npz
 
 _TORCH_EXTS = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+
+# What a user calls the family and origin of each format (metadata "origin", `inspect`).
+ORIGINS = {
+    "vit_jax_npz": "vit_jax (google-research/vision_transformer) .npz",
+    "big_vision_npz": "big_vision .npz",
+    "huggingface": "Hugging Face transformers",
+    "timm": "timm",
+    "torchvision": "torchvision",
+    "keras_h5": "Keras Applications (HDF5)",
+    "keras_tfjs": "Keras Applications (TF.js layers model)",
+    tf_model_garden.FORMAT: tf_model_garden.ORIGIN,
+}
+# AugReg ('How to train your ViT') file names: Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-....npz
+_AUGREG_NAME = re.compile(r".*-i(1|21)k-\d+ep-lr_.*-aug_.*\.npz", re.I)
+
+
+def origin_of(metadata: dict) -> str:
+  """The family and origin of converted weights, as their users know them."""
+  if metadata.get("origin"):
+    return metadata["origin"]
+  origin = ORIGINS.get(metadata.get("format", ""), metadata.get("format", "unknown"))
+  if metadata.get("format") == "vit_jax_npz" and _AUGREG_NAME.fullmatch(
+      os.path.basename(str(metadata.get("source", "")))):
+    origin = "AugReg (How to train your ViT), vit_jax .npz"
+  return origin
 
 
 def detect_format(source: str) -> str:
@@ -45,13 +73,18 @@ def detect_format(source: str) -> str:
       return "huggingface"
     if timm.is_timm_folder(source):
       return "timm_folder"
+    if tf_model_garden.is_checkpoint_folder(source):
+      return "tf_checkpoint"
     raise conversion.ConversionError(
         f"Cannot tell what {source} holds: expected config.json (Hugging Face / timm), "
-        f"model.json (TF.js) or a converted checkpoint; found {sorted(os.listdir(source))[:12]}")
+        "model.json (TF.js), a TensorFlow checkpoint (ckpt-N.index) or a converted checkpoint; "
+        f"found {sorted(os.listdir(source))[:12]}")
   if os.path.isfile(source):
     ext = os.path.splitext(source)[1].lower()
     if os.path.basename(source) == "model.json":
       return "keras_tfjs"
+    if tf_model_garden.is_tar(source) or tf_model_garden.is_prefix_file(source):
+      return "tf_checkpoint"
     if ext == ".npz":
       return "npz"
     if ext in _TORCH_EXTS:
@@ -60,7 +93,9 @@ def detect_format(source: str) -> str:
       return "keras_h5"
     raise conversion.ConversionError(
         f"Unknown checkpoint file type {ext!r}: {source} (expected .npz, .safetensors, .bin, "
-        ".pth, .h5 or model.json)")
+        ".pth, .h5, model.json, a TensorFlow ckpt-N.index / .data-* or a .tar.gz of one)")
+  if tf_model_garden.is_prefix(source):
+    return "tf_checkpoint"
   if hub.looks_like_hub_id(source):
     return "hub"
   raise tensor_files.CheckpointFileError(f"Pretrained weights not found: {source} is neither a "
@@ -86,12 +121,15 @@ def convert(source: str, *, strict: bool = True, normalization: str | None = Non
     converted = storage.load(source)
   elif fmt == "hub":
     converted = _convert_folder(hub.download(source), source, strict)
+  elif fmt == "tf_checkpoint":
+    converted = tf_model_garden.convert(source, strict=strict)
   elif os.path.isdir(source) and fmt != "keras_tfjs":
     converted = _convert_folder(source, source, strict)
   else:
     converted = _convert_file(source, fmt, strict)
   if fmt != "converted":
     completeness.check_complete(converted, strict)
+    converted.metadata["origin"] = origin_of(converted.metadata)
   if normalization is not None:
     if normalization not in conversion.NORMALIZATIONS:
       raise ValueError(f"normalization must be one of {conversion.NORMALIZATIONS}, "
