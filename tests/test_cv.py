@@ -30,7 +30,9 @@ def tiny_cv_config(**overrides):
 def finished(tmp_path_factory):
   """A 3-fold cross-validation of the tiny demo model, 4 steps per fold, and its report."""
   workdir = str(tmp_path_factory.mktemp("cv") / "cv")
-  report = cv.run_cv(tiny_cv_config(), workdir, num_folds=FOLDS)
+  # Not the default resamples: the OOF report must take the run's bootstrap settings.
+  report = cv.run_cv(tiny_cv_config(bootstrap_resamples=200, bootstrap_seed=3), workdir,
+                     num_folds=FOLDS)
   return workdir, report
 
 
@@ -89,6 +91,9 @@ def test_oof_predictions_cover_every_train_example_once(finished):
     oof_report = json.load(f)
   assert oof_report["num_examples"] == len(rows)
   assert oof_report["headline"]["accuracy"] == pytest.approx(oof_accuracy)
+  assert (oof_report["bootstrap"]["resamples"], oof_report["bootstrap"]["seed"]) == (200, 3)
+  lo, hi = oof_report["intervals"]["accuracy"]["ci95"]
+  assert lo <= oof_accuracy <= hi
   assert os.path.exists(os.path.join(workdir, cv.OOF_REPORT_DIR, "report.md"))
   assert os.path.exists(os.path.join(workdir, cv.OOF_REPORT_DIR, "confusion_matrix.png"))
 

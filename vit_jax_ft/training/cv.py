@@ -241,10 +241,14 @@ def write_oof_csv(path: str, preds: workdir_lib.Predictions, fold: list[int],
 
 
 def write_oof_report(out_dir: str, preds: workdir_lib.Predictions, class_names: list[str],
-                     multi: bool, workdir: str, model: str, num_folds: int) -> dict:
-  """The usual evaluation report (report.md, report.json, PNGs) of the pooled OOF predictions."""
+                     multi: bool, workdir: str, model: str, num_folds: int,
+                     options: Optional[report_lib.Options] = None) -> dict:
+  """The usual evaluation report (report.md, report.json, PNGs) of the pooled OOF predictions.
+
+  `options` (default: the report defaults) carries e.g. the run's bootstrap settings.
+  """
   os.makedirs(out_dir, exist_ok=True)
-  options = report_lib.Options()
+  options = options or report_lib.Options()
   if multi:
     body = report_lib.multi_label(
         preds, class_names, options, np.full(len(class_names), multilabel.DEFAULT_THRESHOLD),
@@ -338,7 +342,9 @@ def write_report(workdir: str, config: ml_collections.ConfigDict, num_folds: int
                      "splits overlap; were the folds trained on different datasets?")
   write_oof_csv(os.path.join(workdir, OOF_CSV), oof, fold_of, names, multi)
   headline = write_oof_report(os.path.join(workdir, OOF_REPORT_DIR), oof, names, multi, workdir,
-                              fold_results[0]["model"], num_folds)
+                              fold_results[0]["model"], num_folds,
+                              report_lib.Options(bootstrap_resamples=config.bootstrap_resamples,
+                                                 bootstrap_seed=config.bootstrap_seed))
   report = {"num_folds": num_folds, "workdir": os.path.abspath(workdir),
             "data_dir": os.path.abspath(config.data.dir), "model": fold_results[0]["model"],
             "class_names": names, "multilabel": multi, "checkpoint": CHECKPOINT,
