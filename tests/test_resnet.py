@@ -41,6 +41,7 @@ def _conv_modules(params):
     ('resnet34', 21_797_672),
     ('resnet50', 25_557_032),
     ('resnet101', 44_549_160),
+    ('resnet152', 60_192_808),
 ])
 def test_param_count_matches_torchvision(name, expected):
   variables = _abstract_init(ResNet(num_classes=1000, **resnet_preset(name)))

@@ -78,6 +78,7 @@ RESNET_PRESETS: Mapping[str, tuple[str, tuple[int, ...]]] = (
         'resnet34': ('basic', (3, 4, 6, 3)),
         'resnet50': ('bottleneck', (3, 4, 6, 3)),
         'resnet101': ('bottleneck', (3, 4, 23, 3)),
+        'resnet152': ('bottleneck', (3, 8, 36, 3)),
     }))
 
 _VARIANTS = ('v1', 'v1.5')
@@ -91,7 +92,7 @@ def resnet_preset(name: str) -> dict[str, Any]:
   Usage: ``ResNet(num_classes=1000, **resnet_preset('resnet50'))``.
 
   Args:
-    name: one of 'resnet18', 'resnet34', 'resnet50', 'resnet101'.
+    name: one of 'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'.
 
   Returns:
     A fresh dict with keys ``block`` and ``stage_sizes``.
