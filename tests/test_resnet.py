@@ -105,10 +105,10 @@ def test_presets():
   d = resnet_preset('resnet34')
   d['block'] = 'bottleneck'
   assert resnet_preset('resnet34')['block'] == 'basic'
-  with pytest.raises(ValueError, match='resnet101'):
-    resnet_preset('resnet152')
+  with pytest.raises(ValueError, match='resnet152'):  # The error lists the valid names.
+    resnet_preset('resnet200')
   assert list(resnet.RESNET_PRESETS) == ['resnet18', 'resnet34', 'resnet50',
-                                         'resnet101']
+                                         'resnet101', 'resnet152']
   with pytest.raises(TypeError):
     resnet.RESNET_PRESETS['resnet18'] = ('basic', (1, 1, 1, 1))
 
