@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from vit_jax_ft.reports import bootstrap
+from vit_jax_ft.reports import markdown
 
 PREDICTIONS_FILE = "predictions.npz"
 B_BETTER, A_BETTER, NO_DIFFERENCE = (
@@ -201,15 +202,15 @@ def render(result: dict, metric: str = DEFAULT_METRIC) -> str:
            f"{result['num_examples']} examples scored by both runs, paired by example id; "
            f"{boot['resamples']} bootstrap resamples stratified by {boot['stratified_by']} "
            f"(seed {boot['seed']}), each scoring both runs on the same examples.", "",
-           f"**{summary_line(result, metric)}**", "",
-           "| metric | A | B | B - A | 95% CI of B - A | verdict |",
-           "|" + " --- |" * 6]
+           f"**{summary_line(result, metric)}**", ""]
+  rows = []
   for name, m in result["metrics"].items():
     ci = m["ci95"]
     shown = "-" if ci is None else f"[{_signed(ci[0])}, {_signed(ci[1])}]"
-    lines.append(f"| {name} | {_plain(m['a'])} | {_plain(m['b'])} | "
-                 f"{_signed(m['difference'])} | {shown} | {m['verdict']} |")
-  lines += ["", "How to read it: B - A is the difference on this split; the interval is where "
+    rows.append([name, _plain(m["a"]), _plain(m["b"]), _signed(m["difference"]), shown,
+                 m["verdict"]])
+  lines += markdown.table(["metric", "A", "B", "B - A", "95% CI of B - A", "verdict"], rows)
+  lines += ["How to read it: B - A is the difference on this split; the interval is where "
             "it would fall on 95% of test sets like this one. If the interval contains 0 the "
             "split cannot tell the runs apart (with a few hundred images, differences of a few "
             "points usually cannot be told apart); an interval above 0 says B is better beyond "

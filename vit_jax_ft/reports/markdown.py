@@ -46,7 +46,8 @@ def _interval_note(report: dict) -> list[str]:
   return [note, ""]
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+  """A markdown table (floats to 4 decimals, None as '-') and a blank line."""
   lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
   lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
   return lines + [""]
@@ -84,7 +85,7 @@ def _single_label(report: dict, names: Sequence[str], files: dict) -> list[str]:
              else [None, None])
     rows.append([f"**{avg}**", _ci(r, "precision"), _ci(r, "recall"), _ci(r, "f1-score"),
                  int(r["support"])] + extra + [None, None])
-  lines = ["## Per class", ""] + _table(header, rows)
+  lines = ["## Per class", ""] + table(header, rows)
   lines += [f"Accuracy: **{_fmt(_ci(cr, 'accuracy'))}**. Averages run over the classes "
             "present in the labels or the predictions (as sklearn's classification_report). "
             "Thresholds: predict the class when its probability is >= the threshold (one vs "
@@ -93,12 +94,12 @@ def _single_label(report: dict, names: Sequence[str], files: dict) -> list[str]:
     lines += [f"Classes with no examples and no predictions: {', '.join(cr['absent_classes'])}.",
               ""]
   lines += ["## Top-k accuracy", ""]
-  lines += _table(["k", "accuracy"], [[k, v] for k, v in report["top_k_accuracy"].items()])
+  lines += table(["k", "accuracy"], [[k, v] for k, v in report["top_k_accuracy"].items()])
   lines += ["## Confusion matrix", ""] + _image(files, "confusion_matrix", "confusion matrix")
   errors = report["most_confident_errors"]
   if errors:
     lines += ["## Most confident errors", ""]
-    lines += _table(["id", "true", "predicted", "confidence"],
+    lines += table(["id", "true", "predicted", "confidence"],
                     [[e["id"], e["true"], e["predicted"], e["confidence"]] for e in errors])
   return lines
 
@@ -117,17 +118,17 @@ def _multi_label(report: dict, names: Sequence[str], files: dict) -> list[str]:
                  _ci(tuned[avg], "f1-score"), None, half[avg]["f1-score"], None,
                  _ci(ops, "macro_roc_auc") if avg == "macro" else None, None, None])
   lines = ["## Per label", "", f"Thresholds: {report['thresholds']['source']}.", ""]
-  lines += _table(header, rows)
-  lines += _table(["", "tuned thresholds", "0.5"],
+  lines += table(header, rows)
+  lines += table(["", "tuned thresholds", "0.5"],
                   [["exact match", _ci(tuned, "exact_match"), half["exact_match"]],
                    ["Hamming loss", tuned["hamming_loss"], half["hamming_loss"]]])
   errors = report["errors"]
   lines += ["## Errors that occur together", ""]
   if errors["top_pairs"]:
-    lines += _table(["labels wrong together", "examples"],
+    lines += table(["labels wrong together", "examples"],
                     [[" + ".join(p["labels"]), p["examples"]] for p in errors["top_pairs"]])
   if errors["top_swaps"]:
-    lines += _table(["missed", "predicted instead", "examples"],
+    lines += table(["missed", "predicted instead", "examples"],
                     [[s["missed"], s["predicted_instead"], s["examples"]]
                      for s in errors["top_swaps"]])
   return lines + _image(files, "error_cooccurrence", "error co-occurrence")
@@ -142,7 +143,7 @@ def _temperature_scaling(scaling: dict, files: dict) -> list[str]:
            f"{scaling['note'][0].upper() + scaling['note'][1:]}. Dividing the scores by T keeps "
            "their order, so the predictions (the top class; for multi-label the labels at "
            "thresholds moved with T) and accuracy/F1 do not change.", ""]
-  lines += _table(["on this split", "before", "after"],
+  lines += table(["on this split", "before", "after"],
                   [["ECE", before["ece"], after["ece"]], ["MCE", before["mce"], after["mce"]],
                    ["log loss", before["log_loss"], after["log_loss"]]])
   return lines + _image(files, "reliability_uncalibrated", "reliability before scaling")
@@ -162,7 +163,7 @@ def _run_summary(summary: dict) -> list[str]:
     rows.append(["train images/s (mean)", f"{summary['train_images_per_sec_mean']:.1f}"])
   if "wall_time_s" in summary:
     rows.append(["wall time, first to last event", f"{summary['wall_time_s'] / 60:.1f} min"])
-  return ["## Run summary", ""] + _table(["", "value"], rows)
+  return ["## Run summary", ""] + table(["", "value"], rows)
 
 
 def render(report: dict, files: dict, headline: dict,
@@ -189,7 +190,7 @@ def render(report: dict, files: dict, headline: dict,
   intervals = report.get("intervals") or {}
   summary = [[k, _ci({k: v, f"{k}_ci95": (intervals.get(k) or {}).get("ci95")}, k)]
              for k, v in headline.items()]
-  lines += ["## Summary", ""] + _table(["metric", "value"], summary) + _interval_note(report)
+  lines += ["## Summary", ""] + table(["metric", "value"], summary) + _interval_note(report)
   body = _multi_label if report["multilabel"] else _single_label
   lines += body(report, names, files)
   lines += ["## Operating points", "",

@@ -279,11 +279,6 @@ def _fmt(stat: Optional[dict]) -> str:
       f"{stat['mean']:.4f}"
 
 
-def _table(header: list[str], rows: list[list]) -> list[str]:
-  return (["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-          + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""])
-
-
 def render(report: dict) -> str:
   """cv_report.md."""
   k, names = report["num_folds"], report["class_names"]
@@ -303,7 +298,7 @@ def render(report: dict) -> str:
   for m, stat in val["summary"].items():
     row = [m, _fmt(stat)] + ([_fmt(test["summary"].get(m))] if test else [])
     rows.append(row + [f"{oof[m]:.4f}" if m in oof else "-"])
-  lines += ["## Summary", ""] + _table(header, rows)
+  lines += ["## Summary", ""] + markdown.table(header, rows)
   for split, agg in (("val (out-of-fold)", val), ("test", test)):
     if not agg:
       continue
@@ -312,14 +307,14 @@ def render(report: dict) -> str:
     lines += [f"## Per class, {split}", "",
               "Support: examples over all folds" + (" (the test split once per fold)"
                                                     if split == "test" else "") + ".", ""]
-    lines += _table(["class", "precision", "recall", "F1", "support"], rows)
+    lines += markdown.table(["class", "precision", "recall", "F1", "support"], rows)
   metric = "macro_f1"
   rows = [[r["fold"], r["step"], r["val"]["num_examples"], f"{r['val']['summary'][metric]:.4f}"]
           + ([f"{r['test']['summary'][metric]:.4f}"] if "test" in r else [])
           + [f"`{FOLD_DIR.format(r['fold'])}/`"] for r in report["folds"]]
   header = ["fold", "best step", "val examples", f"val {metric}"]
   header += [f"test {metric}"] if test else []
-  lines += ["## Folds", ""] + _table(header + ["run"], rows)
+  lines += ["## Folds", ""] + markdown.table(header + ["run"], rows)
   lines += ["## Out-of-fold predictions", "",
             f"`{OOF_CSV}` holds the out-of-fold probabilities of all "
             f"{report['oof']['num_examples']} train+val examples (each scored once, by the fold "
