@@ -145,7 +145,7 @@ def _save_predictions(path: str, splits: dict) -> None:
   arrays = {}
   for split, preds in splits.items():
     arrays |= {f"{split}_probs": preds.probs, f"{split}_targets": preds.targets,
-               f"{split}_ids": np.asarray(preds.ids, dtype=object)}
+               f"{split}_ids": np.asarray(preds.ids, dtype=str)}
   tmp = path + ".tmp.npz"
   np.savez(tmp, **arrays)
   os.replace(tmp, path)
@@ -153,7 +153,7 @@ def _save_predictions(path: str, splits: dict) -> None:
 
 def load_predictions(directory: str, split: str) -> Optional[workdir_lib.Predictions]:
   """A finished fold's predictions of 'val' (its out-of-fold examples) or 'test'."""
-  with np.load(os.path.join(directory, FOLD_PREDICTIONS), allow_pickle=True) as z:
+  with np.load(os.path.join(directory, FOLD_PREDICTIONS), allow_pickle=False) as z:
     if f"{split}_probs" not in z:
       return None
     return workdir_lib.Predictions(probs=z[f"{split}_probs"], targets=z[f"{split}_targets"],
