@@ -63,10 +63,16 @@ setuptools.setup(
         "test": HF_REQUIRES + [
         "pytest>=8.0",
         "pytest-xdist>=3.5",
-        # Reference implementations for the pretrained-weights parity tests.
-        # torch is pinned exactly: a CPU wheel of this version is on the
-        # machines; any other spec pulls a multi-GB CUDA build.
-        "torch==2.13.0",
+        # Reference implementations for the pretrained-weights parity tests
+        # (the real torchvision and timm models, random weights). PyPI's
+        # torchvision wheels are CUDA builds that fail to import beside a CPU
+        # torch ("operator torchvision::nms does not exist"), so torch is the
+        # matching CUDA build too (it runs on the CPU; ~2 min to install from
+        # a local wheel cache, ~5.5 GB). timm needs torchvision. Their triton
+        # must load before TensorFlow (tests/conftest.py).
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "timm==1.0.31",
         "transformers==5.24.0",
         "safetensors==0.8.0",
         "scikit-image==0.26.0",  # real photos (chelsea, coffee) for the Keras ResNet50 check
