@@ -1,4 +1,4 @@
-"""timm state dicts: `vit_*_patch*` VisionTransformers and resnet50-style ResNets.
+"""timm state dicts: `vit_*_patch*` VisionTransformers, resnet50-style ResNets, BiT ResNetV2s.
 
 timm ViT names: `cls_token`, `pos_embed` (class token slot included unless the
 model was built with `no_embed_class`), `patch_embed.proj`, `blocks.{i}.norm1`,
@@ -8,7 +8,9 @@ and LayerNorm epsilon 1e-6. Models our ViT cannot express (layer scale
 `ls1`/`ls2`, `fc_norm` after pooling, register tokens, ...) leave tensors
 unmapped and are refused.
 
-timm ResNets share torchvision's names (see torchvision.py). A timm Hub folder
+timm ResNets share torchvision's names (see torchvision.py). timm's BiT ResNetV2s (`resnetv2_50x1_bit`, ...) are converted by bit.py.
+
+A timm Hub folder
 (`config.json` with `architecture` and `pretrained_cfg`) also says the input
 normalisation and the class count.
 """
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from vit_jax_ft.pretrained import bit
 from vit_jax_ft.pretrained import conversion
 from vit_jax_ft.pretrained import hub
 from vit_jax_ft.pretrained import huggingface
@@ -156,19 +159,25 @@ def convert_state_dict(tensors: tensor_files.TensorFile, *, source: str, strict:
   if is_vit_state_dict(tensors):
     return convert_vit(tensors, source=source, strict=strict,
                        normalization=normalization or VIT_NORMALIZATION, **kwargs)
+  if bit.is_timm_state_dict(tensors):
+    return bit.convert_timm(tensors, source=source, strict=strict,
+                            normalization=normalization or bit.NORMALIZATION)
   if torchvision.is_resnet_state_dict(tensors):
     return torchvision.convert(tensors, source=source, strict=strict, fmt="timm",
                                normalization=normalization or torchvision.NORMALIZATION)
-  raise conversion.ConversionError(f"{tensors.path} is neither a timm ViT nor a ResNet state "
-                                   f"dict; found e.g. {sorted(tensors)[:6]}")
+  raise conversion.ConversionError(f"{tensors.path} is neither a timm ViT, a ResNet nor a BiT "
+                                   f"ResNetV2 state dict; found e.g. {sorted(tensors)[:6]}")
 
 
 def convert_folder(folder: str, *, source: str, strict: bool = True) -> conversion.Converted:
-  """A timm Hub folder: config.json (architecture, pretrained_cfg) + weights."""
+  """timm's BiT ResNetV2s (`resnetv2_50x1_bit`, ...) are converted by bit.py.
+
+A timm Hub folder: config.json (architecture, pretrained_cfg) + weights."""
   with open(os.path.join(folder, "config.json")) as f:
     config: dict[str, Any] = json.load(f)
   cfg = config.get("pretrained_cfg", {})
-  family_default = "minus_one_to_one" if config["architecture"].startswith("vit") else "imagenet"
+  family_default = ("minus_one_to_one" if config["architecture"].startswith("vit")
+                    or config["architecture"].endswith("_bit") else "imagenet")
   normalization = huggingface.normalization_from_mean_std(
       cfg.get("mean"), cfg.get("std"), family_default)
   tensors = hub.read_folder_weights(folder)

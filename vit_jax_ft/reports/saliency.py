@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax_ft.models import bit as bit_lib
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
 
@@ -135,7 +136,7 @@ def make_explainer(model: nn.Module, multilabel: bool = False):
   """A jitted (variables, images) -> (logits, {map name: [B, h, w]}) for a ViT or a ResNet."""
   if is_vit(model):
     return jax.jit(functools.partial(vit_maps, model))
-  if isinstance(model, resnet_lib.ResNet):
+  if isinstance(model, (resnet_lib.ResNet, bit_lib.BiT)):
     name = f"Grad-CAM ({last_block_name(model).split('_')[0]})"
 
     def resnet_maps(variables, images):

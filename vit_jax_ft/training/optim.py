@@ -263,8 +263,8 @@ def layer_ids(paths: list[str]) -> tuple[dict[str, int], int]:
 
   ViT: patch embedding, class token and position embedding are layer 0,
   encoder block i is i + 1, the final norm, pre-logits and head L + 1.
-  ResNet: the stem (conv_init, bn_init) is 0, stage s is s, the head L + 1
-  (L stages).
+  ResNet and BiT: the stem (conv_init, bn_init) is 0, stage s is s, BiT's
+  norm_pre_head and the head L + 1 (L stages).
   """
   if any(p.startswith("Transformer/") for p in paths):  # ViT: block i is layer i + 1.
     scan, offset = _VIT_BLOCK, 1
@@ -272,7 +272,8 @@ def layer_ids(paths: list[str]) -> tuple[dict[str, int], int]:
     upper = ("Transformer/encoder_norm/", "pre_logits/", HEAD_PREFIX)
   elif any(p.startswith("conv_init/") for p in paths):  # ResNet: stage s is layer s.
     scan, offset = _RESNET_STAGE, 0
-    bottom, upper = ("conv_init/", "bn_init/"), (HEAD_PREFIX,)
+    # BiT's pre-activation ResNet has a GroupNorm before the head (norm_pre_head).
+    bottom, upper = ("conv_init/", "bn_init/"), ("norm_pre_head/", HEAD_PREFIX)
   else:
     raise ValueError("optimizer.layer_decay needs a ViT or ResNet parameter tree; found "
                      f"neither ({', '.join(paths[:3])}, ...).")
