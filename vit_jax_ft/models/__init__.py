@@ -47,6 +47,11 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
     raise ValueError(
         f"model.name={name!r} is a {family}, but config.model holds the fields of the other "
         f"family; start from a {family} config (base_config.{family.lower()}_model_config).")
+  if vit.is_distilled_preset(name) and model_config.classifier != "token_distilled":
+    raise ValueError(
+        f"model.name={name!r} is a DeiT distilled ViT, which needs "
+        f"model.classifier='token_distilled' (got {model_config.classifier!r}; "
+        "base_config.vit_model_config sets it).")
   if is_vit:
     return vit.VisionTransformer(
         num_classes=num_classes,

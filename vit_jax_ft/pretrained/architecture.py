@@ -43,10 +43,11 @@ def vit_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
       "num_layers": sum(1 for k in blocks if re.fullmatch(r"encoderblock_\d+", k)),
       "num_heads": int(query.shape[1]),
       "mlp_dim": int(mlp.shape[-1]),
-      "classifier": "token" if "cls" in params else "gap",
+      "classifier": ("token_distilled" if "dist" in params else "token") if "cls" in params
+                    else "gap",
   }
   arch["name"] = _vit_preset_name(arch)
-  num_tokens = posemb.shape[1] - (1 if arch["classifier"] == "token" else 0)
+  num_tokens = posemb.shape[1] - vit_lib.num_prefix_tokens(arch["classifier"])
   grid = math.isqrt(num_tokens)
   arch["image_size"] = grid * arch["patch_size"] if grid * grid == num_tokens else None
   if "pre_logits" in params:
@@ -102,8 +103,11 @@ def from_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _vit_preset_name(arch: Mapping[str, Any]) -> str:
+  # DeiT distilled presets have the sizes of plain ones; the classifier tells them apart.
+  distilled = arch.get("classifier") == "token_distilled"
   for name, preset in vit_lib.VIT_PRESETS.items():
-    if all(preset[k] == arch[k] for k in _VIT_FIELDS):
+    if (all(preset[k] == arch[k] for k in _VIT_FIELDS)
+        and vit_lib.is_distilled_preset(name) == distilled):
       return name
   return "vit"
 

@@ -170,11 +170,12 @@ def convert_state_dict(tensors: tensor_files.TensorFile, *, source: str, strict:
                        ) -> conversion.Converted:
   """A bare PyTorch-style state dict: HF, timm or torchvision, told by its names."""
   names = set(tensors)
-  if any(n.split(".")[0] in ("vit", "resnet", "embeddings", "embedder") for n in names):
+  if any(n.split(".")[0] in ("vit", "deit", "resnet", "embeddings", "embedder") for n in names):
     config = _sibling_config(tensors.path)
     if any("patch_embeddings" in n for n in names):
+      deit = any(n.startswith("deit.") for n in names)  # DeiT: ImageNet mean/std inputs.
       return huggingface.convert_vit(tensors, config, source=source, strict=strict,
-                                     normalization="minus_one_to_one")
+                                     normalization="imagenet" if deit else "minus_one_to_one")
     return huggingface.convert_resnet(tensors, config, source=source, strict=strict,
                                       normalization="imagenet")
   if timm.is_vit_state_dict(conversion.strip_prefix(tensors, ("model.",))) or \

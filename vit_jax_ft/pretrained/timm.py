@@ -3,7 +3,9 @@
 timm ViT names: `cls_token`, `pos_embed` (class token slot included unless the
 model was built with `no_embed_class`), `patch_embed.proj`, `blocks.{i}.norm1`,
 `attn.qkv` (query, key and value fused as one [3D, D] Linear, in that order),
-`attn.proj`, `norm2`, `mlp.fc1/fc2`, `norm`, `head`. timm ViTs use exact GELU
+`attn.proj`, `norm2`, `mlp.fc1/fc2`, `norm`, `head`; the distilled DeiTs
+(`deit_*_distilled_patch16_224`) add `dist_token` after the class token and
+`head_dist` (our classifier='token_distilled'). timm ViTs use exact GELU
 and LayerNorm epsilon 1e-6. Models our ViT cannot express (layer scale
 `ls1`/`ls2`, `fc_norm` after pooling, register tokens, ...) leave tensors
 unmapped and are refused.
@@ -52,6 +54,7 @@ def vit_rules(num_heads: int) -> tuple[conversion.Rule, ...]:
   att_in, att_out = conversion.attention_in(num_heads), conversion.attention_out(num_heads)
   return (
       (r"cls_token", lambda m: Target("params/cls")),
+      (r"dist_token", lambda m: Target("params/dist")),
       (r"pos_embed", lambda m: Target("params/Transformer/posembed_input/pos_embedding")),
       (r"patch_embed\.proj\.weight", lambda m: Target("params/embedding/kernel",
                                                        conversion.torch_conv)),
@@ -72,6 +75,7 @@ def vit_rules(num_heads: int) -> tuple[conversion.Rule, ...]:
       (r"norm\.(weight|bias)", lambda m: Target("params/Transformer/encoder_norm/" + _NORM[m[1]])),
       (r"pre_logits\.fc\.(weight|bias)", lambda m: _dense("params/pre_logits", m[1])),
       (r"head\.(weight|bias)", lambda m: _dense("params/head", m[1])),
+      (r"head_dist\.(weight|bias)", lambda m: _dense("params/head_dist", m[1])),
   )
 
 
@@ -157,8 +161,10 @@ def convert_state_dict(tensors: tensor_files.TensorFile, *, source: str, strict:
   """A timm ViT or ResNet state dict, told apart by its names."""
   tensors = conversion.strip_prefix(tensors, ("model.",))
   if is_vit_state_dict(tensors):
+    # timm's DeiTs (distilled ones have dist_token) expect ImageNet mean/std inputs.
+    default = "imagenet" if "dist_token" in tensors else VIT_NORMALIZATION
     return convert_vit(tensors, source=source, strict=strict,
-                       normalization=normalization or VIT_NORMALIZATION, **kwargs)
+                       normalization=normalization or default, **kwargs)
   if bit.is_timm_state_dict(tensors):
     return bit.convert_timm(tensors, source=source, strict=strict,
                             normalization=normalization or bit.NORMALIZATION)
