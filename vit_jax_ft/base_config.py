@@ -8,13 +8,14 @@ the train loop reads fields as attributes, never with `.get(key, default)`.
 
 from ml_collections import config_dict
 
+from vit_jax_ft.models import bit as bit_lib
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
 
 placeholder = config_dict.placeholder
 
 # One line per field; `tests/test_config.py` fails if a field has no entry
-# here. Model fields are listed under both families' names below.
+# here. Model fields are listed under every family's names below.
 FIELD_DOCS = {
     "seed": "Random seed for initialisation, dropout and the data order.",
     "dtype": "Compute dtype: 'float32', 'bfloat16' or 'float16' (with loss scaling); params stay float32.",
@@ -45,7 +46,7 @@ FIELD_DOCS = {
     "init_strict": "Fail unless every backbone parameter loads and nothing in the checkpoint is unused.",
     "init_cache_dir": "Where raw sources are cached after conversion (default ~/.cache/vit_jax_ft).",
     "resume_with_changes": "Resume a workdir even though experiment fields (data, model, optimizer, seed, ...) differ from its config.json; the changes go to config_history.jsonl.",
-    "init_model_options": "Take the model options init_from's weights were trained with (ViT GELU form and LayerNorm epsilon; ResNet variant, conv bias, BatchNorm epsilon and momentum, padding) over config.model's.",
+    "init_model_options": "Take the model options init_from's weights were trained with (ViT GELU form and LayerNorm epsilon; ResNet variant, conv bias, BatchNorm epsilon and momentum, padding; BiT weight-standardisation epsilon) over config.model's.",
     "init_head_from": "LP-FT: a workdir (a probe's or a run's) whose best checkpoint's head starts this run's head (same classes; fresh starts only).",
     "data.source": "'tfrecord' (a folder prepared by vit_jax_ft.data), 'tfds' (a prepared tensorflow-datasets dataset) or 'digits' (built-in demo).",
     "data.dir": "Folder with dataset_info.json and TFRecords. For 'digits', defaults to WORKDIR/data.",
@@ -79,13 +80,14 @@ FIELD_DOCS = {
     "data.mix_prob": "Probability that a train batch is mixed at all (Mixup/CutMix).",
     "data.mix_switch_prob": "With both enabled: probability of CutMix rather than Mixup for a batch.",
     "model.name": "Architecture: " + ", ".join(list(vit_lib.VIT_PRESETS) + ["vit"]
-                                               + list(resnet_lib.RESNET_PRESETS)) + ".",
+                                               + list(resnet_lib.RESNET_PRESETS)
+                                               + list(bit_lib.BIT_PRESETS) + ["bit"]) + ".",
     "model.patch_size": "ViT: override the preset's patch size (required for name='vit').",
     "model.hidden_size": "ViT: override the preset's width (required for name='vit').",
     "model.num_layers": "ViT: override the preset's depth (required for name='vit').",
     "model.num_heads": "ViT: override the preset's attention heads (required for name='vit').",
     "model.mlp_dim": "ViT: override the preset's MLP width (required for name='vit').",
-    "model.classifier": "ViT: 'token' (class token) or 'gap' (global average pool) head input.",
+    "model.classifier": "ViT: 'token' (class token), 'gap' (global average pool) or 'token_distilled' (DeiT distilled: class and distillation tokens, the average of two heads) head input.",
     "model.representation_size": "ViT: size of a tanh pre-logits layer (i21k weights), or None.",
     "model.gelu_approximate": "ViT: tanh GELU (vit_jax weights) instead of exact erf (HF, timm).",
     "model.layer_norm_eps": "ViT: LayerNorm epsilon (1e-6 vit_jax and timm, 1e-12 HF).",
@@ -97,6 +99,9 @@ FIELD_DOCS = {
     "model.bn_momentum": "ResNet: BatchNorm running-average momentum, Flax convention (1 - torch).",
     "model.padding": "ResNet: 'torch' (explicit symmetric padding) or 'tf_same' (TensorFlow 'SAME', asymmetric at stride 2: TF Model Garden weights).",
     "model.first_block_projection": "ResNet: a projection shortcut on the first block even where its shape stays (TF Model Garden ResNet-18/34).",
+    "model.stage_sizes": "BiT: override the preset's residual units per stage, e.g. (3, 4, 6, 3) (required for name='bit').",
+    "model.width_factor": "BiT: override the preset's width multiplier N of RxxxN (required for name='bit').",
+    "model.ws_epsilon": "BiT: weight-standardisation epsilon (1e-10 BiT's .npz files, 1e-8 timm).",
     "model.head_init": "Classification head kernel init: 'zeros' or 'lecun_normal'.",
     "model.head_bias_init": "Initial head bias (e.g. -6.9 for sigmoid multi-label).",
     "model.remat": "Recompute blocks in the backward pass to save memory.",
@@ -146,7 +151,7 @@ def vit_model_config(name: str = "vit_b16") -> config_dict.ConfigDict:
       num_layers=placeholder(int),
       num_heads=placeholder(int),
       mlp_dim=placeholder(int),
-      classifier="token",
+      classifier="token_distilled" if vit_lib.is_distilled_preset(name) else "token",
       representation_size=placeholder(int),
       gelu_approximate=True,
       layer_norm_eps=1e-6,
@@ -172,6 +177,23 @@ def resnet_model_config(name: str = "resnet50") -> config_dict.ConfigDict:
       bn_momentum=0.9,
       padding="torch",
       first_block_projection=False,
+      head_init="zeros",
+      head_bias_init=0.0,
+      remat=False,
+      drop_path_rate=0.0,
+      layer_impl="auto",
+  ))
+
+
+def bit_model_config(name: str = "bit_r50x1") -> config_dict.ConfigDict:
+  """Model config for a BiT ResNet v2 preset (or name='bit' with explicit sizes)."""
+  if name != "bit" and name not in bit_lib.BIT_PRESETS:
+    raise ValueError(f"Unknown BiT {name!r}; choose from {sorted(bit_lib.BIT_PRESETS)} or 'bit'.")
+  return config_dict.ConfigDict(dict(
+      name=name,
+      stage_sizes=placeholder(tuple),
+      width_factor=placeholder(int),
+      ws_epsilon=1e-10,
       head_init="zeros",
       head_bias_init=0.0,
       remat=False,
@@ -304,13 +326,15 @@ def flatten_keys(config: config_dict.ConfigDict, prefix: str = "") -> list[str]:
 def reference_table() -> str:
   """Markdown table of every config field: default and meaning.
 
-  Model fields are listed for both families (ViT defaults from
-  vit_model_config(), ResNet ones from resnet_model_config()). The README
+  Model fields are listed for every family (ViT defaults from
+  vit_model_config(), ResNet ones from resnet_model_config(), BiT-only ones
+  from bit_model_config()). The README
   embeds this table; tests/test_config.py keeps the two in sync.
   """
   rows = []
   defaults = {}
-  for config in (get_base_config(), config_dict.ConfigDict({"model": resnet_model_config()})):
+  for config in (get_base_config(), config_dict.ConfigDict({"model": resnet_model_config()}),
+                 config_dict.ConfigDict({"model": bit_model_config()})):
     for key in flatten_keys(config):
       node = config
       for part in key.split("."):

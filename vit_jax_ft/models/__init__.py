@@ -1,4 +1,4 @@
-"""Flax image classifiers: ViT and ResNet families, built from `config.model`."""
+"""Flax image classifiers: ViT, ResNet and BiT families, built from `config.model`."""
 
 import logging
 from typing import Any
@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from vit_jax_ft.models import bit
 from vit_jax_ft.models import layer_impl
 from vit_jax_ft.models import resnet
 from vit_jax_ft.models import vit
@@ -46,6 +47,11 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
     raise ValueError(
         f"model.name={name!r} is a {family}, but config.model holds the fields of the other "
         f"family; start from a {family} config (base_config.{family.lower()}_model_config).")
+  if vit.is_distilled_preset(name) and model_config.classifier != "token_distilled":
+    raise ValueError(
+        f"model.name={name!r} is a DeiT distilled ViT, which needs "
+        f"model.classifier='token_distilled' (got {model_config.classifier!r}; "
+        "base_config.vit_model_config sets it).")
   if is_vit:
     return vit.VisionTransformer(
         num_classes=num_classes,
@@ -80,5 +86,46 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
         layer_impl=layers,
         dtype=dtype,
     )
-  valid = sorted(vit.VIT_PRESETS) + ["vit"] + sorted(resnet.RESNET_PRESETS)
+  if name == "bit" or name in bit.BIT_PRESETS:
+    return _create_bit(model_config, num_classes, dtype, layers)
+  valid = (sorted(vit.VIT_PRESETS) + ["vit"] + sorted(resnet.RESNET_PRESETS)
+           + sorted(bit.BIT_PRESETS) + ["bit"])
   raise ValueError(f"Unknown model.name {name!r}; valid names: {', '.join(valid)}.")
+
+
+# ---- BiT (models/bit.py) ----
+
+def bit_architecture(model_config: ml_collections.ConfigDict) -> dict:
+  """The BiT preset's stage sizes and width factor, with any non-None overrides."""
+  if model_config.name == "bit":
+    missing = [k for k in ("stage_sizes", "width_factor") if model_config[k] is None]
+    if missing:
+      raise ValueError(f"model.name='bit' needs explicit sizes; set model.{missing[0]} "
+                       f"(missing: {', '.join(missing)}).")
+    arch = {}
+  else:
+    arch = bit.bit_preset(model_config.name)
+  for key in ("stage_sizes", "width_factor"):
+    if model_config[key] is not None:
+      arch[key] = tuple(model_config[key]) if key == "stage_sizes" else model_config[key]
+  return arch
+
+
+def _create_bit(model_config: ml_collections.ConfigDict, num_classes: int, dtype: Any,
+                layers: layer_impl.Layers) -> nn.Module:
+  """A BiT ResNet v2 from a BiT config (base_config.bit_model_config)."""
+  if "ws_epsilon" not in model_config:
+    raise ValueError(
+        f"model.name={model_config.name!r} is a BiT ResNet, but config.model holds the fields of "
+        "another family; start from a BiT config (base_config.bit_model_config).")
+  return bit.BiT(
+      num_classes=num_classes,
+      **bit_architecture(model_config),
+      ws_epsilon=model_config.ws_epsilon,
+      head_init=model_config.head_init,
+      head_bias_init=model_config.head_bias_init,
+      remat=model_config.remat,
+      drop_path_rate=model_config.drop_path_rate,
+      layer_impl=layers,
+      dtype=dtype,
+  )

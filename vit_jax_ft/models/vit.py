@@ -10,6 +10,16 @@ The details that differ between weight sources are fields, not constants:
 `gelu_approximate` (vit_jax/big_vision weights were trained with Flax's tanh
 GELU; Hugging Face and timm use the exact erf form) and `layer_norm_eps`
 (1e-6 in vit_jax and timm, 1e-12 in Hugging Face's ViTConfig).
+
+`classifier='token_distilled'` is DeiT's distilled ViT (Touvron et al. 2021):
+a distillation token `dist` follows the class token (position embeddings
+cover both, then the patches), `head` classifies the class token and
+`head_dist` the distillation token, and the logits are the two heads'
+average, as DeiT and timm compute them at inference. Fine-tuning here has
+no teacher: both heads start fresh and are trained through that average on
+the labels (what timm does without `distilled_training`). With
+`num_classes=0` the features are the two tokens' average, so a linear head
+W fitted on them is the model with W in both heads.
 """
 
 import functools
@@ -30,7 +40,25 @@ VIT_PRESETS = {
     "vit_b16": dict(patch_size=16, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072),
     "vit_b32": dict(patch_size=32, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072),
     "vit_l16": dict(patch_size=16, hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096),
+    # DeiT distilled (classifier='token_distilled'; see is_distilled_preset).
+    "deit_ti16_distilled": dict(patch_size=16, hidden_size=192, num_layers=12, num_heads=3,
+                                mlp_dim=768),
+    "deit_s16_distilled": dict(patch_size=16, hidden_size=384, num_layers=12, num_heads=6,
+                               mlp_dim=1536),
+    "deit_b16_distilled": dict(patch_size=16, hidden_size=768, num_layers=12, num_heads=12,
+                               mlp_dim=3072),
 }
+CLASSIFIERS = ("token", "gap", "token_distilled")
+
+
+def is_distilled_preset(name: str) -> bool:
+  """Presets whose weights have DeiT's distillation token (classifier='token_distilled')."""
+  return name in VIT_PRESETS and name.endswith("_distilled")
+
+
+def num_prefix_tokens(classifier: str) -> int:
+  """Tokens before the patches: the class token, and DeiT's distillation token."""
+  return {"token": 1, "gap": 0, "token_distilled": 2}[classifier]
 
 
 class MlpBlock(nn.Module):
@@ -195,7 +223,8 @@ class VisionTransformer(nn.Module):
 
   Attributes:
     num_classes: Size of the classification head; 0 returns pre-head features.
-    classifier: 'token' (class token) or 'gap' (global average pool).
+    classifier: 'token' (class token), 'gap' (global average pool) or
+      'token_distilled' (DeiT: class and distillation tokens, two heads averaged).
     representation_size: If set, a tanh `pre_logits` layer (i21k checkpoints).
     head_init: 'zeros' (standard for fine-tuning) or 'lecun_normal'.
     head_bias_init: Initial head bias, e.g. -6.9 for sigmoid multi-label.
@@ -228,8 +257,12 @@ class VisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool):
-    if self.classifier not in ("token", "gap"):
-      raise ValueError(f"model.classifier must be 'token' or 'gap', got {self.classifier!r}")
+    if self.classifier not in CLASSIFIERS:
+      raise ValueError(f"model.classifier must be one of {CLASSIFIERS}, got {self.classifier!r}")
+    distilled = self.classifier == "token_distilled"
+    if distilled and self.representation_size is not None:
+      raise ValueError("classifier='token_distilled' (DeiT) has no pre-logits layer; set "
+                       "model.representation_size=None.")
     layers = layer_impl_lib.resolve(self.layer_impl)
     x = images.astype(self.dtype)
     p = self.patch_size
@@ -240,9 +273,11 @@ class VisionTransformer(nn.Module):
     # `dtype` and their outputs are added in float32. As fast on XLA:CPU, and the
     # sum of 24 block outputs is not rounded to bfloat16 at every step.
     x = jnp.reshape(x, (b, h * w, c)).astype(jnp.float32)
-    if self.classifier == "token":
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
-      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
+    if self.classifier in ("token", "token_distilled"):
+      tokens = [self.param("cls", nn.initializers.zeros, (1, 1, c))]
+      if distilled:  # DeiT's distillation token, right after the class token.
+        tokens.append(self.param("dist", nn.initializers.zeros, (1, 1, c)))
+      x = jnp.concatenate([jnp.tile(t.astype(x.dtype), (b, 1, 1)) for t in tokens] + [x], axis=1)
     x = Transformer(
         num_layers=self.num_layers,
         num_heads=self.num_heads,
@@ -257,6 +292,8 @@ class VisionTransformer(nn.Module):
         layers=layers,
         name="Transformer",
     )(x, train=train)
+    if distilled:
+      return self._distilled_heads(x[:, 0], x[:, 1], layers)
     x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
     if self.representation_size is not None:
       x = nn.tanh(layers.dense_module()(self.representation_size, dtype=self.dtype,
@@ -271,6 +308,18 @@ class VisionTransformer(nn.Module):
         name="head",
     )(x)
     return logits.astype(jnp.float32)
+
+  def _distilled_heads(self, cls, dist, layers):
+    """DeiT: the average of `head` on the class token and `head_dist` on the distillation one."""
+    if self.num_classes == 0:
+      return ((cls.astype(jnp.float32) + dist.astype(jnp.float32)) / 2)
+    head = functools.partial(
+        layers.dense_module(), self.num_classes, dtype=self.dtype,
+        kernel_init=_head_kernel_init(self.head_init),
+        bias_init=nn.initializers.constant(self.head_bias_init))
+    logits = (head(name="head")(cls).astype(jnp.float32)
+              + head(name="head_dist")(dist).astype(jnp.float32))
+    return logits / 2
 
 
 def _head_kernel_init(name: str):

@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from vit_jax_ft.models import bit as bit_lib
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
 
@@ -42,10 +43,11 @@ def vit_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
       "num_layers": sum(1 for k in blocks if re.fullmatch(r"encoderblock_\d+", k)),
       "num_heads": int(query.shape[1]),
       "mlp_dim": int(mlp.shape[-1]),
-      "classifier": "token" if "cls" in params else "gap",
+      "classifier": ("token_distilled" if "dist" in params else "token") if "cls" in params
+                    else "gap",
   }
   arch["name"] = _vit_preset_name(arch)
-  num_tokens = posemb.shape[1] - (1 if arch["classifier"] == "token" else 0)
+  num_tokens = posemb.shape[1] - vit_lib.num_prefix_tokens(arch["classifier"])
   grid = math.isqrt(num_tokens)
   arch["image_size"] = grid * arch["patch_size"] if grid * grid == num_tokens else None
   if "pre_logits" in params:
@@ -76,13 +78,36 @@ def resnet_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
   return arch
 
 
+def bit_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  """BiT architecture (units per stage, width factor) from a tree in our layout."""
+  stage_sizes = []
+  for i in range(1, 10):
+    n = sum(1 for k in params if re.fullmatch(rf"stage{i}_block\d+", k))
+    if not n:
+      break
+    stage_sizes.append(n)
+  width = int(params["conv_init"]["kernel"].shape[-1])
+  if width % 64:
+    raise ConversionError(f"Not a BiT parameter tree: root width {width} is not a multiple of 64.")
+  arch = {"family": "bit", "stage_sizes": stage_sizes, "width_factor": width // 64}
+  arch["name"] = bit_lib.preset_name(stage_sizes, arch["width_factor"])
+  return arch
+
+
 def from_params(params: Mapping[str, Any]) -> dict[str, Any]:
-  return vit_from_params(params) if "embedding" in params else resnet_from_params(params)
+  if "embedding" in params:
+    return vit_from_params(params)
+  if "norm_pre_head" in params:  # Only BiT's pre-activation ResNet has a norm before the head.
+    return bit_from_params(params)
+  return resnet_from_params(params)
 
 
 def _vit_preset_name(arch: Mapping[str, Any]) -> str:
+  # DeiT distilled presets have the sizes of plain ones; the classifier tells them apart.
+  distilled = arch.get("classifier") == "token_distilled"
   for name, preset in vit_lib.VIT_PRESETS.items():
-    if all(preset[k] == arch[k] for k in _VIT_FIELDS):
+    if (all(preset[k] == arch[k] for k in _VIT_FIELDS)
+        and vit_lib.is_distilled_preset(name) == distilled):
       return name
   return "vit"
 
@@ -106,12 +131,18 @@ def from_model(model: Any) -> dict[str, Any]:
             "name": next((n for n, (b, s) in resnet_lib.RESNET_PRESETS.items()
                           if b == model.block and tuple(s) == tuple(model.stage_sizes)
                           and model.width == 64), "resnet")}
+  if isinstance(model, bit_lib.BiT):
+    return {"family": "bit", "stage_sizes": list(model.stage_sizes),
+            "width_factor": model.width_factor,
+            "name": bit_lib.preset_name(model.stage_sizes, model.width_factor)}
   raise TypeError(f"Unsupported model type {type(model).__name__}")
 
 
 def describe(arch: Mapping[str, Any]) -> str:
   if arch["family"] == "vit":
     sizes = ", ".join(f"{k}={arch[k]}" for k in _VIT_FIELDS + ("classifier",))
+  elif arch["family"] == "bit":
+    sizes = f"BiT, stage_sizes={list(arch['stage_sizes'])}, width_factor={arch['width_factor']}"
   else:
     sizes = f"block={arch['block']}, stage_sizes={list(arch['stage_sizes'])}, width={arch['width']}"
   return f"{arch['name']} ({sizes})"
@@ -122,12 +153,12 @@ def mismatches(weights: Mapping[str, Any], model: Mapping[str, Any]) -> list[str
   if weights["family"] != model["family"]:
     return [f"the weights are a {weights['family']} ({describe(weights)}) but the model is a "
             f"{model['family']}: set model.name={weights['name']!r}"]
-  keys = (_VIT_FIELDS + ("classifier",) if weights["family"] == "vit"
-          else ("block", "stage_sizes", "width"))
+  keys = {"vit": _VIT_FIELDS + ("classifier",), "bit": ("stage_sizes", "width_factor")}.get(
+      weights["family"], ("block", "stage_sizes", "width"))
   out = []
   for k in keys:
     if list(_as_list(weights[k])) != list(_as_list(model[k])):
-      if weights["family"] == "vit" and (weights["name"] == "vit" or k == "classifier"):
+      if weights["name"] in ("vit", "bit") or k == "classifier":
         field, value = f"model.{k}", weights[k]
       else:
         field, value = "model.name", weights["name"]

@@ -12,6 +12,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 
+from vit_jax_ft.models import bit as bit_lib
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
 from vit_jax_ft.pretrained import conversion
@@ -25,6 +26,9 @@ def _model_for(metadata: dict):
         patch_size=arch["patch_size"], hidden_size=arch["hidden_size"],
         num_layers=arch["num_layers"], num_heads=arch["num_heads"], mlp_dim=arch["mlp_dim"],
         classifier=arch["classifier"], representation_size=arch.get("representation_size"))
+  elif arch["family"] == "bit":
+    cls, fields = bit_lib.BiT, dict(stage_sizes=tuple(arch["stage_sizes"]),
+                                    width_factor=arch["width_factor"])
   else:
     cls, fields = resnet_lib.ResNet, dict(
         block=arch["block"], stage_sizes=tuple(arch["stage_sizes"]), width=arch["width"])

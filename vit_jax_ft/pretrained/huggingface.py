@@ -1,6 +1,9 @@
-"""Hugging Face `transformers` ViT and ResNet folders (config.json + weights).
+"""Hugging Face `transformers` ViT, DeiT and ResNet folders (config.json + weights).
 
-Handles ViTModel / ViTForImageClassification and ResNetModel /
+Handles ViTModel / ViTForImageClassification, DeiT (`deit.` prefix; the
+distilled `DeiTForImageClassificationWithTeacher` adds `distillation_token`
+and two heads, `cls_classifier` and `distillation_classifier`, whose average
+it returns: our classifier='token_distilled') and ResNetModel /
 ResNetForImageClassification, in the names `save_pretrained` writes (and the
 renamed in-memory names of transformers 5: `layers.{i}.attention.q_proj`).
 `config.json` gives the options our model needs: HF ViTs use exact GELU and
@@ -46,6 +49,7 @@ def vit_rules(num_heads: int) -> tuple[conversion.Rule, ...]:
          "k_proj": "key", "v_proj": "value"}
   return (
       (r"embeddings\.cls_token", lambda m: Target("params/cls")),
+      (r"embeddings\.distillation_token", lambda m: Target("params/dist")),
       (r"embeddings\.position_embeddings",
        lambda m: Target("params/Transformer/posembed_input/pos_embedding")),
       (r"embeddings\.patch_embeddings\.projection\.weight",
@@ -68,7 +72,8 @@ def vit_rules(num_heads: int) -> tuple[conversion.Rule, ...]:
       (r"layernorm\.(weight|bias)",
        lambda m: Target("params/Transformer/encoder_norm/" + _NORM[m[1]])),
       (r"pooler\.dense\.(weight|bias)", lambda m: _dense("params/pre_logits", m[1])),
-      (r"classifier\.(weight|bias)", lambda m: _dense("params/head", m[1])),
+      (r"(?:cls_)?classifier\.(weight|bias)", lambda m: _dense("params/head", m[1])),
+      (r"distillation_classifier\.(weight|bias)", lambda m: _dense("params/head_dist", m[1])),
   )
 
 
@@ -141,14 +146,15 @@ def convert_folder(folder: str, *, source: str, strict: bool = True) -> conversi
   config = read_config(folder) or {}
   tensors = hub.read_folder_weights(folder)
   model_type = config.get("model_type") or _guess_model_type(tensors)
-  if model_type == "vit":
+  if model_type in ("vit", "deit"):  # DeiT was trained on ImageNet mean/std inputs.
+    default = "imagenet" if model_type == "deit" else "minus_one_to_one"
     return convert_vit(tensors, config, source=source, strict=strict,
-                       normalization=_preprocessing_normalization(folder, "minus_one_to_one"))
+                       normalization=_preprocessing_normalization(folder, default))
   if model_type == "resnet":
     return convert_resnet(tensors, config, source=source, strict=strict,
                           normalization=_preprocessing_normalization(folder, "imagenet"))
   raise conversion.ConversionError(
-      f"{folder}: model_type {model_type!r} is not supported (only 'vit' and 'resnet').")
+      f"{folder}: model_type {model_type!r} is not supported (only 'vit', 'deit' and 'resnet').")
 
 
 def _guess_model_type(tensors: tensor_files.TensorFile) -> str | None:
@@ -161,12 +167,12 @@ def _guess_model_type(tensors: tensor_files.TensorFile) -> str | None:
 
 def convert_vit(tensors: tensor_files.TensorFile, config: Mapping[str, Any], *, source: str,
                 strict: bool, normalization: str) -> conversion.Converted:
-  """HF ViT weights (+ config.json, ViTConfig defaults where it is silent)."""
+  """HF ViT or DeiT weights (+ config.json, ViTConfig defaults where it is silent)."""
   act = config.get("hidden_act", "gelu")
   if act not in _GELU_APPROXIMATE:
     raise conversion.ConversionError(f"{tensors.path}: hidden_act={act!r} is not supported "
                                      f"(one of {sorted(_GELU_APPROXIMATE)}).")
-  tensors = conversion.strip_prefix(tensors, ("vit.",))
+  tensors = conversion.strip_prefix(tensors, ("vit.", "deit."))
   hidden = tensors.shape("embeddings.cls_token")[-1]
   num_heads = int(config.get("num_attention_heads", _default_heads(hidden)))
   # mask_token only serves masked-image-modelling pretraining.

@@ -33,7 +33,7 @@ from vit_jax_ft.pretrained import tf_model_garden
 _POSEMB = "Transformer/posembed_input/pos_embedding"
 # Top-level modules that belong to the classifier, not the backbone: a new
 # head is always kept as initialised, an original one is reported, not loaded.
-_HEAD_MODULES = ("head",)
+_HEAD_MODULES = ("head", "head_dist")  # head_dist: DeiT's distillation head.
 _OPTIONAL_MODULES = ("pre_logits",)
 
 
@@ -120,14 +120,16 @@ def option_mismatches(model: Any, model_options: Mapping[str, Any]) -> list[str]
   return out
 
 
-def resize_posemb(posemb: np.ndarray, new_shape: tuple[int, ...], has_class_token: bool
+def resize_posemb(posemb: np.ndarray, new_shape: tuple[int, ...], has_class_token: bool | int
                   ) -> np.ndarray:
-  """Interpolates a [1, (1+)N, D] position embedding to another square grid.
+  """Interpolates a [1, (P+)N, D] position embedding to another square grid.
 
-  The class-token slot is kept; the grid is zoomed bilinearly with
-  `scipy.ndimage.zoom(order=1)`, as vit_jax's checkpoint loader does.
+  `has_class_token`: the number P of token slots before the grid (a bool
+  for 0 or 1; 2 for DeiT's class and distillation tokens). They are kept; the
+  grid is zoomed bilinearly with `scipy.ndimage.zoom(order=1)`, as vit_jax's
+  checkpoint loader does.
   """
-  num_prefix = 1 if has_class_token else 0
+  num_prefix = int(has_class_token)
   tok, grid = posemb[:, :num_prefix], posemb[0, num_prefix:]
   old, new = math.isqrt(grid.shape[0]), math.isqrt(new_shape[1] - num_prefix)
   if old * old != grid.shape[0] or new * new != new_shape[1] - num_prefix:
@@ -140,7 +142,7 @@ def resize_posemb(posemb: np.ndarray, new_shape: tuple[int, ...], has_class_toke
 
 
 def merge(model_tree: Mapping, ckpt_tree: Mapping, collection: str, report: LoadReport,
-          has_class_token: bool) -> dict:
+          has_class_token: bool | int) -> dict:
   """Fills `model_tree` (a collection's nested dict) from `ckpt_tree`."""
   model_flat = conversion.flatten(model_tree)
   ckpt_flat = conversion.flatten(ckpt_tree)
@@ -282,10 +284,11 @@ def load_for_finetuning(source: str, model: Any, params: Any, batch_stats: Any, 
   report.option_mismatch = option_mismatches(model, metadata["model_options"])
   report.unexpected.extend((f"source/{k}", ()) for k in metadata.get("unused_source_keys", []))
   _check_image_size(model, params, image_size)
-  has_cls = getattr(model, "classifier", "token") == "token"
-  new_params = merge(_to_plain(params), converted.params, "params", report, has_cls)
+  prefix = (vit_lib.num_prefix_tokens(model.classifier)
+            if isinstance(model, vit_lib.VisionTransformer) else 0)
+  new_params = merge(_to_plain(params), converted.params, "params", report, prefix)
   new_stats = merge(_to_plain(batch_stats or {}), converted.batch_stats, "batch_stats", report,
-                    has_cls)
+                    prefix)
   logging.info("Loaded pretrained weights from %s:\n%s", source, report)
   problems = report.problems()
   if problems:
@@ -305,7 +308,7 @@ def _check_image_size(model: Any, params: Mapping, image_size: int) -> None:
   if image_size % model.patch_size:
     raise PretrainedMismatchError(f"image_size={image_size} is not a multiple of the patch size "
                                   f"{model.patch_size}.")
-  tokens = (image_size // model.patch_size) ** 2 + (model.classifier == "token")
+  tokens = (image_size // model.patch_size) ** 2 + vit_lib.num_prefix_tokens(model.classifier)
   have = np.shape(params["Transformer"]["posembed_input"]["pos_embedding"])[1]
   if have != tokens:
     raise PretrainedMismatchError(

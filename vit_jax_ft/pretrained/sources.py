@@ -9,7 +9,7 @@ what it is, never from a flag:
 | folder with `config.json` holding `model_type` | Hugging Face transformers |
 | folder with `config.json` holding `architecture` | timm Hub folder |
 | folder with `model.json`, or a `model.json` file | Keras TF.js layers model |
-| `*.npz` | vit_jax / big_vision ViT |
+| `*.npz` | vit_jax / big_vision ViT, or BiT (`resnet/root_block/...`) |
 | `*.safetensors`, `*.bin`, `*.pth`, `*.pt` | HF, timm or torchvision, by tensor names |
 | `*.h5`, `*.hdf5` | Keras HDF5 |
 | `*.tar.gz`, folder with `checkpoint` / `*.index`, `ckpt-N` prefix, its `.index`/`.data-*` | TF Model Garden (TF checkpoint) |
@@ -22,6 +22,7 @@ import os
 import re
 
 from vit_jax_ft.pretrained import architecture
+from vit_jax_ft.pretrained import bit
 from vit_jax_ft.pretrained import completeness
 from vit_jax_ft.pretrained import conversion
 from vit_jax_ft.pretrained import hub
@@ -46,6 +47,7 @@ ORIGINS = {
     "keras_h5": "Keras Applications (HDF5)",
     "keras_tfjs": "Keras Applications (TF.js layers model)",
     tf_model_garden.FORMAT: tf_model_garden.ORIGIN,
+    bit.FORMAT: bit.ORIGIN,
 }
 # AugReg ('How to train your ViT') file names: Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-....npz
 _AUGREG_NAME = re.compile(r".*-i(1|21)k-\d+ep-lr_.*-aug_.*\.npz", re.I)
@@ -158,6 +160,8 @@ def _convert_file(path: str, fmt: str, strict: bool) -> conversion.Converted:
     return keras.convert_h5(path, source=path, strict=strict)
   tensors = tensor_files.read_tensor_file(path)
   if fmt == "npz":
+    if bit.is_bit_npz(tensors):
+      return bit.convert_npz(tensors, source=path, strict=strict)
     return vit_jax_npz.convert(tensors, source=path, strict=strict)
   return convert_state_dict(tensors, source=path, strict=strict)
 
@@ -166,14 +170,16 @@ def convert_state_dict(tensors: tensor_files.TensorFile, *, source: str, strict:
                        ) -> conversion.Converted:
   """A bare PyTorch-style state dict: HF, timm or torchvision, told by its names."""
   names = set(tensors)
-  if any(n.split(".")[0] in ("vit", "resnet", "embeddings", "embedder") for n in names):
+  if any(n.split(".")[0] in ("vit", "deit", "resnet", "embeddings", "embedder") for n in names):
     config = _sibling_config(tensors.path)
     if any("patch_embeddings" in n for n in names):
+      deit = any(n.startswith("deit.") for n in names)  # DeiT: ImageNet mean/std inputs.
       return huggingface.convert_vit(tensors, config, source=source, strict=strict,
-                                     normalization="minus_one_to_one")
+                                     normalization="imagenet" if deit else "minus_one_to_one")
     return huggingface.convert_resnet(tensors, config, source=source, strict=strict,
                                       normalization="imagenet")
-  if timm.is_vit_state_dict(conversion.strip_prefix(tensors, ("model.",))):
+  if timm.is_vit_state_dict(conversion.strip_prefix(tensors, ("model.",))) or \
+      bit.is_timm_state_dict(conversion.strip_prefix(tensors, ("model.",))):
     return timm.convert_state_dict(tensors, source=source, strict=strict)
   if torchvision.is_resnet_state_dict(names):
     return torchvision.convert(tensors, source=source, strict=strict)

@@ -1,14 +1,18 @@
-"""timm state dicts: `vit_*_patch*` VisionTransformers and resnet50-style ResNets.
+"""timm state dicts: `vit_*_patch*` VisionTransformers, resnet50-style ResNets, BiT ResNetV2s.
 
 timm ViT names: `cls_token`, `pos_embed` (class token slot included unless the
 model was built with `no_embed_class`), `patch_embed.proj`, `blocks.{i}.norm1`,
 `attn.qkv` (query, key and value fused as one [3D, D] Linear, in that order),
-`attn.proj`, `norm2`, `mlp.fc1/fc2`, `norm`, `head`. timm ViTs use exact GELU
+`attn.proj`, `norm2`, `mlp.fc1/fc2`, `norm`, `head`; the distilled DeiTs
+(`deit_*_distilled_patch16_224`) add `dist_token` after the class token and
+`head_dist` (our classifier='token_distilled'). timm ViTs use exact GELU
 and LayerNorm epsilon 1e-6. Models our ViT cannot express (layer scale
 `ls1`/`ls2`, `fc_norm` after pooling, register tokens, ...) leave tensors
 unmapped and are refused.
 
-timm ResNets share torchvision's names (see torchvision.py). A timm Hub folder
+timm ResNets share torchvision's names (see torchvision.py). timm's BiT ResNetV2s (`resnetv2_50x1_bit`, ...) are converted by bit.py.
+
+A timm Hub folder
 (`config.json` with `architecture` and `pretrained_cfg`) also says the input
 normalisation and the class count.
 """
@@ -22,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from vit_jax_ft.pretrained import bit
 from vit_jax_ft.pretrained import conversion
 from vit_jax_ft.pretrained import hub
 from vit_jax_ft.pretrained import huggingface
@@ -49,6 +54,7 @@ def vit_rules(num_heads: int) -> tuple[conversion.Rule, ...]:
   att_in, att_out = conversion.attention_in(num_heads), conversion.attention_out(num_heads)
   return (
       (r"cls_token", lambda m: Target("params/cls")),
+      (r"dist_token", lambda m: Target("params/dist")),
       (r"pos_embed", lambda m: Target("params/Transformer/posembed_input/pos_embedding")),
       (r"patch_embed\.proj\.weight", lambda m: Target("params/embedding/kernel",
                                                        conversion.torch_conv)),
@@ -69,6 +75,7 @@ def vit_rules(num_heads: int) -> tuple[conversion.Rule, ...]:
       (r"norm\.(weight|bias)", lambda m: Target("params/Transformer/encoder_norm/" + _NORM[m[1]])),
       (r"pre_logits\.fc\.(weight|bias)", lambda m: _dense("params/pre_logits", m[1])),
       (r"head\.(weight|bias)", lambda m: _dense("params/head", m[1])),
+      (r"head_dist\.(weight|bias)", lambda m: _dense("params/head_dist", m[1])),
   )
 
 
@@ -154,21 +161,29 @@ def convert_state_dict(tensors: tensor_files.TensorFile, *, source: str, strict:
   """A timm ViT or ResNet state dict, told apart by its names."""
   tensors = conversion.strip_prefix(tensors, ("model.",))
   if is_vit_state_dict(tensors):
+    # timm's DeiTs (distilled ones have dist_token) expect ImageNet mean/std inputs.
+    default = "imagenet" if "dist_token" in tensors else VIT_NORMALIZATION
     return convert_vit(tensors, source=source, strict=strict,
-                       normalization=normalization or VIT_NORMALIZATION, **kwargs)
+                       normalization=normalization or default, **kwargs)
+  if bit.is_timm_state_dict(tensors):
+    return bit.convert_timm(tensors, source=source, strict=strict,
+                            normalization=normalization or bit.NORMALIZATION)
   if torchvision.is_resnet_state_dict(tensors):
     return torchvision.convert(tensors, source=source, strict=strict, fmt="timm",
                                normalization=normalization or torchvision.NORMALIZATION)
-  raise conversion.ConversionError(f"{tensors.path} is neither a timm ViT nor a ResNet state "
-                                   f"dict; found e.g. {sorted(tensors)[:6]}")
+  raise conversion.ConversionError(f"{tensors.path} is neither a timm ViT, a ResNet nor a BiT "
+                                   f"ResNetV2 state dict; found e.g. {sorted(tensors)[:6]}")
 
 
 def convert_folder(folder: str, *, source: str, strict: bool = True) -> conversion.Converted:
-  """A timm Hub folder: config.json (architecture, pretrained_cfg) + weights."""
+  """timm's BiT ResNetV2s (`resnetv2_50x1_bit`, ...) are converted by bit.py.
+
+A timm Hub folder: config.json (architecture, pretrained_cfg) + weights."""
   with open(os.path.join(folder, "config.json")) as f:
     config: dict[str, Any] = json.load(f)
   cfg = config.get("pretrained_cfg", {})
-  family_default = "minus_one_to_one" if config["architecture"].startswith("vit") else "imagenet"
+  family_default = ("minus_one_to_one" if config["architecture"].startswith("vit")
+                    or config["architecture"].endswith("_bit") else "imagenet")
   normalization = huggingface.normalization_from_mean_std(
       cfg.get("mean"), cfg.get("std"), family_default)
   tensors = hub.read_folder_weights(folder)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax_ft.models import bit as bit_lib
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
 
@@ -71,13 +72,15 @@ def vit_maps(model: nn.Module, variables: dict, images: jax.Array) -> tuple[jax.
   """(logits, {'attention rollout', 'last-layer class-token attention'}) on the patch grid.
 
   With classifier='gap' there is no class token: the maps average over all
-  query tokens instead.
+  query tokens instead. A DeiT distilled ViT's maps are its class token's.
   """
   logits, attentions = vit_attentions(model, variables, images)
   rollout = attention_rollout(attentions)
   last = attentions[-1].mean(axis=1)
-  if model.classifier == "token":
-    rows_rollout, rows_last = rollout[:, 0, 1:], last[:, 0, 1:]
+  if model.classifier in ("token", "token_distilled"):
+    # The class token's row over the patches (after DeiT's distillation token, if any).
+    p = vit_lib.num_prefix_tokens(model.classifier)
+    rows_rollout, rows_last = rollout[:, 0, p:], last[:, 0, p:]
     names = ("attention rollout", "last-layer [CLS] attention")
   else:
     rows_rollout, rows_last = rollout.mean(axis=1), last.mean(axis=1)
@@ -135,7 +138,7 @@ def make_explainer(model: nn.Module, multilabel: bool = False):
   """A jitted (variables, images) -> (logits, {map name: [B, h, w]}) for a ViT or a ResNet."""
   if is_vit(model):
     return jax.jit(functools.partial(vit_maps, model))
-  if isinstance(model, resnet_lib.ResNet):
+  if isinstance(model, (resnet_lib.ResNet, bit_lib.BiT)):
     name = f"Grad-CAM ({last_block_name(model).split('_')[0]})"
 
     def resnet_maps(variables, images):

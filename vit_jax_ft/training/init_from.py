@@ -89,8 +89,11 @@ def load_head(config: ml_collections.ConfigDict, state, info: dict, workdir: str
   _warn_other_backbone(source, workdir)
   logging.info("Head initialised from %s (best checkpoint, step %d): %s.", source,
                checkpoint.step, ", ".join(f"{k} {v}" for k, v in shapes.items()))
-  head = jax.tree.map(lambda x, f: np.asarray(x, np.asarray(f).dtype), head, fresh)
-  return state.replace(params={**state.params, "head": head})
+  cast = lambda tree: jax.tree.map(lambda x, f: np.asarray(x, np.asarray(f).dtype), tree, fresh)
+  heads = {"head": cast(head)}
+  if "head_dist" in state.params:  # DeiT distilled: both heads (see models/vit.py).
+    heads["head_dist"] = cast(checkpoint.variables["params"].get("head_dist", head))
+  return state.replace(params={**state.params, **heads})
 
 
 def _warn_other_backbone(source: str, workdir: str) -> None:

@@ -189,6 +189,8 @@ def make_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule,
 # ----------------------------------------------------------------------------
 
 HEAD_PREFIX = "head/"
+# DeiT's distillation head is a head too (trained in head_only_steps, top layer).
+HEAD_PREFIXES = (HEAD_PREFIX, "head_dist/")
 _VIT_BLOCK = re.compile(r"^Transformer/encoderblock_(\d+)/")
 _RESNET_STAGE = re.compile(r"^stage(\d+)_block\d+/")
 
@@ -261,18 +263,19 @@ def parse_mults(field: str, text: str) -> list[tuple[str, re.Pattern, float]]:
 def layer_ids(paths: list[str]) -> tuple[dict[str, int], int]:
   """Each parameter's layer for optimizer.layer_decay, and the top layer L + 1.
 
-  ViT: patch embedding, class token and position embedding are layer 0,
+  ViT: patch embedding, class (and DeiT distillation) token and position embedding are layer 0,
   encoder block i is i + 1, the final norm, pre-logits and head L + 1.
-  ResNet: the stem (conv_init, bn_init) is 0, stage s is s, the head L + 1
-  (L stages).
+  ResNet and BiT: the stem (conv_init, bn_init) is 0, stage s is s, BiT's
+  norm_pre_head and the head L + 1 (L stages).
   """
   if any(p.startswith("Transformer/") for p in paths):  # ViT: block i is layer i + 1.
     scan, offset = _VIT_BLOCK, 1
     bottom = ("embedding/", "Transformer/posembed_input/")
-    upper = ("Transformer/encoder_norm/", "pre_logits/", HEAD_PREFIX)
+    upper = ("Transformer/encoder_norm/", "pre_logits/") + HEAD_PREFIXES
   elif any(p.startswith("conv_init/") for p in paths):  # ResNet: stage s is layer s.
     scan, offset = _RESNET_STAGE, 0
-    bottom, upper = ("conv_init/", "bn_init/"), (HEAD_PREFIX,)
+    # BiT's pre-activation ResNet has a GroupNorm before the head (norm_pre_head).
+    bottom, upper = ("conv_init/", "bn_init/"), ("norm_pre_head/", HEAD_PREFIX)
   else:
     raise ValueError("optimizer.layer_decay needs a ViT or ResNet parameter tree; found "
                      f"neither ({', '.join(paths[:3])}, ...).")
@@ -282,7 +285,7 @@ def layer_ids(paths: list[str]) -> tuple[dict[str, int], int]:
     m = scan.match(p)
     if m:
       ids[p] = int(m.group(1)) + offset
-    elif p == "cls" or p.startswith(bottom):
+    elif p in ("cls", "dist") or p.startswith(bottom):
       ids[p] = 0
     elif p.startswith(upper):
       ids[p] = top
@@ -385,7 +388,7 @@ def param_groups(opt: ml_collections.ConfigDict, params: Any,
   if len(frozen) == len(paths):
     raise ValueError(f"optimizer.freeze={opt.freeze!r} freezes every parameter; nothing "
                      "would train.")
-  head = {p for p in paths if p.startswith(HEAD_PREFIX)}
+  head = {p for p in paths if p.startswith(HEAD_PREFIXES)}
   if opt.head_only_steps > 0 and not head - frozen:
     raise ValueError(
         f"optimizer.head_only_steps={opt.head_only_steps} first trains only the 'head/' "

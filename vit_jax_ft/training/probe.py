@@ -330,7 +330,11 @@ def run_probe(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if (np.shape(head["kernel"]), np.shape(head["bias"])) != (kernel.shape, bias.shape):
     raise ValueError(f"Fitted head {kernel.shape} does not fit the model's head "
                      f"{np.shape(head['kernel'])}.")
-  state = state.replace(params={**state.params, "head": {"kernel": kernel, "bias": bias}})
+  fitted = {"kernel": kernel, "bias": bias}
+  # A DeiT distilled ViT averages head and head_dist over features that are the average of
+  # its two tokens: the fitted head in both is exactly the probe.
+  heads = {name: fitted for name in ("head", "head_dist") if name in state.params}
+  state = state.replace(params={**state.params, **heads})
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   state = jax.device_put(state, device)
   _save_checkpoints(config, workdir, state, chosen[f"val_{config.best_metric}"])
