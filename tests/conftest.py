@@ -8,6 +8,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # pylint: disable=g-import-not-at-top
 
+# torch's CUDA wheels bring triton, which torchvision and timm load (through
+# torch._dynamo); its LLVM segfaults the process when it loads after
+# TensorFlow's, as it would in a full run (the input pipeline imports
+# TensorFlow first). Loaded first, both work; 0.1 s.
+try:
+  import triton  # pylint: disable=g-import-not-at-top,unused-import
+except ImportError:
+  pass
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 

@@ -268,9 +268,12 @@ def with_current_schema(recorded: dict, source: str) -> ml_collections.ConfigDic
   """
   model = recorded.get("model") or {}
   try:
-    model_defaults = (base_config.vit_model_config(model.get("name", "vit_b16"))
-                      if "patch_size" in model
-                      else base_config.resnet_model_config(model.get("name", "resnet50")))
+    if "patch_size" in model:
+      model_defaults = base_config.vit_model_config(model.get("name", "vit_b16"))
+    elif "variant" in model or "name" not in model:
+      model_defaults = base_config.resnet_model_config(model.get("name", "resnet50"))
+    else:
+      model_defaults = base_config.model_config(model["name"])
   except ValueError:  # A model name this version does not know: the recorded fields only.
     model_defaults = ml_collections.ConfigDict()
   defaults = base_config.get_base_config().to_dict() | {"model": model_defaults.to_dict()}

@@ -151,7 +151,17 @@ def vit_config(model: vit_lib.VisionTransformer, image_size: int) -> dict[str, A
   }
 
 
+# What the refusals below tell a user of a family transformers cannot take from us yet.
+_WHAT_EXPORTS = ("--format=huggingface exports ViT and ResNet-18/34/50/101/152 runs (the only "
+                 "export format); the run's own checkpoint (WORKDIR/checkpoints) works as is "
+                 "with vit_jax_ft.evaluate, predict and explain, and as init_from")
+
+
 def resnet_config(model: resnet_lib.ResNet) -> dict[str, Any]:
+  if model.groups != 1:
+    raise ExportError(
+        f"Hugging Face transformers has no ResNeXt (its ResNet has no grouped convolutions; "
+        f"this model has groups={model.groups}): {_WHAT_EXPORTS}.")
   if model.conv_bias or not np.isclose(model.bn_epsilon, 1e-5, rtol=1e-9, atol=0):
     raise ExportError(
         "Hugging Face ResNet has no conv biases and BatchNorm epsilon 1e-5; this model has "
@@ -190,6 +200,9 @@ def export_huggingface(workdir: str, out_dir: str, *, step: int | None = None) -
   image_size = int(config.data.image_size)
   if isinstance(model, vit_lib.VisionTransformer):
     hf_config, state = vit_config(model, image_size), vit_state_dict(params)
+  elif not isinstance(model, resnet_lib.ResNet):
+    raise ExportError(f"Exporting a {type(model).__name__} ({config.model.name}) to Hugging Face "
+                      f"is not supported yet: {_WHAT_EXPORTS}.")
   else:
     hf_config, state = resnet_config(model), resnet_state_dict(params, batch_stats)
   names = class_names(config, workdir, num_classes)
