@@ -30,6 +30,7 @@ from vit_jax_ft.pretrained import testing
 from vit_jax_ft.reports import saliency
 from vit_jax_ft.training import train
 
+from test_pretrained_export import CLASSES, TrainState, _check_transformers_parity, _config  # pylint: disable=g-bad-import-order
 from test_train import tiny_demo_config  # pylint: disable=g-bad-import-order
 
 torch = pytest.importorskip("torch")
@@ -344,8 +345,9 @@ def test_finetune_from_a_torchvision_regnet_checkpoint(tmp_path):
   run_config = workdir_lib.load_config(str(workdir))
   assert run_config.model.bn_epsilon == 1e-5
   assert run_config.data.normalization == "imagenet"
-  with pytest.raises(hf_export.ExportError, match="ViT and ResNet-18/34/50/101/152"):
-    hf_export.export_huggingface(str(workdir), str(tmp_path / "hf"))
+  hf_export.export_huggingface(str(workdir), str(tmp_path / "hf"))
+  hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  assert (hf_config["model_type"], hf_config["layer_type"]) == ("regnet", "x")
   # Grad-CAM on the last block (stage 4 of regnetx_400mf: 1x1 at 32 px, 2x2 at 64).
   written = explain.explain(str(workdir), str(tmp_path / "explain"), split="test", num_images=1)
   assert len(written) == 1 and os.path.getsize(written[0]) > 5000
@@ -353,3 +355,67 @@ def test_finetune_from_a_torchvision_regnet_checkpoint(tmp_path):
   variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
   _, maps = saliency.explain_batch(model, variables, np.ones((1, 64, 64, 3), np.float32))
   assert list(maps) == ["Grad-CAM (stage4)"] and maps["Grad-CAM (stage4)"].shape == (1, 2, 2)
+
+
+def test_export_loads_in_transformers_and_converts_back(tmp_path):
+  """A workdir holding a converted (perturbed, random) torchvision regnet_y_400mf with a 3-class head."""
+  import optax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(2)
+  torch.save(_perturbed(torchvision.models.regnet_y_400mf(num_classes=3)).state_dict(),
+             str(tmp_path / "w.pth"))
+  converted = pretrained.convert(str(tmp_path / "w.pth"))
+  params, batch_stats = converted.params, converted.batch_stats
+  config = _config(base_config.regnet_model_config("regnety_400mf"), SIZE)
+  model = models.create_model(config.model, 3, jnp.float32)
+  run = tmp_path / "run"
+  (run / "data").mkdir(parents=True)
+  (run / "config.json").write_text(config.to_json_best_effort(indent=2))
+  (run / "data" / "dataset_info.json").write_text(json.dumps({"class_names": CLASSES,
+                                                               "multilabel": False}))
+  with ocp.CheckpointManager(str(run / "checkpoints")) as manager:
+    manager.save(7, args=ocp.args.StandardSave(TrainState(
+        step=jnp.asarray(7), params=params, batch_stats=batch_stats,
+        opt_state=optax.adamw(1e-3).init(params), rng=jax.random.PRNGKey(1))))
+    manager.wait_until_finished()
+  out = str(tmp_path / "hf")
+  hf_export.export_huggingface(str(tmp_path / "run"), out)
+  _check_transformers_parity(model, params, batch_stats, out,
+                             transformers.RegNetForImageClassification, SIZE, "imagenet")
+  back = pretrained.convert(out)
+  assert (back.metadata["format"], back.metadata["class_names"]) == ("huggingface", CLASSES)
+  assert back.metadata["architecture"]["name"] == "regnety_400mf"
+  for ours, theirs in ((params, back.params), (batch_stats, back.batch_stats)):
+    for path, value in flax.traverse_util.flatten_dict(ours, sep="/").items():
+      np.testing.assert_array_equal(flax.traverse_util.flatten_dict(theirs, sep="/")[path], value)
+
+
+def test_export_refuses_what_transformers_cannot_express():
+  model = regnet.RegNet(num_classes=3, **regnet.regnet_preset("regnetx_8gf"))
+  with pytest.raises(hf_export.ExportError, match=r"one group width.*\[80, 120, 120, 120\]"):
+    hf_export.regnet_config(model)
+  with pytest.raises(hf_export.ExportError, match="epsilon 1e-5.*ViT, ResNet-18"):
+    hf_export.regnet_config(model.clone(group_widths=(8,) * 4, bn_epsilon=1e-3))
+  assert hf_export.regnet_config(model.clone(group_widths=(8,) * 4))["layer_type"] == "x"
+
+
+def test_huggingface_regnet_folder_matches_transformers(tmp_path):
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  hf_model = transformers.RegNetForImageClassification(transformers.RegNetConfig(
+      embedding_size=16, hidden_sizes=[16, 24, 40, 64], depths=[1, 2, 2, 1], groups_width=8,
+      layer_type="y", num_labels=4))
+  testing.perturb_torch_model(_louder_head(hf_model), seed=5)
+  hf_model.save_pretrained(str(tmp_path / "hf"))
+  converted = pretrained.convert(str(tmp_path / "hf"))
+  arch = converted.metadata["architecture"]
+  assert (arch["depths"], arch["widths"], arch["se_ratio"]) == ([1, 2, 2, 1], [16, 24, 40, 64], 0.25)
+  model = regnet.RegNet(num_classes=4, **{k: arch[k] for k in (
+      "depths", "widths", "group_widths", "se_ratio", "bottleneck_ratio", "stem_width")})
+  x = normalization_lib.normalize(testing.photos(SIZE), "imagenet")
+  logits = np.asarray(model.apply({"params": converted.params,
+                                   "batch_stats": converted.batch_stats}, x, train=False))
+  with torch.no_grad():
+    ref = hf_model(testing.torch_nchw(x)).logits.numpy()
+  testing.assert_logits_match("transformers tiny RegNetY", logits, ref, ATOL)

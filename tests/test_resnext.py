@@ -6,6 +6,10 @@ through `pretrained.convert` and our logits must match theirs within 1e-4
 (float32). 64 px images keep the full-size models fast.
 """
 
+import json
+import os
+import re
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -13,14 +17,19 @@ import numpy as np
 import pytest
 
 from vit_jax_ft import base_config
+from vit_jax_ft import explain
 from vit_jax_ft import models
 from vit_jax_ft import pretrained
 from vit_jax_ft.inputs import normalization as normalization_lib
 from vit_jax_ft.models import layer_impl
 from vit_jax_ft.models import resnet
 from vit_jax_ft.pretrained import architecture
+from vit_jax_ft.pretrained import hf_export
 from vit_jax_ft.pretrained import testing
 from vit_jax_ft.reports import saliency
+from vit_jax_ft.training import train
+
+from test_train import tiny_demo_config  # pylint: disable=g-bad-import-order
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -200,3 +209,34 @@ def test_layer_impls_resolve_for_grouped_convs_on_every_backend():
     params = conv(8, (3, 3), feature_group_count=4).init(jax.random.key(0),
                                                           jnp.zeros((1, 5, 5, 8)))
     assert params["params"]["kernel"].shape == (3, 3, 2, 8)
+
+
+def test_finetune_from_a_torchvision_resnext_checkpoint(tmp_path):
+  """Digits from a converted torchvision resnext50_32x4d: strict load, Grad-CAM, export refused."""
+  torch.manual_seed(0)
+  path = tmp_path / "resnext50_32x4d.pth"
+  torch.save(_perturbed(torchvision.models.resnext50_32x4d(), 1).state_dict(), str(path))
+  config = tiny_demo_config(total_steps=2, **{"optimizer.warmup_steps": 1, "optimizer.lr": 1e-4,
+                                              "eval_every_steps": 2, "batch_size": 8,
+                                              "dtype": "bfloat16"})
+  config.model = base_config.resnet_model_config("resnext50_32x4d")
+  config.init_from = str(path)
+  config.init_cache_dir = str(tmp_path / "cache")
+  config.data.normalization = "auto"
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, str(workdir))
+  record = json.loads((workdir / "pretrained.json").read_text())
+  assert record["metadata"]["architecture"]["name"] == "resnext50_32x4d"
+  for row in ("missing from checkpoint", "unexpected in checkpoint", "shape mismatch"):
+    assert re.search(rf"{row}\s+0\s+0", record["report"]), record["report"]
+  # Every backbone value: 25,028,904 parameters less the 2048 x 1000 head, and BN statistics.
+  model = resnet.ResNet(num_classes=10, **resnet.resnet_preset("resnext50_32x4d"))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                             train=False))
+  loaded = re.search(r"loaded\s+\d+\s+([\d,]+)", record["report"])
+  assert int(loaded[1].replace(",", "")) == (25_028_904 - 2_049_000
+                                             + _num_params(shapes["batch_stats"]))
+  written = explain.explain(str(workdir), str(tmp_path / "explain"), split="test", num_images=1)
+  assert len(written) == 1 and os.path.getsize(written[0]) > 5000
+  with pytest.raises(hf_export.ExportError, match="no ResNeXt.*groups=32"):
+    hf_export.export_huggingface(str(workdir), str(tmp_path / "hf"))

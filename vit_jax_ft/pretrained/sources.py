@@ -178,7 +178,8 @@ def convert_state_dict(tensors: tensor_files.TensorFile, *, source: str, strict:
     return timm.convert_state_dict(tensors, source=source, strict=strict)
   if torchvision.is_resnet_state_dict(names):
     return torchvision.convert(tensors, source=source, strict=strict)
-  if regnet.is_torchvision_regnet(names) or regnet.is_timm_regnet(names):
+  if (regnet.is_torchvision_regnet(names) or regnet.is_timm_regnet(names)
+      or regnet.is_huggingface_regnet(names)):
     return regnet.convert(tensors, source=source, strict=strict)
   raise conversion.ConversionError(
       f"{tensors.path}: not a ViT, ResNet/ResNeXt or RegNet state dict in a known layout "
