@@ -419,3 +419,17 @@ def test_huggingface_regnet_folder_matches_transformers(tmp_path):
   with torch.no_grad():
     ref = hf_model(testing.torch_nchw(x)).logits.numpy()
   testing.assert_logits_match("transformers tiny RegNetY", logits, ref, ATOL)
+
+
+def test_mismatched_weights_name_the_preset_to_set():
+  def arch(preset):
+    return architecture.from_model(regnet.RegNet(num_classes=1, **regnet.regnet_preset(preset)))
+
+  problems = architecture.mismatches(arch("regnetx_400mf"), arch("regnety_400mf"))
+  assert problems and all("set model.name='regnetx_400mf'" in p for p in problems)
+  resnet50 = architecture.from_model(models.resnet.ResNet(
+      num_classes=1, **models.resnet.resnet_preset("resnet50")))
+  assert architecture.mismatches(resnet50, arch("regnety_400mf")) == [
+      "the weights are a resnet (resnet50 (block=bottleneck, stage_sizes=[3, 4, 6, 3], "
+      "width=64)) but the model is a regnet: set model.name='resnet50'"]
+  assert "group_widths=[8, 8, 8, 8], se_ratio=0.25" in architecture.describe(arch("regnety_400mf"))
