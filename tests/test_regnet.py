@@ -273,12 +273,13 @@ def test_layer_impls_bfloat16_and_remat_agree():
   for kwargs in ({"layer_impl": "flax"}, {"remat": True}):
     (_, out), grads = loss_and_grads(_tiny_regnet(**kwargs))
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-      np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):  # float32 rounding only
+      np.testing.assert_allclose(a, b, atol=1e-5 * float(np.abs(b).max()), rtol=1e-4)
   assert np.abs(ref_grads["stage2_block1"]["se"]["fc1"]["kernel"]).max() > 0
-  full = _tiny_regnet().apply(variables, x, train=False)
+  full = jax.jit(lambda v: _tiny_regnet().apply(v, x, train=False))(variables)
   for impl in ("project", "flax"):
-    low = _tiny_regnet(dtype=jnp.bfloat16, layer_impl=impl).apply(variables, x, train=False)
+    low = jax.jit(lambda v, m=_tiny_regnet(dtype=jnp.bfloat16, layer_impl=impl): m.apply(
+        v, x, train=False))(variables)
     assert low.dtype == jnp.float32
     np.testing.assert_allclose(low, full, atol=0.05 * float(jnp.abs(full).max()))
 
@@ -320,9 +321,9 @@ def test_finetune_from_a_torchvision_regnet_checkpoint(tmp_path):
   torch.manual_seed(0)
   path = tmp_path / "regnet_x_400mf.pth"
   torch.save(_perturbed(torchvision.models.regnet_x_400mf()).state_dict(), str(path))
-  config = tiny_demo_config(total_steps=4, **{"optimizer.warmup_steps": 1,
+  config = tiny_demo_config(total_steps=2, **{"optimizer.warmup_steps": 1,
                                               "optimizer.lr": 1e-4,
-                                              "eval_every_steps": 4, "batch_size": 16})
+                                              "eval_every_steps": 2, "batch_size": 8})
   config.model = base_config.regnet_model_config("regnetx_400mf")
   config.model.bn_epsilon = 1e-3  # The weights' own 1e-5 must win (init_model_options).
   config.init_from = str(path)

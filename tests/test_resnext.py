@@ -155,11 +155,12 @@ def test_grouped_conv_gives_the_same_numbers_in_both_layer_impls():
                             mutable=["batch_stats"])
     return jnp.sum(logits ** 2), logits
 
-  (l1, out1), g1 = jax.value_and_grad(loss, has_aux=True)(variables["params"], project)
-  (l2, out2), g2 = jax.value_and_grad(loss, has_aux=True)(variables["params"], flax_model)
+  grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (_, out1), g1 = grad_fn(variables["params"], project)
+  (_, out2), g2 = grad_fn(variables["params"], flax_model)
   np.testing.assert_allclose(out1, out2, atol=1e-5, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):  # float32 rounding only
+    np.testing.assert_allclose(a, b, atol=1e-5 * float(np.abs(b).max()), rtol=1e-4)
   assert np.abs(g1["stage1_block1"]["conv2"]["kernel"]).max() > 0
 
 
@@ -175,13 +176,13 @@ def test_bfloat16_and_remat():
     np.testing.assert_allclose(low, ref, atol=0.05 * float(jnp.abs(ref).max()))
 
   def grads(model):
-    return jax.grad(lambda p: jnp.sum(model.apply({**variables, "params": p}, x, train=True,
-                                                  mutable=["batch_stats"])[0] ** 2))(
+    return jax.jit(jax.grad(lambda p: jnp.sum(model.apply({**variables, "params": p}, x, train=True,
+                                                  mutable=["batch_stats"])[0] ** 2)))(
                                                       variables["params"])
 
   for a, b in zip(jax.tree.leaves(grads(_tiny_resnext())),
                   jax.tree.leaves(grads(_tiny_resnext(remat=True)))):
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(a, b, atol=1e-5 * float(np.abs(b).max()), rtol=1e-5)
 
 
 def test_create_model_and_config():
