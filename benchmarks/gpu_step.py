@@ -252,7 +252,7 @@ def _torch_model(name: str):
         patch_size=arch["patch_size"], image_size=_IMAGE.value, num_labels=NUM_CLASSES))
   else:
     preset = "resnet18" if _TINY.value else name
-    block, depths = resnet.RESNET_PRESETS[preset]
+    block, depths = resnet.RESNET_PRESETS[preset][:2]
     hf = transformers.ResNetForImageClassification(transformers.ResNetConfig(
         depths=list(depths), layer_type="basic" if block == "basic" else "bottleneck",
         hidden_sizes=[64, 128, 256, 512] if block == "basic" else [256, 512, 1024, 2048],

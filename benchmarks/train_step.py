@@ -29,7 +29,8 @@ from vit_jax_ft.training import losses
 from vit_jax_ft.training import optim
 from vit_jax_ft.training import steps
 
-_MODEL = flags.DEFINE_string("model", "vit_b16", "vit_b16 | resnet50 | any model.name")
+_MODEL = flags.DEFINE_string("model", "vit_b16", "vit_b16 | resnet50 | resnext50_32x4d | "
+                             "regnety_400mf | any model.name")
 _BATCH = flags.DEFINE_integer("batch", 8, "Batch size.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16", "float16"],
                            "Compute dtype.")
@@ -72,8 +73,7 @@ def peak_matmul_tflops(dtype) -> float:
 
 def _setup(model_name, batch, dtype, image_size, remat=False):
   """(jitted step, state, batch, model) for a 1000-class model."""
-  cfg = (base_config.resnet_model_config(model_name) if model_name.startswith("resnet")
-         else base_config.vit_model_config(model_name))
+  cfg = base_config.model_config(model_name)
   cfg.remat = remat
   model = models.create_model(cfg, 1000, _DTYPES[dtype])
   opt = base_config.get_base_config().optimizer
@@ -118,15 +118,32 @@ def jax_train_step(model_name, batch, dtype, image_size):
   return seconds, flops, eval_rate
 
 
+def _torchvision_name(model_name: str) -> str | None:
+  """torchvision's name for a ResNeXt or RegNet model.name ('regnety_400mf' -> 'regnet_y_400mf')."""
+  if model_name.startswith("resnext"):
+    return model_name
+  if model_name.startswith(("regnetx_", "regnety_")):
+    return f"regnet_{model_name[6]}_{model_name[8:]}"
+  return None
+
+
 def torch_train_step(model_name, batch, dtype, image_size):
-  """Seconds per AdamW step of the Hugging Face model, or None if unavailable."""
+  """Seconds per AdamW step of the Hugging Face (ResNeXt, RegNet: torchvision) model, or None."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
   torch.manual_seed(0)
-  if model_name.startswith("vit"):
+  logits = lambda model, x: model(pixel_values=x).logits
+  if _torchvision_name(model_name):
+    try:
+      import torchvision  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      return None
+    model = getattr(torchvision.models, _torchvision_name(model_name))(num_classes=1000)
+    logits = lambda model, x: model(x)
+  elif model_name.startswith("vit"):
     sizes = {"vit_b16": (768, 12, 12, 3072, 16), "vit_s16": (384, 12, 6, 1536, 16),
              "vit_ti16": (192, 12, 3, 768, 16), "vit_b32": (768, 12, 12, 3072, 32),
              "vit_l16": (1024, 24, 16, 4096, 16)}[model_name]
@@ -145,7 +162,7 @@ def torch_train_step(model_name, batch, dtype, image_size):
 
   def run():
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-      loss = torch.nn.functional.cross_entropy(model(pixel_values=x).logits, y)
+      loss = torch.nn.functional.cross_entropy(logits(model, x), y)
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -176,7 +193,7 @@ def run_cell(name: str, batch: int, dtype: str) -> dict:
       print("pytorch: not installed (pip install torch==2.13.0 transformers)")
     else:
       cell["torch_img_s"] = batch / torch_seconds
-      print(f"pytorch (HF, AdamW{', autocast bf16' if dtype == 'bfloat16' else ''}): "
+      print(f"pytorch ({'torchvision' if _torchvision_name(name) else 'HF'}, AdamW{', autocast bf16' if dtype == 'bfloat16' else ''}): "
             f"{torch_seconds * 1e3:.1f} ms/step, {batch / torch_seconds:.2f} img/s; "
             f"jax/pytorch speed ratio {torch_seconds / seconds:.2f}x")
   return cell

@@ -231,7 +231,7 @@ def test_unknown_layout_is_refused(tmp_path):
   import safetensors.torch  # pylint: disable=g-import-not-at-top
   path = str(tmp_path / "bert.safetensors")
   safetensors.torch.save_file({"bert.embeddings.word_embeddings.weight": torch.zeros(4, 4)}, path)
-  with pytest.raises(pretrained.ConversionError, match="not a ViT or ResNet"):
+  with pytest.raises(pretrained.ConversionError, match="not a ViT, ResNet/ResNeXt or RegNet"):
     pretrained.convert(path)
 
 

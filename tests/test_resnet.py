@@ -108,9 +108,10 @@ def test_presets():
   with pytest.raises(ValueError, match='resnet152'):  # The error lists the valid names.
     resnet_preset('resnet200')
   assert list(resnet.RESNET_PRESETS) == ['resnet18', 'resnet34', 'resnet50',
-                                         'resnet101', 'resnet152']
+                                         'resnet101', 'resnet152', 'resnext50_32x4d',
+                                         'resnext101_32x8d', 'resnext101_64x4d']
   with pytest.raises(TypeError):
-    resnet.RESNET_PRESETS['resnet18'] = ('basic', (1, 1, 1, 1))
+    resnet.RESNET_PRESETS['resnet18'] = ('basic', (1, 1, 1, 1), 1, 64)
 
 
 def test_invalid_args_raise():

@@ -9,6 +9,7 @@ the train loop reads fields as attributes, never with `.get(key, default)`.
 from ml_collections import config_dict
 
 from vit_jax_ft.models import bit as bit_lib
+from vit_jax_ft.models import regnet as regnet_lib
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
 
@@ -81,6 +82,7 @@ FIELD_DOCS = {
     "data.mix_switch_prob": "With both enabled: probability of CutMix rather than Mixup for a batch.",
     "model.name": "Architecture: " + ", ".join(list(vit_lib.VIT_PRESETS) + ["vit"]
                                                + list(resnet_lib.RESNET_PRESETS)
+                                               + list(regnet_lib.REGNET_PRESETS)
                                                + list(bit_lib.BIT_PRESETS) + ["bit"]) + ".",
     "model.patch_size": "ViT: override the preset's patch size (required for name='vit').",
     "model.hidden_size": "ViT: override the preset's width (required for name='vit').",
@@ -200,6 +202,42 @@ def bit_model_config(name: str = "bit_r50x1") -> config_dict.ConfigDict:
       drop_path_rate=0.0,
       layer_impl="auto",
   ))
+
+
+def regnet_model_config(name: str = "regnety_400mf") -> config_dict.ConfigDict:
+  """Model config for a RegNet preset: the ResNet config's fields that a RegNet has.
+
+  (A ResNet config with model.name set to a RegNet works too, its ResNet-only
+  fields at their defaults.)
+  """
+  if name not in regnet_lib.REGNET_PRESETS:
+    raise ValueError(f"Unknown RegNet {name!r}; choose from {sorted(regnet_lib.REGNET_PRESETS)}.")
+  return config_dict.ConfigDict(dict(
+      name=name,
+      bn_epsilon=1e-5,
+      bn_momentum=0.9,
+      head_init="zeros",
+      head_bias_init=0.0,
+      remat=False,
+      drop_path_rate=0.0,
+      layer_impl="auto",
+  ))
+
+
+def model_config(name: str) -> config_dict.ConfigDict:
+  """The model config of any model.name: ViT, ResNet/ResNeXt, RegNet or BiT (errors list every
+  name)."""
+  if name == "vit" or name in vit_lib.VIT_PRESETS:
+    return vit_model_config(name)
+  if name in resnet_lib.RESNET_PRESETS:
+    return resnet_model_config(name)
+  if name in regnet_lib.REGNET_PRESETS:
+    return regnet_model_config(name)
+  if name == "bit" or name in bit_lib.BIT_PRESETS:
+    return bit_model_config(name)
+  valid = (list(vit_lib.VIT_PRESETS) + ["vit"] + list(resnet_lib.RESNET_PRESETS)
+           + list(regnet_lib.REGNET_PRESETS) + list(bit_lib.BIT_PRESETS) + ["bit"])
+  raise ValueError(f"Unknown model {name!r}; valid names: {', '.join(valid)}.")
 
 
 def get_base_config() -> config_dict.ConfigDict:

@@ -272,8 +272,10 @@ def with_current_schema(recorded: dict, source: str) -> ml_collections.ConfigDic
       model_defaults = base_config.vit_model_config(model.get("name", "vit_b16"))
     elif "ws_epsilon" in model:  # BiT
       model_defaults = base_config.bit_model_config(model["name"])
-    else:
+    elif "variant" in model or "name" not in model:
       model_defaults = base_config.resnet_model_config(model.get("name", "resnet50"))
+    else:
+      model_defaults = base_config.model_config(model["name"])
   except ValueError:  # A model name this version does not know: the recorded fields only.
     model_defaults = ml_collections.ConfigDict()
   defaults = base_config.get_base_config().to_dict() | {"model": model_defaults.to_dict()}

@@ -1,4 +1,4 @@
-"""Flax image classifiers: ViT, ResNet and BiT families, built from `config.model`."""
+"""Flax image classifiers: ViT, ResNet/ResNeXt, RegNet and BiT families, built from `config.model`."""
 
 import logging
 from typing import Any
@@ -9,6 +9,7 @@ import ml_collections
 
 from vit_jax_ft.models import bit
 from vit_jax_ft.models import layer_impl
+from vit_jax_ft.models import regnet
 from vit_jax_ft.models import resnet
 from vit_jax_ft.models import vit
 
@@ -86,11 +87,45 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
         layer_impl=layers,
         dtype=dtype,
     )
+  if name in regnet.REGNET_PRESETS:
+    return _create_regnet(model_config, num_classes, dtype, layers)
   if name == "bit" or name in bit.BIT_PRESETS:
     return _create_bit(model_config, num_classes, dtype, layers)
   valid = (sorted(vit.VIT_PRESETS) + ["vit"] + sorted(resnet.RESNET_PRESETS)
-           + sorted(bit.BIT_PRESETS) + ["bit"])
+           + sorted(regnet.REGNET_PRESETS) + sorted(bit.BIT_PRESETS) + ["bit"])
   raise ValueError(f"Unknown model.name {name!r}; valid names: {', '.join(valid)}.")
+
+
+# RegNet: what a RegNet config lacks and a ResNet config has, at the values that
+# mean "as a RegNet does it" (so a ResNet experiment config can switch model.name).
+_RESNET_ONLY_DEFAULTS = {"variant": "v1.5", "conv_bias": False, "padding": "torch",
+                         "first_block_projection": False}
+
+
+def _create_regnet(model_config: ml_collections.ConfigDict, num_classes: int, dtype: Any,
+                   layers: layer_impl.Layers) -> nn.Module:
+  """A RegNet preset from a RegNet config (base_config.regnet_model_config) or a ResNet one."""
+  name = model_config.name
+  if "patch_size" in model_config:
+    raise ValueError(
+        f"model.name={name!r} is a RegNet, but config.model holds the fields of a ViT; start "
+        "from a RegNet config (base_config.regnet_model_config).")
+  for key, needed in _RESNET_ONLY_DEFAULTS.items():
+    if key in model_config and model_config[key] != needed:
+      raise ValueError(f"model.name={name!r} is a RegNet, which has no model.{key}: it must be "
+                       f"{needed!r} (the ResNet default), got {model_config[key]!r}.")
+  return regnet.RegNet(
+      num_classes=num_classes,
+      **regnet.regnet_preset(name),
+      bn_epsilon=model_config.bn_epsilon,
+      bn_momentum=model_config.bn_momentum,
+      head_init=model_config.head_init,
+      head_bias_init=model_config.head_bias_init,
+      remat=model_config.remat,
+      drop_path_rate=model_config.drop_path_rate,
+      layer_impl=layers,
+      dtype=dtype,
+  )
 
 
 # ---- BiT (models/bit.py) ----

@@ -182,6 +182,10 @@ class Conv(nn.Module):
   taking every stride-th pixel); a conv whose stride equals its window (ViT's
   patch embedding) is a matmul over patches. Those go through `einsum` above
   (float32 accumulation in every dtype); other windows use `lax` as nn.Conv does.
+
+  `feature_group_count` > 1 is a grouped convolution (ResNeXt, RegNet) with
+  nn.Conv's kernel shape [kh, kw, in / groups, out]; it always runs on `lax`
+  (a grouped conv is no single matmul).
   """
 
   features: int
@@ -193,17 +197,23 @@ class Conv(nn.Module):
   param_dtype: Any = jnp.float32
   kernel_init: Callable = nn.linear.default_kernel_init
   bias_init: Callable = nn.initializers.zeros
+  feature_group_count: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kh, kw = self.kernel_size
-    kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features),
-                        self.param_dtype)
+    groups = self.feature_group_count
+    if x.shape[-1] % groups or self.features % groups:
+      raise ValueError(f"Conv {self.name}: {x.shape[-1]} input and {self.features} output "
+                       f"channels do not split into feature_group_count={groups} groups.")
+    kernel = self.param("kernel", self.kernel_init,
+                        (kh, kw, x.shape[-1] // groups, self.features), self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    y = _conv_as_matmul(x, kernel, tuple(self.strides), self.padding)
+    y = None if groups > 1 else _conv_as_matmul(x, kernel, tuple(self.strides), self.padding)
     if y is None:
       y = lax.conv_general_dilated(x, kernel, tuple(self.strides), self.padding,
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                   feature_group_count=groups)
     if self.use_bias:
       y = add_bias(y, self.param("bias", self.bias_init, (self.features,), self.param_dtype))
     return y

@@ -1,4 +1,4 @@
-"""ResNet family (v1 / v1.5) in Flax linen.
+"""ResNet family (v1 / v1.5) and ResNeXt in Flax linen.
 
 The module is written so that pretrained weights from torchvision, timm,
 HuggingFace and Keras can be mapped onto it one tensor at a time:
@@ -14,6 +14,9 @@ HuggingFace and Keras can be mapped onto it one tensor at a time:
 * ``conv_bias`` and ``bn_epsilon`` cover the Keras flavour (biases on every
   conv, ``epsilon=1.001e-5`` in keras.applications' ResNet50, ``1e-3`` for the
   layer default).
+* ``groups`` / ``width_per_group`` make the bottleneck's 3x3 conv grouped:
+  ResNeXt (Xie et al. 2017), as torchvision's and timm's ``resnext*`` build
+  it (inner width ``int(planes * width_per_group / 64) * groups``).
 * ``padding='tf_same'`` is TensorFlow's 'SAME' instead (the TF Model Garden
   ResNets): computed from the input size, so at stride 2 on an even input the
   extra row and column go after (the 7x7 stem pads (2, 3), 3x3 convs and the
@@ -70,15 +73,19 @@ _conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 # Explicit PyTorch-style padding for 3x3 convs (stride 1 or 2).
 _PAD_3x3 = ((1, 1), (1, 1))
 
-# name -> (block, stage_sizes). A read-only mapping of tuples, so callers cannot
-# mutate the table; use `resnet_preset` to get ResNet keyword arguments.
-RESNET_PRESETS: Mapping[str, tuple[str, tuple[int, ...]]] = (
+# name -> (block, stage_sizes, groups, width_per_group). A read-only mapping of
+# tuples, so callers cannot mutate the table; use `resnet_preset` to get ResNet
+# keyword arguments. ResNeXt 'AxBd' is A groups of B channels in the first stage.
+RESNET_PRESETS: Mapping[str, tuple[str, tuple[int, ...], int, int]] = (
     types.MappingProxyType({
-        'resnet18': ('basic', (2, 2, 2, 2)),
-        'resnet34': ('basic', (3, 4, 6, 3)),
-        'resnet50': ('bottleneck', (3, 4, 6, 3)),
-        'resnet101': ('bottleneck', (3, 4, 23, 3)),
-        'resnet152': ('bottleneck', (3, 8, 36, 3)),
+        'resnet18': ('basic', (2, 2, 2, 2), 1, 64),
+        'resnet34': ('basic', (3, 4, 6, 3), 1, 64),
+        'resnet50': ('bottleneck', (3, 4, 6, 3), 1, 64),
+        'resnet101': ('bottleneck', (3, 4, 23, 3), 1, 64),
+        'resnet152': ('bottleneck', (3, 8, 36, 3), 1, 64),
+        'resnext50_32x4d': ('bottleneck', (3, 4, 6, 3), 32, 4),
+        'resnext101_32x8d': ('bottleneck', (3, 4, 23, 3), 32, 8),
+        'resnext101_64x4d': ('bottleneck', (3, 4, 23, 3), 64, 4),
     }))
 
 _VARIANTS = ('v1', 'v1.5')
@@ -92,10 +99,12 @@ def resnet_preset(name: str) -> dict[str, Any]:
   Usage: ``ResNet(num_classes=1000, **resnet_preset('resnet50'))``.
 
   Args:
-    name: one of 'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'.
+    name: a key of ``RESNET_PRESETS`` ('resnet18' ... 'resnet152',
+      'resnext50_32x4d', 'resnext101_32x8d', 'resnext101_64x4d').
 
   Returns:
-    A fresh dict with keys ``block`` and ``stage_sizes``.
+    A fresh dict with keys ``block`` and ``stage_sizes``, plus ``groups`` and
+    ``width_per_group`` for a ResNeXt.
 
   Raises:
     ValueError: for an unknown name; the message lists the valid names.
@@ -104,8 +113,21 @@ def resnet_preset(name: str) -> dict[str, Any]:
     raise ValueError(
         f'Unknown ResNet preset {name!r}; valid names: '
         f'{sorted(RESNET_PRESETS)}')
-  block, stage_sizes = RESNET_PRESETS[name]
-  return {'block': block, 'stage_sizes': stage_sizes}
+  block, stage_sizes, groups, width_per_group = RESNET_PRESETS[name]
+  preset = {'block': block, 'stage_sizes': stage_sizes}
+  if groups != 1 or width_per_group != 64:
+    preset.update(groups=groups, width_per_group=width_per_group)
+  return preset
+
+
+def preset_name(block: str, stage_sizes: Sequence[int], width: int = 64, groups: int = 1,
+                width_per_group: int = 64) -> str:
+  """The RESNET_PRESETS name of an architecture, or 'resnet' when none matches."""
+  for name, (b, sizes, g, wpg) in RESNET_PRESETS.items():
+    if (b, tuple(sizes), g, wpg, 64) == (block, tuple(stage_sizes), groups, width_per_group,
+                                         width):
+      return name
+  return 'resnet'
 
 
 def max_pool_3x3_s2(x: jax.Array, padding: str = 'torch') -> jax.Array:
@@ -193,7 +215,11 @@ class BasicBlock(nn.Module):
 
 
 class BottleneckBlock(nn.Module):
-  """ResNet-50/101 residual block: 1x1 -> 3x3 -> 1x1 (x4 channels)."""
+  """ResNet-50/101 residual block: 1x1 -> 3x3 -> 1x1 (x4 channels).
+
+  ResNeXt: the 3x3 conv has ``groups`` groups and the inner width is
+  ``int(features * width_per_group / 64) * groups`` (torchvision, timm).
+  """
 
   features: int
   strides: int = 1
@@ -203,6 +229,8 @@ class BottleneckBlock(nn.Module):
   drop_path_rate: float = 0.0
   pad_3x3: Any = _PAD_3x3
   projection: bool = False
+  groups: int = 1
+  width_per_group: int = 64
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -212,10 +240,12 @@ class BottleneckBlock(nn.Module):
     # v1 strides the first 1x1 conv, which simply drops 3/4 of the positions;
     # v1.5 strides the 3x3 conv instead (slightly more FLOPs, ~+0.5% top-1).
     s1, s2 = (s, (1, 1)) if self.variant == 'v1' else ((1, 1), s)
+    inner = int(self.features * (self.width_per_group / 64)) * self.groups
     residual = x
-    y = self.conv(self.features, (1, 1), s1, name='conv1')(x)
+    y = self.conv(inner, (1, 1), s1, name='conv1')(x)
     y = self.norm(name='bn1', relu=True)(y)
-    y = self.conv(self.features, (3, 3), s2, padding=self.pad_3x3, name='conv2')(y)
+    y = self.conv(inner, (3, 3), s2, padding=self.pad_3x3, name='conv2',
+                  feature_group_count=self.groups)(y)
     y = self.norm(name='bn2', relu=True)(y)
     y = self.conv(self.features * 4, (1, 1), name='conv3')(y)
     if self.projection or residual.shape != y.shape:
@@ -250,6 +280,10 @@ class ResNet(nn.Module):
       Garden ResNet-18/34, `use_first_projection`).
     width: channels of the stem and of the first stage's blocks; stage i
       (0-based) uses ``width * 2**i``.
+    groups: groups of the bottleneck's 3x3 conv (ResNeXt cardinality; 1 for a
+      ResNet).
+    width_per_group: channels per group of that conv in the first stage
+      (64 for a ResNet: the inner width is then the stage's width).
     dtype: compute dtype. Parameters are always stored in float32; the
       pooling and the head run in float32.
     head_init: 'zeros' (common for fine-tuning) or 'lecun_normal' for the head
@@ -286,6 +320,8 @@ class ResNet(nn.Module):
   layer_impl: Any = 'auto'
   padding: str = 'torch'
   first_block_projection: bool = False
+  groups: int = 1
+  width_per_group: int = 64
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -306,10 +342,14 @@ class ResNet(nn.Module):
     if self.block == 'basic':
       block_cls, block_kw = BasicBlock, {}
     elif self.block == 'bottleneck':
-      block_cls, block_kw = BottleneckBlock, {'variant': self.variant}
+      block_cls, block_kw = BottleneckBlock, {'variant': self.variant, 'groups': self.groups,
+                                              'width_per_group': self.width_per_group}
     else:
       raise ValueError(
           f"block must be 'basic' or 'bottleneck', got {self.block!r}")
+    if self.block == 'basic' and (self.groups, self.width_per_group) != (1, 64):
+      raise ValueError('basic blocks have no grouped conv: groups=1 and width_per_group=64 '
+                       f'only, got {self.groups} and {self.width_per_group}')
     if self.variant not in _VARIANTS:
       raise ValueError(f'variant must be one of {_VARIANTS}, got '
                        f'{self.variant!r}')

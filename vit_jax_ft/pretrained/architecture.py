@@ -15,10 +15,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from vit_jax_ft.models import bit as bit_lib
+from vit_jax_ft.models import regnet as regnet_lib
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
 
 _VIT_FIELDS = ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim")
+_REGNET_FIELDS = ("depths", "widths", "group_widths", "se_ratio", "bottleneck_ratio",
+                  "stem_width")
 
 
 class ConversionError(ValueError):
@@ -66,15 +69,50 @@ def resnet_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
       break
     stage_sizes.append(n)
   block = "bottleneck" if "conv3" in params.get("stage1_block1", {}) else "basic"
+  width = int(params["conv_init"]["kernel"].shape[-1])
+  groups, width_per_group = 1, 64
+  if block == "bottleneck" and "conv2" in params.get("stage1_block1", {}):
+    # ResNeXt: the first stage's 3x3 kernel is [3, 3, inner / groups, inner],
+    # with inner = width_per_group * groups * width / 64.
+    _, _, per_group, inner = params["stage1_block1"]["conv2"]["kernel"].shape
+    groups = int(inner) // int(per_group)
+    width_per_group = int(per_group) * 64 // width
   arch = {
       "family": "resnet",
       "block": block,
       "stage_sizes": stage_sizes,
-      "width": int(params["conv_init"]["kernel"].shape[-1]),
+      "width": width,
+      "groups": groups,
+      "width_per_group": width_per_group,
   }
-  arch["name"] = next((name for name, (b, sizes) in resnet_lib.RESNET_PRESETS.items()
-                       if b == block and list(sizes) == stage_sizes and arch["width"] == 64),
-                      "resnet")
+  arch["name"] = resnet_lib.preset_name(block, stage_sizes, width, groups, width_per_group)
+  return arch
+
+
+def regnet_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  """RegNet architecture from a tree in our layout (models/regnet.py)."""
+  depths, widths, group_widths = [], [], []
+  try:
+    for i in range(1, 10):
+      n = sum(1 for k in params if re.fullmatch(rf"stage{i}_block\d+", k))
+      if not n:
+        break
+      depths.append(n)
+      first = params[f"stage{i}_block1"]
+      widths.append(int(first["conv3"]["kernel"].shape[-1]))
+      group_widths.append(int(first["conv2"]["kernel"].shape[2]))  # [3, 3, in / groups, out]
+    block = params["stage1_block1"]
+    stem_width = int(params["conv_init"]["kernel"].shape[-1])
+    inner = int(block["conv2"]["kernel"].shape[-1])
+    # The SE width is relative to the block input: the stem's width for the first block.
+    se_ratio = (int(block["se"]["fc1"]["kernel"].shape[-1]) / stem_width if "se" in block
+                else 0.0)
+  except KeyError as e:
+    raise ConversionError(f"Not a complete RegNet parameter tree: missing {e}.") from e
+  arch = {"family": "regnet", "depths": depths, "widths": widths, "group_widths": group_widths,
+          "se_ratio": se_ratio, "bottleneck_ratio": inner / widths[0], "stem_width": stem_width}
+  arch["name"] = regnet_lib.preset_name(depths, widths, group_widths, se_ratio, stem_width,
+                                        arch["bottleneck_ratio"])
   return arch
 
 
@@ -95,10 +133,14 @@ def bit_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def from_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  """The architecture of a converted tree: a ViT, a BiT (norm before the head), a RegNet
+  (3x3 stem) or a ResNet (7x7 stem)."""
   if "embedding" in params:
     return vit_from_params(params)
   if "norm_pre_head" in params:  # Only BiT's pre-activation ResNet has a norm before the head.
     return bit_from_params(params)
+  if "conv_init" in params and params["conv_init"]["kernel"].shape[0] == 3:
+    return regnet_from_params(params)
   return resnet_from_params(params)
 
 
@@ -127,14 +169,19 @@ def from_model(model: Any) -> dict[str, Any]:
     return arch
   if isinstance(model, resnet_lib.ResNet):
     return {"family": "resnet", "block": model.block, "stage_sizes": list(model.stage_sizes),
-            "width": model.width,
-            "name": next((n for n, (b, s) in resnet_lib.RESNET_PRESETS.items()
-                          if b == model.block and tuple(s) == tuple(model.stage_sizes)
-                          and model.width == 64), "resnet")}
+            "width": model.width, "groups": model.groups,
+            "width_per_group": model.width_per_group,
+            "name": resnet_lib.preset_name(model.block, model.stage_sizes, model.width,
+                                           model.groups, model.width_per_group)}
   if isinstance(model, bit_lib.BiT):
     return {"family": "bit", "stage_sizes": list(model.stage_sizes),
             "width_factor": model.width_factor,
             "name": bit_lib.preset_name(model.stage_sizes, model.width_factor)}
+  if isinstance(model, regnet_lib.RegNet):
+    arch = {"family": "regnet", **{k: getattr(model, k) for k in _REGNET_FIELDS}}
+    arch.update({k: list(arch[k]) for k in ("depths", "widths", "group_widths")})
+    arch["name"] = regnet_lib.preset_name(**{k: arch[k] for k in _REGNET_FIELDS})
+    return arch
   raise TypeError(f"Unsupported model type {type(model).__name__}")
 
 
@@ -143,8 +190,12 @@ def describe(arch: Mapping[str, Any]) -> str:
     sizes = ", ".join(f"{k}={arch[k]}" for k in _VIT_FIELDS + ("classifier",))
   elif arch["family"] == "bit":
     sizes = f"BiT, stage_sizes={list(arch['stage_sizes'])}, width_factor={arch['width_factor']}"
+  elif arch["family"] == "regnet":
+    sizes = ", ".join(f"{k}={arch[k]}" for k in _REGNET_FIELDS)
   else:
     sizes = f"block={arch['block']}, stage_sizes={list(arch['stage_sizes'])}, width={arch['width']}"
+    if arch.get("groups", 1) != 1:
+      sizes += f", groups={arch['groups']}, width_per_group={arch['width_per_group']}"
   return f"{arch['name']} ({sizes})"
 
 
@@ -153,10 +204,13 @@ def mismatches(weights: Mapping[str, Any], model: Mapping[str, Any]) -> list[str
   if weights["family"] != model["family"]:
     return [f"the weights are a {weights['family']} ({describe(weights)}) but the model is a "
             f"{model['family']}: set model.name={weights['name']!r}"]
-  keys = {"vit": _VIT_FIELDS + ("classifier",), "bit": ("stage_sizes", "width_factor")}.get(
-      weights["family"], ("block", "stage_sizes", "width"))
+  keys = {"vit": _VIT_FIELDS + ("classifier",), "bit": ("stage_sizes", "width_factor"),
+          "regnet": _REGNET_FIELDS}.get(
+      weights["family"], ("block", "stage_sizes", "width", "groups", "width_per_group"))
   out = []
   for k in keys:
+    if k in ("groups", "width_per_group") and k not in weights:
+      continue  # Converted before ResNeXt existed: a plain ResNet.
     if list(_as_list(weights[k])) != list(_as_list(model[k])):
       if weights["name"] in ("vit", "bit") or k == "classifier":
         field, value = f"model.{k}", weights[k]

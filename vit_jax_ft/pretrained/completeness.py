@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax_ft.models import bit as bit_lib
+from vit_jax_ft.models import regnet as regnet_lib
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
 from vit_jax_ft.pretrained import conversion
@@ -29,9 +30,13 @@ def _model_for(metadata: dict):
   elif arch["family"] == "bit":
     cls, fields = bit_lib.BiT, dict(stage_sizes=tuple(arch["stage_sizes"]),
                                     width_factor=arch["width_factor"])
+  elif arch["family"] == "regnet":
+    cls, fields = regnet_lib.RegNet, {k: arch[k] for k in (
+        "depths", "widths", "group_widths", "se_ratio", "bottleneck_ratio", "stem_width")}
   else:
     cls, fields = resnet_lib.ResNet, dict(
-        block=arch["block"], stage_sizes=tuple(arch["stage_sizes"]), width=arch["width"])
+        block=arch["block"], stage_sizes=tuple(arch["stage_sizes"]), width=arch["width"],
+        groups=arch.get("groups", 1), width_per_group=arch.get("width_per_group", 64))
   names = {f.name for f in dataclasses.fields(cls)}
   options = {k: v for k, v in metadata.get("model_options", {}).items() if k in names}
   return cls(num_classes=num_classes, **fields, **options)

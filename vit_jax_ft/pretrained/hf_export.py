@@ -6,12 +6,14 @@ or `WORKDIR/data`. The export writes `config.json` (ViTConfig or
 ResNetConfig, class names as `id2label`), `model.safetensors` and
 `preprocessor_config.json`, loadable with
 `ViTForImageClassification.from_pretrained` /
-`ResNetForImageClassification.from_pretrained`. Neither torch nor
+`ResNetForImageClassification.from_pretrained` /
+`RegNetForImageClassification.from_pretrained`. Neither torch nor
 transformers is needed to write it.
 
 What HF's classes cannot express is refused rather than approximated: ViTs
 with 'gap' pooling or a pre-logits layer, ResNets with conv biases (Keras) or a
-BatchNorm epsilon other than 1e-5.
+BatchNorm epsilon other than 1e-5, ResNeXts (transformers has no grouped
+ResNet), RegNets with per-stage group widths (torchvision's regnet_x_8gf).
 
 A run that chose its EMA weights for evaluation (`ema_decay` > 0 and
 `eval_ema`) is exported with them.
@@ -30,6 +32,7 @@ import numpy as np
 
 from vit_jax_ft import workdir as workdir_lib
 from vit_jax_ft.inputs import normalization as normalization_lib
+from vit_jax_ft.models import regnet as regnet_lib
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
 from vit_jax_ft.pretrained import tensor_files
@@ -151,7 +154,17 @@ def vit_config(model: vit_lib.VisionTransformer, image_size: int) -> dict[str, A
   }
 
 
+# What the refusals below tell a user of a family transformers cannot take from us yet.
+_WHAT_EXPORTS = ("--format=huggingface exports ViT, ResNet-18/34/50/101/152 and RegNet runs "
+                 "(the only export format); the run's own checkpoint (WORKDIR/checkpoints) "
+                 "works as is with vit_jax_ft.evaluate, predict and explain, and as init_from")
+
+
 def resnet_config(model: resnet_lib.ResNet) -> dict[str, Any]:
+  if model.groups != 1:
+    raise ExportError(
+        f"Hugging Face transformers has no ResNeXt (its ResNet has no grouped convolutions; "
+        f"this model has groups={model.groups}): {_WHAT_EXPORTS}.")
   if model.conv_bias or not np.isclose(model.bn_epsilon, 1e-5, rtol=1e-9, atol=0):
     raise ExportError(
         "Hugging Face ResNet has no conv biases and BatchNorm epsilon 1e-5; this model has "
@@ -169,6 +182,57 @@ def resnet_config(model: resnet_lib.ResNet) -> dict[str, Any]:
       "depths": list(model.stage_sizes), "layer_type": model.block, "hidden_act": "relu",
       "downsample_in_first_stage": False, "downsample_in_bottleneck": model.variant == "v1",
   }
+
+
+def regnet_config(model: regnet_lib.RegNet) -> dict[str, Any]:
+  """RegNetConfig: one group width for all stages, SE a quarter of the block input, eps 1e-5."""
+  problems = []
+  if len(set(model.group_widths)) != 1:
+    problems.append(f"one group width for every stage (this model has {list(model.group_widths)})")
+  if model.se_ratio not in (0.0, 0.25):
+    problems.append(f"SE at 1/4 of the block input or none (this model has {model.se_ratio})")
+  if model.bottleneck_ratio != 1.0:
+    problems.append(f"no bottleneck (this model has ratio {model.bottleneck_ratio})")
+  if not np.isclose(model.bn_epsilon, 1e-5, rtol=1e-9, atol=0):
+    problems.append(f"BatchNorm epsilon 1e-5 (this model has {model.bn_epsilon})")
+  if problems:
+    raise ExportError("Hugging Face RegNet needs " + "; ".join(problems) + f": {_WHAT_EXPORTS}.")
+  return {
+      "architectures": ["RegNetForImageClassification"], "model_type": "regnet",
+      "num_channels": 3, "embedding_size": model.stem_width,
+      "hidden_sizes": list(model.widths), "depths": list(model.depths),
+      "groups_width": model.group_widths[0], "layer_type": "y" if model.se_ratio else "x",
+      "hidden_act": "relu", "downsample_in_first_stage": True,
+  }
+
+
+def regnet_state_dict(params: Mapping[str, Any], batch_stats: Mapping[str, Any]
+                      ) -> dict[str, np.ndarray]:
+  """Our RegNet params -> RegNetForImageClassification tensor names (pretrained/regnet.py's inverse)."""
+  conv = lambda k: np.transpose(k, (3, 2, 0, 1))
+  out = {"regnet.embedder.embedder.convolution.weight": conv(params["conv_init"]["kernel"]),
+         "classifier.1.weight": params["head"]["kernel"].T,
+         "classifier.1.bias": params["head"]["bias"]}
+  _bn(out, "regnet.embedder.embedder.normalization.", params["bn_init"], batch_stats["bn_init"])
+  for name, block in params.items():
+    if not name.startswith("stage"):
+      continue
+    stage, index = (int(x) for x in name[len("stage"):].split("_block"))
+    pre = f"regnet.encoder.stages.{stage - 1}.layers.{index - 1}."
+    stats = batch_stats[name]
+    # The last conv is layer.3 behind a Y block's SE (layer.2), else layer.2.
+    for k, layer in ((1, 0), (2, 1), (3, 3 if "se" in block else 2)):
+      out[pre + f"layer.{layer}.convolution.weight"] = conv(block[f"conv{k}"]["kernel"])
+      _bn(out, pre + f"layer.{layer}.normalization.", block[f"bn{k}"], stats[f"bn{k}"])
+    if "se" in block:
+      for fc, index_ in (("fc1", 0), ("fc2", 2)):
+        kernel = block["se"][fc]["kernel"]
+        out[pre + f"layer.2.attention.{index_}.weight"] = kernel.T[:, :, None, None]
+        out[pre + f"layer.2.attention.{index_}.bias"] = block["se"][fc]["bias"]
+    if "proj_conv" in block:
+      out[pre + "shortcut.convolution.weight"] = conv(block["proj_conv"]["kernel"])
+      _bn(out, pre + "shortcut.normalization.", block["proj_bn"], stats["proj_bn"])
+  return out
 
 
 def _preprocessor_config(normalization: str, image_size: int, is_vit: bool) -> dict | None:
@@ -190,6 +254,11 @@ def export_huggingface(workdir: str, out_dir: str, *, step: int | None = None) -
   image_size = int(config.data.image_size)
   if isinstance(model, vit_lib.VisionTransformer):
     hf_config, state = vit_config(model, image_size), vit_state_dict(params)
+  elif isinstance(model, regnet_lib.RegNet):
+    hf_config, state = regnet_config(model), regnet_state_dict(params, batch_stats)
+  elif not isinstance(model, resnet_lib.ResNet):
+    raise ExportError(f"Exporting a {type(model).__name__} ({config.model.name}) to Hugging Face "
+                      f"is not supported yet: {_WHAT_EXPORTS}.")
   else:
     hf_config, state = resnet_config(model), resnet_state_dict(params, batch_stats)
   names = class_names(config, workdir, num_classes)

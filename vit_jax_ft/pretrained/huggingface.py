@@ -24,6 +24,7 @@ from vit_jax_ft.inputs import normalization as normalization_lib
 from vit_jax_ft.pretrained import architecture
 from vit_jax_ft.pretrained import conversion
 from vit_jax_ft.pretrained import hub
+from vit_jax_ft.pretrained import regnet
 from vit_jax_ft.pretrained import tensor_files
 
 Target = conversion.Target
@@ -153,13 +154,19 @@ def convert_folder(folder: str, *, source: str, strict: bool = True) -> conversi
   if model_type == "resnet":
     return convert_resnet(tensors, config, source=source, strict=strict,
                           normalization=_preprocessing_normalization(folder, "imagenet"))
+  if model_type == "regnet":
+    return convert_regnet(tensors, config, source=source, strict=strict,
+                          normalization=_preprocessing_normalization(folder, "imagenet"))
   raise conversion.ConversionError(
-      f"{folder}: model_type {model_type!r} is not supported (only 'vit', 'deit' and 'resnet').")
+      f"{folder}: model_type {model_type!r} is not supported (only 'vit', 'deit', 'resnet' and "
+      "'regnet').")
 
 
 def _guess_model_type(tensors: tensor_files.TensorFile) -> str | None:
   if any("patch_embeddings" in k for k in tensors):
     return "vit"
+  if regnet.is_huggingface_regnet(tensors):
+    return "regnet"
   if any("embedder.embedder" in k for k in tensors):
     return "resnet"
   return None
@@ -212,6 +219,23 @@ def convert_resnet(tensors: tensor_files.TensorFile, config: Mapping[str, Any], 
       params, batch_stats, source=source, fmt="huggingface", normalization=normalization,
       model_options={"variant": variant, "conv_bias": False, "bn_epsilon": 1e-5},
       unused=unused, class_names=_class_names(config, params))
+
+
+def convert_regnet(tensors: tensor_files.TensorFile, config: Mapping[str, Any], *, source: str,
+                   strict: bool, normalization: str) -> conversion.Converted:
+  """HF RegNet weights (+ config.json): regnet.py's rules, checked against the config."""
+  if config.get("hidden_act", "relu") != "relu" or not config.get("downsample_in_first_stage",
+                                                                  True):
+    raise conversion.ConversionError(
+        f"{tensors.path}: only RegNets with ReLU that downsample in the first stage (every "
+        "published one) are supported.")
+  converted = regnet.convert(tensors, source=source, strict=strict, normalization=normalization)
+  _check_config_agrees(config, converted.metadata["architecture"], tensors.path, {
+      "depths": "depths", "hidden_sizes": "widths", "embedding_size": "stem_width"})
+  names = _class_names(config, converted.params)
+  if names is not None:
+    converted.metadata["class_names"] = names
+  return converted
 
 
 def _check_config_agrees(config: Mapping[str, Any], arch: Mapping[str, Any], path: str,

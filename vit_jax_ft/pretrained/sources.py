@@ -28,6 +28,7 @@ from vit_jax_ft.pretrained import conversion
 from vit_jax_ft.pretrained import hub
 from vit_jax_ft.pretrained import huggingface
 from vit_jax_ft.pretrained import keras
+from vit_jax_ft.pretrained import regnet
 from vit_jax_ft.pretrained import storage
 from vit_jax_ft.pretrained import tensor_files
 from vit_jax_ft.pretrained import tf_model_garden
@@ -183,8 +184,12 @@ def convert_state_dict(tensors: tensor_files.TensorFile, *, source: str, strict:
     return timm.convert_state_dict(tensors, source=source, strict=strict)
   if torchvision.is_resnet_state_dict(names):
     return torchvision.convert(tensors, source=source, strict=strict)
+  if (regnet.is_torchvision_regnet(names) or regnet.is_timm_regnet(names)
+      or regnet.is_huggingface_regnet(names)):
+    return regnet.convert(tensors, source=source, strict=strict)
   raise conversion.ConversionError(
-      f"{tensors.path}: not a ViT or ResNet state dict in a known layout (HF, timm, torchvision); "
+      f"{tensors.path}: not a ViT, ResNet/ResNeXt or RegNet state dict in a known layout "
+      "(HF, timm, torchvision); "
       f"found e.g. {sorted(names)[:6]}")
 
 

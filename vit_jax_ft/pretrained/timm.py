@@ -1,4 +1,5 @@
-"""timm state dicts: `vit_*_patch*` VisionTransformers, resnet50-style ResNets, BiT ResNetV2s.
+"""timm state dicts: `vit_*_patch*` VisionTransformers, resnet50-style ResNets and ResNeXts,
+RegNets, BiT ResNetV2s.
 
 timm ViT names: `cls_token`, `pos_embed` (class token slot included unless the
 model was built with `no_embed_class`), `patch_embed.proj`, `blocks.{i}.norm1`,
@@ -10,9 +11,9 @@ and LayerNorm epsilon 1e-6. Models our ViT cannot express (layer scale
 `ls1`/`ls2`, `fc_norm` after pooling, register tokens, ...) leave tensors
 unmapped and are refused.
 
-timm ResNets share torchvision's names (see torchvision.py). timm's BiT ResNetV2s (`resnetv2_50x1_bit`, ...) are converted by bit.py.
-
-A timm Hub folder
+timm ResNets and ResNeXts share torchvision's names (see torchvision.py);
+timm RegNets (`regnety_004`, ...) are converted by regnet.py, timm's BiT
+ResNetV2s (`resnetv2_50x1_bit`, ...) by bit.py. A timm Hub folder
 (`config.json` with `architecture` and `pretrained_cfg`) also says the input
 normalisation and the class count.
 """
@@ -30,6 +31,7 @@ from vit_jax_ft.pretrained import bit
 from vit_jax_ft.pretrained import conversion
 from vit_jax_ft.pretrained import hub
 from vit_jax_ft.pretrained import huggingface
+from vit_jax_ft.pretrained import regnet
 from vit_jax_ft.pretrained import tensor_files
 from vit_jax_ft.pretrained import torchvision
 
@@ -171,8 +173,12 @@ def convert_state_dict(tensors: tensor_files.TensorFile, *, source: str, strict:
   if torchvision.is_resnet_state_dict(tensors):
     return torchvision.convert(tensors, source=source, strict=strict, fmt="timm",
                                normalization=normalization or torchvision.NORMALIZATION)
-  raise conversion.ConversionError(f"{tensors.path} is neither a timm ViT, a ResNet nor a BiT "
-                                   f"ResNetV2 state dict; found e.g. {sorted(tensors)[:6]}")
+  if regnet.is_timm_regnet(tensors):
+    return regnet.convert(tensors, source=source, strict=strict,
+                          normalization=normalization or regnet.NORMALIZATION)
+  raise conversion.ConversionError(f"{tensors.path} is neither a timm ViT, ResNet/ResNeXt, "
+                                   f"RegNet nor BiT ResNetV2 state dict; found e.g. "
+                                   f"{sorted(tensors)[:6]}")
 
 
 def convert_folder(folder: str, *, source: str, strict: bool = True) -> conversion.Converted:

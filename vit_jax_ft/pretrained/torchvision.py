@@ -1,9 +1,12 @@
-"""torchvision (and timm, which uses the same names) ResNet state dicts.
+"""torchvision (and timm, which uses the same names) ResNet and ResNeXt state dicts.
 
 `conv1`/`bn1` is the stem, `layer{i}.{j}` the blocks (`conv1..3`, `bn1..3`,
 `downsample.0/1` the projection shortcut), `fc` the head. torchvision and timm
 ResNets stride the bottleneck's 3x3 conv (v1.5), have no conv biases, use
-BatchNorm epsilon 1e-5 and expect ImageNet mean/std inputs. Variants with
+BatchNorm epsilon 1e-5 and expect ImageNet mean/std inputs. A ResNeXt
+(`resnext50_32x4d`, ...) has the same names; its grouped 3x3 kernels
+([out, in / groups, 3, 3]) give the groups and the width per group
+(pretrained/architecture.py). RegNets are converted by regnet.py. Variants with
 other stems (`resnet50d`'s `conv1.0`, ...) leave tensors unmapped and are
 refused.
 """

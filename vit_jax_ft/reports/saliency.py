@@ -1,9 +1,9 @@
-"""Where the model looks: ViT attention rollout and class-token attention, ResNet Grad-CAM.
+"""Where the model looks: ViT attention rollout and class-token attention, CNN Grad-CAM.
 
 Both hook into the unmodified models with `flax.linen.intercept_methods`:
 for the ViT, every SelfAttention call gets `sow_weights=True`
 (its attention function then sows the softmax weights into 'intermediates',
-in float32 and low precision alike); for the ResNet, the last residual block's
+in float32 and low precision alike); for the CNNs (ResNet, ResNeXt, RegNet), the last residual block's
 output gets a zero perturbation added, whose gradient is the gradient with
 respect to the last stage's activations.
 
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax_ft.models import bit as bit_lib
+from vit_jax_ft.models import regnet as regnet_lib
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
 
@@ -90,8 +91,10 @@ def vit_maps(model: nn.Module, variables: dict, images: jax.Array) -> tuple[jax.
                   names[1]: _token_grid(model, rows_last, size)}
 
 
-def last_block_name(model: resnet_lib.ResNet) -> str:
-  return f"stage{len(model.stage_sizes)}_block{model.stage_sizes[-1]}"
+def last_block_name(model: nn.Module) -> str:
+  """The last residual block of a ResNet or RegNet: the last conv features before pooling."""
+  depths = model.depths if isinstance(model, regnet_lib.RegNet) else model.stage_sizes
+  return f"stage{len(depths)}_block{depths[-1]}"
 
 
 def gradcam(model: nn.Module, variables: dict, images: jax.Array,
@@ -135,10 +138,10 @@ def gradcam(model: nn.Module, variables: dict, images: jax.Array,
 
 
 def make_explainer(model: nn.Module, multilabel: bool = False):
-  """A jitted (variables, images) -> (logits, {map name: [B, h, w]}) for a ViT or a ResNet."""
+  """A jitted (variables, images) -> (logits, {map name: [B, h, w]}) for a ViT, ResNet or RegNet."""
   if is_vit(model):
     return jax.jit(functools.partial(vit_maps, model))
-  if isinstance(model, (resnet_lib.ResNet, bit_lib.BiT)):
+  if isinstance(model, (resnet_lib.ResNet, bit_lib.BiT, regnet_lib.RegNet)):
     name = f"Grad-CAM ({last_block_name(model).split('_')[0]})"
 
     def resnet_maps(variables, images):
