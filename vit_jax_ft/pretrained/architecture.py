@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from vit_jax_ft.models import bit as bit_lib
+from vit_jax_ft.models import convnext as convnext_lib
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
 
@@ -97,9 +98,30 @@ def bit_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
 def from_params(params: Mapping[str, Any]) -> dict[str, Any]:
   if "embedding" in params:
     return vit_from_params(params)
+  if "norm_init" in params:  # ConvNeXt's stem ends in a LayerNorm.
+    return convnext_from_params(params)
   if "norm_pre_head" in params:  # Only BiT's pre-activation ResNet has a norm before the head.
     return bit_from_params(params)
   return resnet_from_params(params)
+
+
+# ---- ConvNeXt (models/convnext.py) ----
+
+def convnext_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  """ConvNeXt architecture (blocks and channels per stage) from a tree in our layout."""
+  depths, dims = [], []
+  for i in range(1, 10):
+    n = sum(1 for k in params if re.fullmatch(rf"stage{i}_block\d+", k))
+    if not n:
+      break
+    depths.append(n)
+    try:
+      dims.append(int(params[f"stage{i}_block1"]["dwconv"]["kernel"].shape[-1]))
+    except KeyError as e:
+      raise ConversionError(f"Not a complete ConvNeXt parameter tree: stage{i}_block1 lacks {e}.")
+  arch = {"family": "convnext", "depths": depths, "dims": dims}
+  arch["name"] = convnext_lib.preset_name(depths, dims)
+  return arch
 
 
 def _vit_preset_name(arch: Mapping[str, Any]) -> str:
@@ -135,6 +157,9 @@ def from_model(model: Any) -> dict[str, Any]:
     return {"family": "bit", "stage_sizes": list(model.stage_sizes),
             "width_factor": model.width_factor,
             "name": bit_lib.preset_name(model.stage_sizes, model.width_factor)}
+  if isinstance(model, convnext_lib.ConvNeXt):
+    return {"family": "convnext", "depths": list(model.depths), "dims": list(model.dims),
+            "name": convnext_lib.preset_name(model.depths, model.dims)}
   raise TypeError(f"Unsupported model type {type(model).__name__}")
 
 
@@ -143,6 +168,8 @@ def describe(arch: Mapping[str, Any]) -> str:
     sizes = ", ".join(f"{k}={arch[k]}" for k in _VIT_FIELDS + ("classifier",))
   elif arch["family"] == "bit":
     sizes = f"BiT, stage_sizes={list(arch['stage_sizes'])}, width_factor={arch['width_factor']}"
+  elif arch["family"] == "convnext":
+    sizes = f"ConvNeXt, depths={list(arch['depths'])}, dims={list(arch['dims'])}"
   else:
     sizes = f"block={arch['block']}, stage_sizes={list(arch['stage_sizes'])}, width={arch['width']}"
   return f"{arch['name']} ({sizes})"
@@ -153,12 +180,12 @@ def mismatches(weights: Mapping[str, Any], model: Mapping[str, Any]) -> list[str
   if weights["family"] != model["family"]:
     return [f"the weights are a {weights['family']} ({describe(weights)}) but the model is a "
             f"{model['family']}: set model.name={weights['name']!r}"]
-  keys = {"vit": _VIT_FIELDS + ("classifier",), "bit": ("stage_sizes", "width_factor")}.get(
-      weights["family"], ("block", "stage_sizes", "width"))
+  keys = {"vit": _VIT_FIELDS + ("classifier",), "bit": ("stage_sizes", "width_factor"),
+          "convnext": ("depths", "dims")}.get(weights["family"], ("block", "stage_sizes", "width"))
   out = []
   for k in keys:
     if list(_as_list(weights[k])) != list(_as_list(model[k])):
-      if weights["name"] in ("vit", "bit") or k == "classifier":
+      if weights["name"] in ("vit", "bit", "convnext") or k == "classifier":
         field, value = f"model.{k}", weights[k]
       else:
         field, value = "model.name", weights["name"]

@@ -2,11 +2,13 @@
 
 A workdir holds `config.json` (the run's config), `checkpoints/<step>` (Orbax
 TrainState) and, for class names, `dataset_info.json` under `config.data.dir`
-or `WORKDIR/data`. The export writes `config.json` (ViTConfig or
-ResNetConfig, class names as `id2label`), `model.safetensors` and
-`preprocessor_config.json`, loadable with
+or `WORKDIR/data`. The export writes `config.json` (ViTConfig,
+ResNetConfig or ConvNextConfig, class names as `id2label`), `model.safetensors`
+and `preprocessor_config.json`, loadable with
 `ViTForImageClassification.from_pretrained` /
-`ResNetForImageClassification.from_pretrained`. Neither torch nor
+`ResNetForImageClassification.from_pretrained` /
+`ConvNextForImageClassification.from_pretrained`. Other families (BiT) are
+refused with the list of those that export. Neither torch nor
 transformers is needed to write it.
 
 What HF's classes cannot express is refused rather than approximated: ViTs
@@ -30,6 +32,7 @@ import numpy as np
 
 from vit_jax_ft import workdir as workdir_lib
 from vit_jax_ft.inputs import normalization as normalization_lib
+from vit_jax_ft.models import convnext as convnext_lib
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
 from vit_jax_ft.pretrained import tensor_files
@@ -171,6 +174,54 @@ def resnet_config(model: resnet_lib.ResNet) -> dict[str, Any]:
   }
 
 
+# ---- ConvNeXt ----
+
+EXPORTABLE = ("ViT", "ResNet", "ConvNeXt")
+
+
+def convnext_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Our ConvNeXt params -> ConvNextForImageClassification tensor names."""
+  conv = lambda k: np.transpose(k, (3, 2, 0, 1))
+  out = {"convnext.embeddings.patch_embeddings.weight": conv(params["conv_init"]["kernel"]),
+         "convnext.embeddings.patch_embeddings.bias": params["conv_init"]["bias"],
+         "convnext.embeddings.layernorm.weight": params["norm_init"]["scale"],
+         "convnext.embeddings.layernorm.bias": params["norm_init"]["bias"],
+         "convnext.layernorm.weight": params["norm_pre_head"]["scale"],
+         "convnext.layernorm.bias": params["norm_pre_head"]["bias"],
+         "classifier.weight": params["head"]["kernel"].T,
+         "classifier.bias": params["head"]["bias"]}
+  for name, block in params.items():
+    if not name.startswith("stage"):
+      continue
+    stage, index = (int(x) for x in name[len("stage"):].split("_block"))
+    pre = f"convnext.encoder.stages.{stage - 1}."
+    if "downsample_conv" in block:
+      out[pre + "downsampling_layer.0.weight"] = block["downsample_norm"]["scale"]
+      out[pre + "downsampling_layer.0.bias"] = block["downsample_norm"]["bias"]
+      out[pre + "downsampling_layer.1.weight"] = conv(block["downsample_conv"]["kernel"])
+      out[pre + "downsampling_layer.1.bias"] = block["downsample_conv"]["bias"]
+    pre += f"layers.{index - 1}."
+    out[pre + "dwconv.weight"] = conv(block["dwconv"]["kernel"])
+    out[pre + "dwconv.bias"] = block["dwconv"]["bias"]
+    out[pre + "layernorm.weight"] = block["norm"]["scale"]
+    out[pre + "layernorm.bias"] = block["norm"]["bias"]
+    for ours, theirs in (("mlp_in", "pwconv1"), ("mlp_out", "pwconv2")):
+      out[pre + f"{theirs}.weight"] = block[ours]["kernel"].T
+      out[pre + f"{theirs}.bias"] = block[ours]["bias"]
+    out[pre + "layer_scale_parameter"] = block["gamma"]
+  return out
+
+
+def convnext_config(model: convnext_lib.ConvNeXt, image_size: int) -> dict[str, Any]:
+  return {
+      "architectures": ["ConvNextForImageClassification"], "model_type": "convnext",
+      "num_channels": 3, "patch_size": 4, "num_stages": len(model.depths),
+      "hidden_sizes": list(model.dims), "depths": list(model.depths), "hidden_act": "gelu",
+      "layer_norm_eps": model.head_norm_eps, "layer_scale_init_value": 1e-6,
+      "drop_path_rate": 0.0, "image_size": image_size, "initializer_range": 0.02,
+  }
+
+
 def _preprocessor_config(normalization: str, image_size: int, is_vit: bool) -> dict | None:
   if normalization not in normalization_lib.MEAN_STD:
     return None
@@ -190,8 +241,14 @@ def export_huggingface(workdir: str, out_dir: str, *, step: int | None = None) -
   image_size = int(config.data.image_size)
   if isinstance(model, vit_lib.VisionTransformer):
     hf_config, state = vit_config(model, image_size), vit_state_dict(params)
-  else:
+  elif isinstance(model, resnet_lib.ResNet):
     hf_config, state = resnet_config(model), resnet_state_dict(params, batch_stats)
+  elif isinstance(model, convnext_lib.ConvNeXt):
+    hf_config, state = convnext_config(model, image_size), convnext_state_dict(params)
+  else:
+    raise ExportError(
+        f"model.name={config.model.name!r} ({type(model).__name__}) has no Hugging Face "
+        f"transformers export; --format=huggingface supports {', '.join(EXPORTABLE)} runs.")
   names = class_names(config, workdir, num_classes)
   hf_config.update({
       "id2label": {str(i): n for i, n in enumerate(names)},

@@ -1,4 +1,4 @@
-"""timm state dicts: `vit_*_patch*` VisionTransformers, resnet50-style ResNets, BiT ResNetV2s.
+"""timm state dicts: `vit_*_patch*` VisionTransformers, resnet50-style ResNets, BiT ResNetV2s, ConvNeXts.
 
 timm ViT names: `cls_token`, `pos_embed` (class token slot included unless the
 model was built with `no_embed_class`), `patch_embed.proj`, `blocks.{i}.norm1`,
@@ -10,7 +10,7 @@ and LayerNorm epsilon 1e-6. Models our ViT cannot express (layer scale
 `ls1`/`ls2`, `fc_norm` after pooling, register tokens, ...) leave tensors
 unmapped and are refused.
 
-timm ResNets share torchvision's names (see torchvision.py). timm's BiT ResNetV2s (`resnetv2_50x1_bit`, ...) are converted by bit.py.
+timm ResNets share torchvision's names (see torchvision.py). timm's BiT ResNetV2s (`resnetv2_50x1_bit`, ...) are converted by bit.py, its ConvNeXts by convnext.py.
 
 A timm Hub folder
 (`config.json` with `architecture` and `pretrained_cfg`) also says the input
@@ -28,6 +28,7 @@ import numpy as np
 
 from vit_jax_ft.pretrained import bit
 from vit_jax_ft.pretrained import conversion
+from vit_jax_ft.pretrained import convnext
 from vit_jax_ft.pretrained import hub
 from vit_jax_ft.pretrained import huggingface
 from vit_jax_ft.pretrained import tensor_files
@@ -168,11 +169,15 @@ def convert_state_dict(tensors: tensor_files.TensorFile, *, source: str, strict:
   if bit.is_timm_state_dict(tensors):
     return bit.convert_timm(tensors, source=source, strict=strict,
                             normalization=normalization or bit.NORMALIZATION)
+  if convnext.is_timm_state_dict(tensors):
+    return convnext.convert_timm(tensors, source=source, strict=strict,
+                                 normalization=normalization or convnext.NORMALIZATION)
   if torchvision.is_resnet_state_dict(tensors):
     return torchvision.convert(tensors, source=source, strict=strict, fmt="timm",
                                normalization=normalization or torchvision.NORMALIZATION)
-  raise conversion.ConversionError(f"{tensors.path} is neither a timm ViT, a ResNet nor a BiT "
-                                   f"ResNetV2 state dict; found e.g. {sorted(tensors)[:6]}")
+  raise conversion.ConversionError(f"{tensors.path} is neither a timm ViT, a ResNet, a BiT "
+                                   f"ResNetV2 nor a ConvNeXt state dict; found e.g. "
+                                   f"{sorted(tensors)[:6]}")
 
 
 def convert_folder(folder: str, *, source: str, strict: bool = True) -> conversion.Converted:

@@ -1,4 +1,6 @@
-"""Where the model looks: ViT attention rollout and class-token attention, ResNet Grad-CAM.
+"""Where the model looks: ViT attention rollout and class-token attention, CNN Grad-CAM.
+
+(CNN: ResNet, BiT and ConvNeXt, on their last residual block's output.)
 
 Both hook into the unmodified models with `flax.linen.intercept_methods`:
 for the ViT, every SelfAttention call gets `sow_weights=True`
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax_ft.models import bit as bit_lib
+from vit_jax_ft.models import convnext as convnext_lib
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
 
@@ -90,8 +93,10 @@ def vit_maps(model: nn.Module, variables: dict, images: jax.Array) -> tuple[jax.
                   names[1]: _token_grid(model, rows_last, size)}
 
 
-def last_block_name(model: resnet_lib.ResNet) -> str:
-  return f"stage{len(model.stage_sizes)}_block{model.stage_sizes[-1]}"
+def last_block_name(model: nn.Module) -> str:
+  """The last residual block of a ResNet, BiT or ConvNeXt: Grad-CAM's layer."""
+  sizes = model.depths if isinstance(model, convnext_lib.ConvNeXt) else model.stage_sizes
+  return f"stage{len(sizes)}_block{sizes[-1]}"
 
 
 def gradcam(model: nn.Module, variables: dict, images: jax.Array,
@@ -138,7 +143,7 @@ def make_explainer(model: nn.Module, multilabel: bool = False):
   """A jitted (variables, images) -> (logits, {map name: [B, h, w]}) for a ViT or a ResNet."""
   if is_vit(model):
     return jax.jit(functools.partial(vit_maps, model))
-  if isinstance(model, (resnet_lib.ResNet, bit_lib.BiT)):
+  if isinstance(model, (resnet_lib.ResNet, bit_lib.BiT, convnext_lib.ConvNeXt)):
     name = f"Grad-CAM ({last_block_name(model).split('_')[0]})"
 
     def resnet_maps(variables, images):
