@@ -10,6 +10,7 @@ from ml_collections import config_dict
 
 from vit_jax_ft.models import bit as bit_lib
 from vit_jax_ft.models import convnext as convnext_lib
+from vit_jax_ft.models import efficientnet as efficientnet_lib
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
 
@@ -84,7 +85,8 @@ FIELD_DOCS = {
                                                + list(resnet_lib.RESNET_PRESETS)
                                                + list(bit_lib.BIT_PRESETS) + ["bit"]
                                                + list(convnext_lib.CONVNEXT_PRESETS)
-                                               + ["convnext"]) + ".",
+                                               + ["convnext"]
+                                               + list(efficientnet_lib.EFFICIENTNET_PRESETS)) + ".",
     "model.patch_size": "ViT: override the preset's patch size (required for name='vit').",
     "model.hidden_size": "ViT: override the preset's width (required for name='vit').",
     "model.num_layers": "ViT: override the preset's depth (required for name='vit').",
@@ -98,9 +100,9 @@ FIELD_DOCS = {
     "model.attention_dropout_rate": "ViT: dropout on attention weights.",
     "model.variant": "ResNet: 'v1.5' (stride on the 3x3 conv, torchvision) or 'v1' (Keras).",
     "model.conv_bias": "ResNet: biases on every convolution (Keras ResNet50).",
-    "model.bn_epsilon": "ResNet: BatchNorm epsilon (1e-5 torchvision, 1e-3 Keras).",
-    "model.bn_momentum": "ResNet: BatchNorm running-average momentum, Flax convention (1 - torch).",
-    "model.padding": "ResNet: 'torch' (explicit symmetric padding) or 'tf_same' (TensorFlow 'SAME', asymmetric at stride 2: TF Model Garden weights).",
+    "model.bn_epsilon": "ResNet, EfficientNet: BatchNorm epsilon (1e-5 torchvision and timm, 1e-3 Keras and timm's tf_efficientnet_*).",
+    "model.bn_momentum": "ResNet, EfficientNet: BatchNorm running-average momentum, Flax convention (1 - torch).",
+    "model.padding": "ResNet, EfficientNet: 'torch' (explicit symmetric padding) or 'tf_same' (TensorFlow 'SAME', asymmetric at stride 2: TF Model Garden weights, timm's tf_efficientnet_*).",
     "model.first_block_projection": "ResNet: a projection shortcut on the first block even where its shape stays (TF Model Garden ResNet-18/34).",
     "model.stage_sizes": "BiT: override the preset's residual units per stage, e.g. (3, 4, 6, 3) (required for name='bit').",
     "model.width_factor": "BiT: override the preset's width multiplier N of RxxxN (required for name='bit').",
@@ -226,6 +228,24 @@ def convnext_model_config(name: str = "convnext_tiny") -> config_dict.ConfigDict
   ))
 
 
+def efficientnet_model_config(name: str = "efficientnet_b0") -> config_dict.ConfigDict:
+  """Model config for an EfficientNet preset (native weights' options; TF ports set theirs)."""
+  if name not in efficientnet_lib.EFFICIENTNET_PRESETS:
+    raise ValueError(f"Unknown EfficientNet {name!r}; choose from "
+                     f"{sorted(efficientnet_lib.EFFICIENTNET_PRESETS)}.")
+  return config_dict.ConfigDict(dict(
+      name=name,
+      bn_epsilon=1e-5,
+      bn_momentum=0.9,
+      padding="torch",
+      head_init="zeros",
+      head_bias_init=0.0,
+      remat=False,
+      drop_path_rate=0.0,
+      layer_impl="auto",
+  ))
+
+
 def model_config(name: str) -> config_dict.ConfigDict:
   """The model config of any `model.name`, from its family's *_model_config.
 
@@ -235,7 +255,8 @@ def model_config(name: str) -> config_dict.ConfigDict:
   families = ((vit_model_config, list(vit_lib.VIT_PRESETS) + ["vit"]),
               (resnet_model_config, list(resnet_lib.RESNET_PRESETS)),
               (bit_model_config, list(bit_lib.BIT_PRESETS) + ["bit"]),
-              (convnext_model_config, list(convnext_lib.CONVNEXT_PRESETS) + ["convnext"]))
+              (convnext_model_config, list(convnext_lib.CONVNEXT_PRESETS) + ["convnext"]),
+              (efficientnet_model_config, list(efficientnet_lib.EFFICIENTNET_PRESETS)))
   for make, names in families:
     if name in names:
       return make(name)

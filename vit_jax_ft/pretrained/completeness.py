@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from vit_jax_ft.models import bit as bit_lib
 from vit_jax_ft.models import convnext as convnext_lib
+from vit_jax_ft.models import efficientnet as efficientnet_lib
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
 from vit_jax_ft.pretrained import conversion
@@ -30,6 +31,9 @@ def _model_for(metadata: dict):
   elif arch["family"] == "bit":
     cls, fields = bit_lib.BiT, dict(stage_sizes=tuple(arch["stage_sizes"]),
                                     width_factor=arch["width_factor"])
+  elif arch["family"] == "efficientnet":
+    cls, fields = efficientnet_lib.EfficientNet, dict(width_mult=arch["width_mult"],
+                                                      depth_mult=arch["depth_mult"])
   elif arch["family"] == "convnext":
     cls, fields = convnext_lib.ConvNeXt, dict(depths=tuple(arch["depths"]),
                                               dims=tuple(arch["dims"]))

@@ -25,6 +25,7 @@ from vit_jax_ft.pretrained import architecture
 from vit_jax_ft.pretrained import bit
 from vit_jax_ft.pretrained import completeness
 from vit_jax_ft.pretrained import convnext
+from vit_jax_ft.pretrained import efficientnet
 from vit_jax_ft.pretrained import conversion
 from vit_jax_ft.pretrained import hub
 from vit_jax_ft.pretrained import huggingface
@@ -204,6 +205,11 @@ def _convert_convnext(tensors: tensor_files.TensorFile, *, source: str, strict: 
     return convnext.convert_timm(stripped, source=source, strict=strict)
   if convnext.is_torchvision_state_dict(tensors):
     return convnext.convert_torchvision(tensors, source=source, strict=strict)
+  # EfficientNet (pretrained/efficientnet.py), told apart by names as ConvNeXt is.
+  if efficientnet.is_timm_state_dict(stripped):
+    return efficientnet.convert_timm(stripped, source=source, strict=strict)
+  if efficientnet.is_torchvision_state_dict(tensors):
+    return efficientnet.convert_torchvision(tensors, source=source, strict=strict)
   return None
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from vit_jax_ft.pretrained import bit
 from vit_jax_ft.pretrained import conversion
 from vit_jax_ft.pretrained import convnext
+from vit_jax_ft.pretrained import efficientnet
 from vit_jax_ft.pretrained import hub
 from vit_jax_ft.pretrained import huggingface
 from vit_jax_ft.pretrained import tensor_files
@@ -169,6 +170,10 @@ def convert_state_dict(tensors: tensor_files.TensorFile, *, source: str, strict:
   if bit.is_timm_state_dict(tensors):
     return bit.convert_timm(tensors, source=source, strict=strict,
                             normalization=normalization or bit.NORMALIZATION)
+  if efficientnet.is_timm_state_dict(tensors):
+    return efficientnet.convert_timm(tensors, source=source, strict=strict,
+                                     normalization=normalization or efficientnet.NORMALIZATION,
+                                     architecture=kwargs.get("architecture"))
   if convnext.is_timm_state_dict(tensors):
     return convnext.convert_timm(tensors, source=source, strict=strict,
                                  normalization=normalization or convnext.NORMALIZATION)
@@ -193,6 +198,8 @@ A timm Hub folder: config.json (architecture, pretrained_cfg) + weights."""
       cfg.get("mean"), cfg.get("std"), family_default)
   tensors = hub.read_folder_weights(folder)
   kwargs = {}
+  if efficientnet.is_timm_state_dict(conversion.strip_prefix(tensors, ("model.",))):
+    kwargs = {"architecture": config["architecture"]}  # tf_efficientnet_*: TF options.
   if is_vit_state_dict(conversion.strip_prefix(tensors, ("model.",))):
     input_size = cfg.get("input_size")
     kwargs = {"num_heads": (config.get("model_args") or {}).get("num_heads"),

@@ -23,6 +23,7 @@ import numpy as np
 
 from vit_jax_ft.models import bit as bit_lib
 from vit_jax_ft.models import convnext as convnext_lib
+from vit_jax_ft.models import efficientnet as efficientnet_lib
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
 
@@ -94,8 +95,14 @@ def vit_maps(model: nn.Module, variables: dict, images: jax.Array) -> tuple[jax.
 
 
 def last_block_name(model: nn.Module) -> str:
-  """The last residual block of a ResNet, BiT or ConvNeXt: Grad-CAM's layer."""
-  sizes = model.depths if isinstance(model, convnext_lib.ConvNeXt) else model.stage_sizes
+  """The last block of a ResNet, BiT, ConvNeXt or EfficientNet: Grad-CAM's layer.
+
+  (EfficientNet's 1x1 conv_head after it only mixes channels, position by position.)
+  """
+  if isinstance(model, efficientnet_lib.EfficientNet):
+    sizes = [n for *_, n in efficientnet_lib.stage_specs(model.width_mult, model.depth_mult)]
+  else:
+    sizes = model.depths if isinstance(model, convnext_lib.ConvNeXt) else model.stage_sizes
   return f"stage{len(sizes)}_block{sizes[-1]}"
 
 
@@ -143,7 +150,8 @@ def make_explainer(model: nn.Module, multilabel: bool = False):
   """A jitted (variables, images) -> (logits, {map name: [B, h, w]}) for a ViT or a ResNet."""
   if is_vit(model):
     return jax.jit(functools.partial(vit_maps, model))
-  if isinstance(model, (resnet_lib.ResNet, bit_lib.BiT, convnext_lib.ConvNeXt)):
+  if isinstance(model, (resnet_lib.ResNet, bit_lib.BiT, convnext_lib.ConvNeXt,
+                        efficientnet_lib.EfficientNet)):
     name = f"Grad-CAM ({last_block_name(model).split('_')[0]})"
 
     def resnet_maps(variables, images):
