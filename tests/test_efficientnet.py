@@ -182,3 +182,13 @@ def test_bfloat16_and_create_model():
     base_config.model_config("efficientnet_b9")
   for name in ("vit_b16", "resnet50", "convnext_tiny", "efficientnet_b0", "efficientnet_b4"):
     assert name in str(e.value)
+
+
+def test_layer_decay_and_export_refusal():
+  from vit_jax_ft.training import optim  # pylint: disable=g-import-not-at-top
+  model = efficientnet.EfficientNet(num_classes=3, **TINY)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                             train=False))["params"]
+  ids, top = optim.layer_ids(list(pretrained.conversion.flatten(params)))
+  assert top == 8 and ids["conv_init/kernel"] == 0 and ids["stage7_block1/dwconv/kernel"] == 7
+  assert ids["conv_head/kernel"] == ids["bn_head/scale"] == ids["head/kernel"] == 8

@@ -277,7 +277,9 @@ def layer_ids(paths: list[str]) -> tuple[dict[str, int], int]:
     scan, offset = _RESNET_STAGE, 0
     # BiT's pre-activation ResNet has a GroupNorm before the head (norm_pre_head).
     # ConvNeXt's stem ends in a LayerNorm (norm_init); its last one is norm_pre_head too.
-    bottom, upper = ("conv_init/", "bn_init/", "norm_init/"), ("norm_pre_head/", HEAD_PREFIX)
+    # EfficientNet's 1x1 conv_head/bn_head after the last stage belong with the head.
+    bottom = ("conv_init/", "bn_init/", "norm_init/")
+    upper = ("norm_pre_head/", "conv_head/", "bn_head/", HEAD_PREFIX)
   else:
     raise ValueError("optimizer.layer_decay needs a ViT or ResNet parameter tree; found "
                      f"neither ({', '.join(paths[:3])}, ...).")
