@@ -25,6 +25,7 @@ import numpy as np
 
 from vit_jax_ft import base_config
 from vit_jax_ft import models
+from vit_jax_ft.models import convnext as convnext_lib
 from vit_jax_ft.training import losses
 from vit_jax_ft.training import optim
 from vit_jax_ft.training import steps
@@ -151,10 +152,16 @@ def torch_train_step(model_name, batch, dtype, image_size):
                                     num_attention_heads=sizes[2], intermediate_size=sizes[3],
                                     patch_size=sizes[4], image_size=image_size, num_labels=1000)
     model = transformers.ViTForImageClassification(config)
-  else:
+  elif model_name in ("resnet50", "resnet101"):
     depths = {"resnet50": [3, 4, 6, 3], "resnet101": [3, 4, 23, 3]}[model_name]
     model = transformers.ResNetForImageClassification(transformers.ResNetConfig(
         depths=depths, layer_type="bottleneck", num_labels=1000))
+  elif model_name in convnext_lib.CONVNEXT_PRESETS:
+    depths, dims = convnext_lib.CONVNEXT_PRESETS[model_name]
+    model = transformers.ConvNextForImageClassification(transformers.ConvNextConfig(
+        depths=list(depths), hidden_sizes=list(dims), num_labels=1000))
+  else:
+    return None  # No Hugging Face counterpart wired up here.
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
   x = torch.randn(batch, 3, image_size, image_size)
@@ -190,7 +197,8 @@ def run_cell(name: str, batch: int, dtype: str) -> dict:
   if _TORCH.value:
     torch_seconds = torch_train_step(name, batch, dtype, _IMAGE.value)
     if torch_seconds is None:
-      print("pytorch: not installed (pip install torch==2.13.0 transformers)")
+      print("pytorch: not installed (pip install torch==2.13.0 transformers) or no Hugging Face "
+            f"baseline for {name}")
     else:
       cell["torch_img_s"] = batch / torch_seconds
       print(f"pytorch ({'torchvision' if _torchvision_name(name) else 'HF'}, AdamW{', autocast bf16' if dtype == 'bfloat16' else ''}): "

@@ -13,6 +13,7 @@ from vit_jax_ft import main as main_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ["demo", "vit_artdl", "vit_skin_cancer", "resnet_artdl", "resnet_skin_cancer",
+           "convnext_skin_cancer",
            "vit_multilabel_csv", "vit_food101"]
 
 

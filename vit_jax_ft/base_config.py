@@ -10,6 +10,8 @@ from ml_collections import config_dict
 
 from vit_jax_ft.models import bit as bit_lib
 from vit_jax_ft.models import regnet as regnet_lib
+from vit_jax_ft.models import convnext as convnext_lib
+from vit_jax_ft.models import efficientnet as efficientnet_lib
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
 
@@ -47,7 +49,7 @@ FIELD_DOCS = {
     "init_strict": "Fail unless every backbone parameter loads and nothing in the checkpoint is unused.",
     "init_cache_dir": "Where raw sources are cached after conversion (default ~/.cache/vit_jax_ft).",
     "resume_with_changes": "Resume a workdir even though experiment fields (data, model, optimizer, seed, ...) differ from its config.json; the changes go to config_history.jsonl.",
-    "init_model_options": "Take the model options init_from's weights were trained with (ViT GELU form and LayerNorm epsilon; ResNet variant, conv bias, BatchNorm epsilon and momentum, padding; BiT weight-standardisation epsilon) over config.model's.",
+    "init_model_options": "Take the model options init_from's weights were trained with (ViT GELU form and LayerNorm epsilon; ResNet variant, conv bias, BatchNorm epsilon and momentum, padding; BiT weight-standardisation epsilon; ConvNeXt head LayerNorm epsilon) over config.model's.",
     "init_head_from": "LP-FT: a workdir (a probe's or a run's) whose best checkpoint's head starts this run's head (same classes; fresh starts only).",
     "data.source": "'tfrecord' (a folder prepared by vit_jax_ft.data), 'tfds' (a prepared tensorflow-datasets dataset) or 'digits' (built-in demo).",
     "data.dir": "Folder with dataset_info.json and TFRecords. For 'digits', defaults to WORKDIR/data.",
@@ -83,7 +85,10 @@ FIELD_DOCS = {
     "model.name": "Architecture: " + ", ".join(list(vit_lib.VIT_PRESETS) + ["vit"]
                                                + list(resnet_lib.RESNET_PRESETS)
                                                + list(regnet_lib.REGNET_PRESETS)
-                                               + list(bit_lib.BIT_PRESETS) + ["bit"]) + ".",
+                                               + list(bit_lib.BIT_PRESETS) + ["bit"]
+                                               + list(convnext_lib.CONVNEXT_PRESETS)
+                                               + ["convnext"]
+                                               + list(efficientnet_lib.EFFICIENTNET_PRESETS)) + ".",
     "model.patch_size": "ViT: override the preset's patch size (required for name='vit').",
     "model.hidden_size": "ViT: override the preset's width (required for name='vit').",
     "model.num_layers": "ViT: override the preset's depth (required for name='vit').",
@@ -97,13 +102,16 @@ FIELD_DOCS = {
     "model.attention_dropout_rate": "ViT: dropout on attention weights.",
     "model.variant": "ResNet: 'v1.5' (stride on the 3x3 conv, torchvision) or 'v1' (Keras).",
     "model.conv_bias": "ResNet: biases on every convolution (Keras ResNet50).",
-    "model.bn_epsilon": "ResNet: BatchNorm epsilon (1e-5 torchvision, 1e-3 Keras).",
-    "model.bn_momentum": "ResNet: BatchNorm running-average momentum, Flax convention (1 - torch).",
-    "model.padding": "ResNet: 'torch' (explicit symmetric padding) or 'tf_same' (TensorFlow 'SAME', asymmetric at stride 2: TF Model Garden weights).",
+    "model.bn_epsilon": "ResNet, EfficientNet: BatchNorm epsilon (1e-5 torchvision and timm, 1e-3 Keras and timm's tf_efficientnet_*).",
+    "model.bn_momentum": "ResNet, EfficientNet: BatchNorm running-average momentum, Flax convention (1 - torch).",
+    "model.padding": "ResNet, EfficientNet: 'torch' (explicit symmetric padding) or 'tf_same' (TensorFlow 'SAME', asymmetric at stride 2: TF Model Garden weights, timm's tf_efficientnet_*).",
     "model.first_block_projection": "ResNet: a projection shortcut on the first block even where its shape stays (TF Model Garden ResNet-18/34).",
     "model.stage_sizes": "BiT: override the preset's residual units per stage, e.g. (3, 4, 6, 3) (required for name='bit').",
     "model.width_factor": "BiT: override the preset's width multiplier N of RxxxN (required for name='bit').",
     "model.ws_epsilon": "BiT: weight-standardisation epsilon (1e-10 BiT's .npz files, 1e-8 timm).",
+    "model.depths": "ConvNeXt: override the preset's blocks per stage, e.g. (3, 3, 9, 3) (required for name='convnext').",
+    "model.dims": "ConvNeXt: override the preset's channels per stage, e.g. (96, 192, 384, 768) (required for name='convnext').",
+    "model.head_norm_eps": "ConvNeXt: epsilon of the LayerNorm before the head (1e-6 torchvision and timm; HF's layer_norm_eps, 1e-12); the others are 1e-6.",
     "model.head_init": "Classification head kernel init: 'zeros' or 'lecun_normal'.",
     "model.head_bias_init": "Initial head bias (e.g. -6.9 for sigmoid multi-label).",
     "model.remat": "Recompute blocks in the backward pass to save memory.",
@@ -224,20 +232,59 @@ def regnet_model_config(name: str = "regnety_400mf") -> config_dict.ConfigDict:
   ))
 
 
+def convnext_model_config(name: str = "convnext_tiny") -> config_dict.ConfigDict:
+  """Model config for a ConvNeXt preset (or name='convnext' with explicit sizes)."""
+  if name != "convnext" and name not in convnext_lib.CONVNEXT_PRESETS:
+    raise ValueError(f"Unknown ConvNeXt {name!r}; choose from "
+                     f"{sorted(convnext_lib.CONVNEXT_PRESETS)} or 'convnext'.")
+  return config_dict.ConfigDict(dict(
+      name=name,
+      depths=placeholder(tuple),
+      dims=placeholder(tuple),
+      head_norm_eps=1e-6,
+      head_init="zeros",
+      head_bias_init=0.0,
+      remat=False,
+      drop_path_rate=0.0,
+      layer_impl="auto",
+  ))
+
+
+def efficientnet_model_config(name: str = "efficientnet_b0") -> config_dict.ConfigDict:
+  """Model config for an EfficientNet preset (native weights' options; TF ports set theirs)."""
+  if name not in efficientnet_lib.EFFICIENTNET_PRESETS:
+    raise ValueError(f"Unknown EfficientNet {name!r}; choose from "
+                     f"{sorted(efficientnet_lib.EFFICIENTNET_PRESETS)}.")
+  return config_dict.ConfigDict(dict(
+      name=name,
+      bn_epsilon=1e-5,
+      bn_momentum=0.9,
+      padding="torch",
+      head_init="zeros",
+      head_bias_init=0.0,
+      remat=False,
+      drop_path_rate=0.0,
+      layer_impl="auto",
+  ))
+
+
 def model_config(name: str) -> config_dict.ConfigDict:
-  """The model config of any model.name: ViT, ResNet/ResNeXt, RegNet or BiT (errors list every
-  name)."""
-  if name == "vit" or name in vit_lib.VIT_PRESETS:
-    return vit_model_config(name)
-  if name in resnet_lib.RESNET_PRESETS:
-    return resnet_model_config(name)
-  if name in regnet_lib.REGNET_PRESETS:
-    return regnet_model_config(name)
-  if name == "bit" or name in bit_lib.BIT_PRESETS:
-    return bit_model_config(name)
-  valid = (list(vit_lib.VIT_PRESETS) + ["vit"] + list(resnet_lib.RESNET_PRESETS)
-           + list(regnet_lib.REGNET_PRESETS) + list(bit_lib.BIT_PRESETS) + ["bit"])
-  raise ValueError(f"Unknown model {name!r}; valid names: {', '.join(valid)}.")
+  """The model config of any `model.name`, from its family's *_model_config.
+
+  Raises:
+    ValueError: for an unknown name; the message lists every valid one.
+  """
+  families = ((vit_model_config, list(vit_lib.VIT_PRESETS) + ["vit"]),
+              (resnet_model_config, list(resnet_lib.RESNET_PRESETS)),
+              (regnet_model_config, list(regnet_lib.REGNET_PRESETS)),
+              (bit_model_config, list(bit_lib.BIT_PRESETS) + ["bit"]),
+              (convnext_model_config, list(convnext_lib.CONVNEXT_PRESETS) + ["convnext"]),
+              (efficientnet_model_config, list(efficientnet_lib.EFFICIENTNET_PRESETS)))
+  for make, names in families:
+    if name in names:
+      return make(name)
+  valid = [n for _, names in families for n in names]
+  raise ValueError(f"Unknown model.name {name!r}; valid names: {', '.join(valid)}.")
 
 
 def get_base_config() -> config_dict.ConfigDict:
@@ -366,13 +413,14 @@ def reference_table() -> str:
 
   Model fields are listed for every family (ViT defaults from
   vit_model_config(), ResNet ones from resnet_model_config(), BiT-only ones
-  from bit_model_config()). The README
+  from bit_model_config(), ConvNeXt-only ones from convnext_model_config()). The README
   embeds this table; tests/test_config.py keeps the two in sync.
   """
   rows = []
   defaults = {}
   for config in (get_base_config(), config_dict.ConfigDict({"model": resnet_model_config()}),
-                 config_dict.ConfigDict({"model": bit_model_config()})):
+                 config_dict.ConfigDict({"model": bit_model_config()}),
+                 config_dict.ConfigDict({"model": convnext_model_config()})):
     for key in flatten_keys(config):
       node = config
       for part in key.split("."):

@@ -272,6 +272,10 @@ def with_current_schema(recorded: dict, source: str) -> ml_collections.ConfigDic
       model_defaults = base_config.vit_model_config(model.get("name", "vit_b16"))
     elif "ws_epsilon" in model:  # BiT
       model_defaults = base_config.bit_model_config(model["name"])
+    elif model.get("name", "").startswith("efficientnet"):
+      model_defaults = base_config.efficientnet_model_config(model["name"])
+    elif "head_norm_eps" in model:  # ConvNeXt
+      model_defaults = base_config.convnext_model_config(model["name"])
     elif "variant" in model or "name" not in model:
       model_defaults = base_config.resnet_model_config(model.get("name", "resnet50"))
     else:

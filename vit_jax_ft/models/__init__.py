@@ -1,4 +1,5 @@
-"""Flax image classifiers: ViT, ResNet/ResNeXt, RegNet and BiT families, built from `config.model`."""
+"""Flax image classifiers: ViT, ResNet/ResNeXt, RegNet, BiT, ConvNeXt and EfficientNet,
+built from `config.model`."""
 
 import logging
 from typing import Any
@@ -8,6 +9,8 @@ import jax
 import ml_collections
 
 from vit_jax_ft.models import bit
+from vit_jax_ft.models import convnext
+from vit_jax_ft.models import efficientnet
 from vit_jax_ft.models import layer_impl
 from vit_jax_ft.models import regnet
 from vit_jax_ft.models import resnet
@@ -91,8 +94,14 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
     return _create_regnet(model_config, num_classes, dtype, layers)
   if name == "bit" or name in bit.BIT_PRESETS:
     return _create_bit(model_config, num_classes, dtype, layers)
+  if name == "convnext" or name in convnext.CONVNEXT_PRESETS:
+    return _create_convnext(model_config, num_classes, dtype, layers)
+  if name in efficientnet.EFFICIENTNET_PRESETS:
+    return _create_efficientnet(model_config, num_classes, dtype, layers)
   valid = (sorted(vit.VIT_PRESETS) + ["vit"] + sorted(resnet.RESNET_PRESETS)
-           + sorted(regnet.REGNET_PRESETS) + sorted(bit.BIT_PRESETS) + ["bit"])
+           + sorted(regnet.REGNET_PRESETS) + sorted(bit.BIT_PRESETS) + ["bit"]
+           + sorted(convnext.CONVNEXT_PRESETS) + ["convnext"]
+           + sorted(efficientnet.EFFICIENTNET_PRESETS))
   raise ValueError(f"Unknown model.name {name!r}; valid names: {', '.join(valid)}.")
 
 
@@ -157,6 +166,68 @@ def _create_bit(model_config: ml_collections.ConfigDict, num_classes: int, dtype
       num_classes=num_classes,
       **bit_architecture(model_config),
       ws_epsilon=model_config.ws_epsilon,
+      head_init=model_config.head_init,
+      head_bias_init=model_config.head_bias_init,
+      remat=model_config.remat,
+      drop_path_rate=model_config.drop_path_rate,
+      layer_impl=layers,
+      dtype=dtype,
+  )
+
+
+# ---- ConvNeXt (models/convnext.py) ----
+
+def convnext_architecture(model_config: ml_collections.ConfigDict) -> dict:
+  """The ConvNeXt preset's depths and dims, with any non-None overrides."""
+  if model_config.name == "convnext":
+    missing = [k for k in ("depths", "dims") if model_config[k] is None]
+    if missing:
+      raise ValueError(f"model.name='convnext' needs explicit sizes; set model.{missing[0]} "
+                       f"(missing: {', '.join(missing)}).")
+    arch = {}
+  else:
+    arch = convnext.convnext_preset(model_config.name)
+  for key in ("depths", "dims"):
+    if model_config[key] is not None:
+      arch[key] = tuple(model_config[key])
+  return arch
+
+
+def _create_convnext(model_config: ml_collections.ConfigDict, num_classes: int, dtype: Any,
+                     layers: layer_impl.Layers) -> nn.Module:
+  """A ConvNeXt from a ConvNeXt config (base_config.convnext_model_config)."""
+  if "head_norm_eps" not in model_config:
+    raise ValueError(
+        f"model.name={model_config.name!r} is a ConvNeXt, but config.model holds the fields of "
+        "another family; start from a ConvNeXt config (base_config.convnext_model_config).")
+  return convnext.ConvNeXt(
+      num_classes=num_classes,
+      **convnext_architecture(model_config),
+      head_norm_eps=model_config.head_norm_eps,
+      head_init=model_config.head_init,
+      head_bias_init=model_config.head_bias_init,
+      remat=model_config.remat,
+      drop_path_rate=model_config.drop_path_rate,
+      layer_impl=layers,
+      dtype=dtype,
+  )
+
+
+# ---- EfficientNet (models/efficientnet.py) ----
+
+def _create_efficientnet(model_config: ml_collections.ConfigDict, num_classes: int, dtype: Any,
+                         layers: layer_impl.Layers) -> nn.Module:
+  """An EfficientNet from an EfficientNet config (base_config.efficientnet_model_config)."""
+  if "padding" not in model_config or "variant" in model_config:
+    raise ValueError(
+        f"model.name={model_config.name!r} is an EfficientNet, but config.model holds the fields "
+        "of another family; start from base_config.efficientnet_model_config.")
+  return efficientnet.EfficientNet(
+      num_classes=num_classes,
+      **efficientnet.efficientnet_preset(model_config.name),
+      bn_epsilon=model_config.bn_epsilon,
+      bn_momentum=model_config.bn_momentum,
+      padding=model_config.padding,
       head_init=model_config.head_init,
       head_bias_init=model_config.head_bias_init,
       remat=model_config.remat,

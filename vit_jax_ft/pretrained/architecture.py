@@ -16,6 +16,8 @@ from typing import Any
 
 from vit_jax_ft.models import bit as bit_lib
 from vit_jax_ft.models import regnet as regnet_lib
+from vit_jax_ft.models import convnext as convnext_lib
+from vit_jax_ft.models import efficientnet as efficientnet_lib
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
 
@@ -137,11 +139,76 @@ def from_params(params: Mapping[str, Any]) -> dict[str, Any]:
   (3x3 stem) or a ResNet (7x7 stem)."""
   if "embedding" in params:
     return vit_from_params(params)
+  if "norm_init" in params:  # ConvNeXt's stem ends in a LayerNorm.
+    return convnext_from_params(params)
+  if "conv_head" in params:  # EfficientNet's 1x1 conv before the pool.
+    return efficientnet_from_params(params)
   if "norm_pre_head" in params:  # Only BiT's pre-activation ResNet has a norm before the head.
     return bit_from_params(params)
   if "conv_init" in params and params["conv_init"]["kernel"].shape[0] == 3:
     return regnet_from_params(params)
   return resnet_from_params(params)
+
+
+# ---- ConvNeXt (models/convnext.py) ----
+
+def convnext_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  """ConvNeXt architecture (blocks and channels per stage) from a tree in our layout."""
+  depths, dims = [], []
+  for i in range(1, 10):
+    n = sum(1 for k in params if re.fullmatch(rf"stage{i}_block\d+", k))
+    if not n:
+      break
+    depths.append(n)
+    try:
+      dims.append(int(params[f"stage{i}_block1"]["dwconv"]["kernel"].shape[-1]))
+    except KeyError as e:
+      raise ConversionError(f"Not a complete ConvNeXt parameter tree: stage{i}_block1 lacks {e}.")
+  arch = {"family": "convnext", "depths": depths, "dims": dims}
+  arch["name"] = convnext_lib.preset_name(depths, dims)
+  return arch
+
+
+# ---- EfficientNet (models/efficientnet.py) ----
+
+def _efficientnet_shapes(width_mult: float, depth_mult: float) -> tuple:
+  specs = efficientnet_lib.stage_specs(width_mult, depth_mult)
+  return (efficientnet_lib.round_channels(efficientnet_lib.STEM_WIDTH * width_mult),
+          tuple(c for _, _, _, c, _ in specs), tuple(n for *_, n in specs))
+
+
+def _efficientnet_arch(width_mult: float, depth_mult: float) -> dict[str, Any]:
+  """The multipliers, and the shapes they give (what two architectures are compared by)."""
+  stem, channels, depths = _efficientnet_shapes(width_mult, depth_mult)
+  return {"family": "efficientnet", "width_mult": width_mult, "depth_mult": depth_mult,
+          "stem_width": stem, "stage_channels": list(channels), "stage_depths": list(depths),
+          "name": efficientnet_lib.preset_name(width_mult, depth_mult)}
+
+
+def efficientnet_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  """EfficientNet multipliers from a tree in our layout.
+
+  The tree gives the stem width, each stage's channels and blocks; the
+  multipliers are those of the preset with these shapes, else the first
+  (width, depth) on a 0.05 grid that yields them (any such pair builds the
+  same network).
+  """
+  try:
+    stages = len(efficientnet_lib.B0_STAGES)
+    depths = tuple(sum(1 for k in params if re.fullmatch(rf"stage{i}_block\d+", k))
+                   for i in range(1, stages + 1))
+    channels = tuple(int(params[f"stage{i}_block1"]["project_conv"]["kernel"].shape[-1])
+                     for i in range(1, stages + 1))
+    shapes = (int(params["conv_init"]["kernel"].shape[-1]), channels, depths)
+  except KeyError as e:
+    raise ConversionError(f"Not a complete EfficientNet parameter tree: missing {e}.") from e
+  candidates = list(efficientnet_lib.EFFICIENTNET_PRESETS.values()) + [
+      (round(w * 0.05, 2), round(d * 0.05, 2)) for w in range(1, 61) for d in range(1, 61)]
+  for width, depth in candidates:
+    if _efficientnet_shapes(width, depth) == shapes:
+      return _efficientnet_arch(width, depth)
+  raise ConversionError(f"No EfficientNet width/depth multipliers give stem {shapes[0]}, stage "
+                        f"channels {list(channels)} and blocks {list(depths)}.")
 
 
 def _vit_preset_name(arch: Mapping[str, Any]) -> str:
@@ -182,6 +249,11 @@ def from_model(model: Any) -> dict[str, Any]:
     arch.update({k: list(arch[k]) for k in ("depths", "widths", "group_widths")})
     arch["name"] = regnet_lib.preset_name(**{k: arch[k] for k in _REGNET_FIELDS})
     return arch
+  if isinstance(model, efficientnet_lib.EfficientNet):
+    return _efficientnet_arch(model.width_mult, model.depth_mult)
+  if isinstance(model, convnext_lib.ConvNeXt):
+    return {"family": "convnext", "depths": list(model.depths), "dims": list(model.dims),
+            "name": convnext_lib.preset_name(model.depths, model.dims)}
   raise TypeError(f"Unsupported model type {type(model).__name__}")
 
 
@@ -192,6 +264,10 @@ def describe(arch: Mapping[str, Any]) -> str:
     sizes = f"BiT, stage_sizes={list(arch['stage_sizes'])}, width_factor={arch['width_factor']}"
   elif arch["family"] == "regnet":
     sizes = ", ".join(f"{k}={arch[k]}" for k in _REGNET_FIELDS)
+  elif arch["family"] == "efficientnet":
+    sizes = f"EfficientNet, width_mult={arch['width_mult']}, depth_mult={arch['depth_mult']}"
+  elif arch["family"] == "convnext":
+    sizes = f"ConvNeXt, depths={list(arch['depths'])}, dims={list(arch['dims'])}"
   else:
     sizes = f"block={arch['block']}, stage_sizes={list(arch['stage_sizes'])}, width={arch['width']}"
     if arch.get("groups", 1) != 1:
@@ -205,14 +281,15 @@ def mismatches(weights: Mapping[str, Any], model: Mapping[str, Any]) -> list[str
     return [f"the weights are a {weights['family']} ({describe(weights)}) but the model is a "
             f"{model['family']}: set model.name={weights['name']!r}"]
   keys = {"vit": _VIT_FIELDS + ("classifier",), "bit": ("stage_sizes", "width_factor"),
-          "regnet": _REGNET_FIELDS}.get(
+          "regnet": _REGNET_FIELDS, "convnext": ("depths", "dims"),
+          "efficientnet": ("stem_width", "stage_channels", "stage_depths")}.get(
       weights["family"], ("block", "stage_sizes", "width", "groups", "width_per_group"))
   out = []
   for k in keys:
     if k in ("groups", "width_per_group") and k not in weights:
       continue  # Converted before ResNeXt existed: a plain ResNet.
     if list(_as_list(weights[k])) != list(_as_list(model[k])):
-      if weights["name"] in ("vit", "bit") or k == "classifier":
+      if weights["name"] in ("vit", "bit", "convnext") or k == "classifier":
         field, value = f"model.{k}", weights[k]
       else:
         field, value = "model.name", weights["name"]

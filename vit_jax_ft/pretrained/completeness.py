@@ -14,6 +14,8 @@ import jax.numpy as jnp
 
 from vit_jax_ft.models import bit as bit_lib
 from vit_jax_ft.models import regnet as regnet_lib
+from vit_jax_ft.models import convnext as convnext_lib
+from vit_jax_ft.models import efficientnet as efficientnet_lib
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
 from vit_jax_ft.pretrained import conversion
@@ -33,6 +35,12 @@ def _model_for(metadata: dict):
   elif arch["family"] == "regnet":
     cls, fields = regnet_lib.RegNet, {k: arch[k] for k in (
         "depths", "widths", "group_widths", "se_ratio", "bottleneck_ratio", "stem_width")}
+  elif arch["family"] == "efficientnet":
+    cls, fields = efficientnet_lib.EfficientNet, dict(width_mult=arch["width_mult"],
+                                                      depth_mult=arch["depth_mult"])
+  elif arch["family"] == "convnext":
+    cls, fields = convnext_lib.ConvNeXt, dict(depths=tuple(arch["depths"]),
+                                              dims=tuple(arch["dims"]))
   else:
     cls, fields = resnet_lib.ResNet, dict(
         block=arch["block"], stage_sizes=tuple(arch["stage_sizes"]), width=arch["width"],

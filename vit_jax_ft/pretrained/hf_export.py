@@ -2,12 +2,14 @@
 
 A workdir holds `config.json` (the run's config), `checkpoints/<step>` (Orbax
 TrainState) and, for class names, `dataset_info.json` under `config.data.dir`
-or `WORKDIR/data`. The export writes `config.json` (ViTConfig or
-ResNetConfig, class names as `id2label`), `model.safetensors` and
-`preprocessor_config.json`, loadable with
+or `WORKDIR/data`. The export writes `config.json` (ViTConfig,
+ResNetConfig or ConvNextConfig, class names as `id2label`), `model.safetensors`
+and `preprocessor_config.json`, loadable with
 `ViTForImageClassification.from_pretrained` /
 `ResNetForImageClassification.from_pretrained` /
-`RegNetForImageClassification.from_pretrained`. Neither torch nor
+`RegNetForImageClassification.from_pretrained`, and ConvNeXt
+`ConvNextForImageClassification.from_pretrained`. Other families (BiT,
+EfficientNet, ResNeXt) are refused with the list of those that export. Neither torch nor
 transformers is needed to write it.
 
 What HF's classes cannot express is refused rather than approximated: ViTs
@@ -33,6 +35,7 @@ import numpy as np
 from vit_jax_ft import workdir as workdir_lib
 from vit_jax_ft.inputs import normalization as normalization_lib
 from vit_jax_ft.models import regnet as regnet_lib
+from vit_jax_ft.models import convnext as convnext_lib
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
 from vit_jax_ft.pretrained import tensor_files
@@ -155,7 +158,8 @@ def vit_config(model: vit_lib.VisionTransformer, image_size: int) -> dict[str, A
 
 
 # What the refusals below tell a user of a family transformers cannot take from us yet.
-_WHAT_EXPORTS = ("--format=huggingface exports ViT, ResNet-18/34/50/101/152 and RegNet runs "
+_WHAT_EXPORTS = ("--format=huggingface exports ViT, ResNet-18/34/50/101/152, RegNet and "
+                 "ConvNeXt runs "
                  "(the only export format); the run's own checkpoint (WORKDIR/checkpoints) "
                  "works as is with vit_jax_ft.evaluate, predict and explain, and as init_from")
 
@@ -235,6 +239,51 @@ def regnet_state_dict(params: Mapping[str, Any], batch_stats: Mapping[str, Any]
   return out
 
 
+# ---- ConvNeXt ----
+
+def convnext_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Our ConvNeXt params -> ConvNextForImageClassification tensor names."""
+  conv = lambda k: np.transpose(k, (3, 2, 0, 1))
+  out = {"convnext.embeddings.patch_embeddings.weight": conv(params["conv_init"]["kernel"]),
+         "convnext.embeddings.patch_embeddings.bias": params["conv_init"]["bias"],
+         "convnext.embeddings.layernorm.weight": params["norm_init"]["scale"],
+         "convnext.embeddings.layernorm.bias": params["norm_init"]["bias"],
+         "convnext.layernorm.weight": params["norm_pre_head"]["scale"],
+         "convnext.layernorm.bias": params["norm_pre_head"]["bias"],
+         "classifier.weight": params["head"]["kernel"].T,
+         "classifier.bias": params["head"]["bias"]}
+  for name, block in params.items():
+    if not name.startswith("stage"):
+      continue
+    stage, index = (int(x) for x in name[len("stage"):].split("_block"))
+    pre = f"convnext.encoder.stages.{stage - 1}."
+    if "downsample_conv" in block:
+      out[pre + "downsampling_layer.0.weight"] = block["downsample_norm"]["scale"]
+      out[pre + "downsampling_layer.0.bias"] = block["downsample_norm"]["bias"]
+      out[pre + "downsampling_layer.1.weight"] = conv(block["downsample_conv"]["kernel"])
+      out[pre + "downsampling_layer.1.bias"] = block["downsample_conv"]["bias"]
+    pre += f"layers.{index - 1}."
+    out[pre + "dwconv.weight"] = conv(block["dwconv"]["kernel"])
+    out[pre + "dwconv.bias"] = block["dwconv"]["bias"]
+    out[pre + "layernorm.weight"] = block["norm"]["scale"]
+    out[pre + "layernorm.bias"] = block["norm"]["bias"]
+    for ours, theirs in (("mlp_in", "pwconv1"), ("mlp_out", "pwconv2")):
+      out[pre + f"{theirs}.weight"] = block[ours]["kernel"].T
+      out[pre + f"{theirs}.bias"] = block[ours]["bias"]
+    out[pre + "layer_scale_parameter"] = block["gamma"]
+  return out
+
+
+def convnext_config(model: convnext_lib.ConvNeXt, image_size: int) -> dict[str, Any]:
+  return {
+      "architectures": ["ConvNextForImageClassification"], "model_type": "convnext",
+      "num_channels": 3, "patch_size": 4, "num_stages": len(model.depths),
+      "hidden_sizes": list(model.dims), "depths": list(model.depths), "hidden_act": "gelu",
+      "layer_norm_eps": model.head_norm_eps, "layer_scale_init_value": 1e-6,
+      "drop_path_rate": 0.0, "image_size": image_size, "initializer_range": 0.02,
+  }
+
+
 def _preprocessor_config(normalization: str, image_size: int, is_vit: bool) -> dict | None:
   if normalization not in normalization_lib.MEAN_STD:
     return None
@@ -256,11 +305,13 @@ def export_huggingface(workdir: str, out_dir: str, *, step: int | None = None) -
     hf_config, state = vit_config(model, image_size), vit_state_dict(params)
   elif isinstance(model, regnet_lib.RegNet):
     hf_config, state = regnet_config(model), regnet_state_dict(params, batch_stats)
-  elif not isinstance(model, resnet_lib.ResNet):
+  elif isinstance(model, resnet_lib.ResNet):
+    hf_config, state = resnet_config(model), resnet_state_dict(params, batch_stats)
+  elif isinstance(model, convnext_lib.ConvNeXt):
+    hf_config, state = convnext_config(model, image_size), convnext_state_dict(params)
+  else:
     raise ExportError(f"Exporting a {type(model).__name__} ({config.model.name}) to Hugging Face "
                       f"is not supported yet: {_WHAT_EXPORTS}.")
-  else:
-    hf_config, state = resnet_config(model), resnet_state_dict(params, batch_stats)
   names = class_names(config, workdir, num_classes)
   hf_config.update({
       "id2label": {str(i): n for i, n in enumerate(names)},

@@ -1,4 +1,6 @@
-"""Hugging Face `transformers` ViT, DeiT and ResNet folders (config.json + weights).
+"""Hugging Face `transformers` ViT, DeiT, ResNet and ConvNeXt folders (config.json + weights).
+
+(ConvNeXt's names are mapped by convnext.py.)
 
 Handles ViTModel / ViTForImageClassification, DeiT (`deit.` prefix; the
 distilled `DeiTForImageClassificationWithTeacher` adds `distillation_token`
@@ -23,6 +25,7 @@ import numpy as np
 from vit_jax_ft.inputs import normalization as normalization_lib
 from vit_jax_ft.pretrained import architecture
 from vit_jax_ft.pretrained import conversion
+from vit_jax_ft.pretrained import convnext
 from vit_jax_ft.pretrained import hub
 from vit_jax_ft.pretrained import regnet
 from vit_jax_ft.pretrained import tensor_files
@@ -157,9 +160,14 @@ def convert_folder(folder: str, *, source: str, strict: bool = True) -> conversi
   if model_type == "regnet":
     return convert_regnet(tensors, config, source=source, strict=strict,
                           normalization=_preprocessing_normalization(folder, "imagenet"))
+  if model_type == "convnext":
+    return convnext.convert_huggingface(
+        tensors, config, source=source, strict=strict,
+        normalization=_preprocessing_normalization(folder, convnext.NORMALIZATION),
+        class_names=_id2label(config))
   raise conversion.ConversionError(
-      f"{folder}: model_type {model_type!r} is not supported (only 'vit', 'deit', 'resnet' and "
-      "'regnet').")
+      f"{folder}: model_type {model_type!r} is not supported (only 'vit', 'deit', 'resnet', "
+      "'regnet' and 'convnext').")
 
 
 def _guess_model_type(tensors: tensor_files.TensorFile) -> str | None:
@@ -251,6 +259,12 @@ def _check_config_agrees(config: Mapping[str, Any], arch: Mapping[str, Any], pat
 
 def _listify(x):
   return x if isinstance(x, (list, tuple)) else [x]
+
+
+def _id2label(config: Mapping[str, Any]) -> list[str] | None:
+  """config.json's class names in index order, or None."""
+  id2label = config.get("id2label")
+  return [id2label[str(i)] for i in range(len(id2label))] if id2label else None
 
 
 def _class_names(config: Mapping[str, Any], params: Mapping[str, Any]) -> list[str] | None:

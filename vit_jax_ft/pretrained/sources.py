@@ -24,6 +24,8 @@ import re
 from vit_jax_ft.pretrained import architecture
 from vit_jax_ft.pretrained import bit
 from vit_jax_ft.pretrained import completeness
+from vit_jax_ft.pretrained import convnext
+from vit_jax_ft.pretrained import efficientnet
 from vit_jax_ft.pretrained import conversion
 from vit_jax_ft.pretrained import hub
 from vit_jax_ft.pretrained import huggingface
@@ -171,6 +173,10 @@ def convert_state_dict(tensors: tensor_files.TensorFile, *, source: str, strict:
                        ) -> conversion.Converted:
   """A bare PyTorch-style state dict: HF, timm or torchvision, told by its names."""
   names = set(tensors)
+  # ConvNeXt first: an unprefixed HF ConvNextModel also has `embeddings.patch_embeddings`.
+  converted = _convert_convnext(tensors, source=source, strict=strict)
+  if converted is not None:
+    return converted
   if any(n.split(".")[0] in ("vit", "deit", "resnet", "embeddings", "embedder") for n in names):
     config = _sibling_config(tensors.path)
     if any("patch_embeddings" in n for n in names):
@@ -191,6 +197,25 @@ def convert_state_dict(tensors: tensor_files.TensorFile, *, source: str, strict:
       f"{tensors.path}: not a ViT, ResNet/ResNeXt or RegNet state dict in a known layout "
       "(HF, timm, torchvision); "
       f"found e.g. {sorted(names)[:6]}")
+
+
+def _convert_convnext(tensors: tensor_files.TensorFile, *, source: str, strict: bool
+                      ) -> conversion.Converted | None:
+  """A ConvNeXt state dict in HF, timm (or original FB) or torchvision names; else None."""
+  if convnext.is_hf_state_dict(tensors):
+    return convnext.convert_huggingface(tensors, _sibling_config(tensors.path), source=source,
+                                        strict=strict, normalization=convnext.NORMALIZATION)
+  stripped = conversion.strip_prefix(tensors, ("model.",))
+  if convnext.is_timm_state_dict(stripped):
+    return convnext.convert_timm(stripped, source=source, strict=strict)
+  if convnext.is_torchvision_state_dict(tensors):
+    return convnext.convert_torchvision(tensors, source=source, strict=strict)
+  # EfficientNet (pretrained/efficientnet.py), told apart by names as ConvNeXt is.
+  if efficientnet.is_timm_state_dict(stripped):
+    return efficientnet.convert_timm(stripped, source=source, strict=strict)
+  if efficientnet.is_torchvision_state_dict(tensors):
+    return efficientnet.convert_torchvision(tensors, source=source, strict=strict)
+  return None
 
 
 def _sibling_config(path: str) -> dict:

@@ -1,5 +1,5 @@
 """timm state dicts: `vit_*_patch*` VisionTransformers, resnet50-style ResNets and ResNeXts,
-RegNets, BiT ResNetV2s.
+RegNets, BiT ResNetV2s, ConvNeXts.
 
 timm ViT names: `cls_token`, `pos_embed` (class token slot included unless the
 model was built with `no_embed_class`), `patch_embed.proj`, `blocks.{i}.norm1`,
@@ -13,7 +13,7 @@ unmapped and are refused.
 
 timm ResNets and ResNeXts share torchvision's names (see torchvision.py);
 timm RegNets (`regnety_004`, ...) are converted by regnet.py, timm's BiT
-ResNetV2s (`resnetv2_50x1_bit`, ...) by bit.py. A timm Hub folder
+ResNetV2s (`resnetv2_50x1_bit`, ...) by bit.py, its ConvNeXts by convnext.py. A timm Hub folder
 (`config.json` with `architecture` and `pretrained_cfg`) also says the input
 normalisation and the class count.
 """
@@ -29,6 +29,8 @@ import numpy as np
 
 from vit_jax_ft.pretrained import bit
 from vit_jax_ft.pretrained import conversion
+from vit_jax_ft.pretrained import convnext
+from vit_jax_ft.pretrained import efficientnet
 from vit_jax_ft.pretrained import hub
 from vit_jax_ft.pretrained import huggingface
 from vit_jax_ft.pretrained import regnet
@@ -170,6 +172,13 @@ def convert_state_dict(tensors: tensor_files.TensorFile, *, source: str, strict:
   if bit.is_timm_state_dict(tensors):
     return bit.convert_timm(tensors, source=source, strict=strict,
                             normalization=normalization or bit.NORMALIZATION)
+  if efficientnet.is_timm_state_dict(tensors):
+    return efficientnet.convert_timm(tensors, source=source, strict=strict,
+                                     normalization=normalization or efficientnet.NORMALIZATION,
+                                     architecture=kwargs.get("architecture"))
+  if convnext.is_timm_state_dict(tensors):
+    return convnext.convert_timm(tensors, source=source, strict=strict,
+                                 normalization=normalization or convnext.NORMALIZATION)
   if torchvision.is_resnet_state_dict(tensors):
     return torchvision.convert(tensors, source=source, strict=strict, fmt="timm",
                                normalization=normalization or torchvision.NORMALIZATION)
@@ -177,7 +186,7 @@ def convert_state_dict(tensors: tensor_files.TensorFile, *, source: str, strict:
     return regnet.convert(tensors, source=source, strict=strict,
                           normalization=normalization or regnet.NORMALIZATION)
   raise conversion.ConversionError(f"{tensors.path} is neither a timm ViT, ResNet/ResNeXt, "
-                                   f"RegNet nor BiT ResNetV2 state dict; found e.g. "
+                                   f"RegNet, BiT ResNetV2 nor ConvNeXt state dict; found e.g. "
                                    f"{sorted(tensors)[:6]}")
 
 
@@ -194,6 +203,8 @@ A timm Hub folder: config.json (architecture, pretrained_cfg) + weights."""
       cfg.get("mean"), cfg.get("std"), family_default)
   tensors = hub.read_folder_weights(folder)
   kwargs = {}
+  if efficientnet.is_timm_state_dict(conversion.strip_prefix(tensors, ("model.",))):
+    kwargs = {"architecture": config["architecture"]}  # tf_efficientnet_*: TF options.
   if is_vit_state_dict(conversion.strip_prefix(tensors, ("model.",))):
     input_size = cfg.get("input_size")
     kwargs = {"num_heads": (config.get("model_args") or {}).get("num_heads"),

@@ -1,5 +1,7 @@
 """Where the model looks: ViT attention rollout and class-token attention, CNN Grad-CAM.
 
+(CNN: ResNet/ResNeXt, RegNet, BiT, ConvNeXt and EfficientNet, on their last block's output.)
+
 Both hook into the unmodified models with `flax.linen.intercept_methods`:
 for the ViT, every SelfAttention call gets `sow_weights=True`
 (its attention function then sows the softmax weights into 'intermediates',
@@ -21,6 +23,8 @@ import numpy as np
 
 from vit_jax_ft.models import bit as bit_lib
 from vit_jax_ft.models import regnet as regnet_lib
+from vit_jax_ft.models import convnext as convnext_lib
+from vit_jax_ft.models import efficientnet as efficientnet_lib
 from vit_jax_ft.models import resnet as resnet_lib
 from vit_jax_ft.models import vit as vit_lib
 
@@ -92,9 +96,17 @@ def vit_maps(model: nn.Module, variables: dict, images: jax.Array) -> tuple[jax.
 
 
 def last_block_name(model: nn.Module) -> str:
-  """The last residual block of a ResNet or RegNet: the last conv features before pooling."""
-  depths = model.depths if isinstance(model, regnet_lib.RegNet) else model.stage_sizes
-  return f"stage{len(depths)}_block{depths[-1]}"
+  """The last block of a ResNet, RegNet, BiT, ConvNeXt or EfficientNet: Grad-CAM's layer.
+
+  (EfficientNet's 1x1 conv_head after it only mixes channels, position by position.)
+  """
+  if isinstance(model, efficientnet_lib.EfficientNet):
+    sizes = [n for *_, n in efficientnet_lib.stage_specs(model.width_mult, model.depth_mult)]
+  elif isinstance(model, (regnet_lib.RegNet, convnext_lib.ConvNeXt)):
+    sizes = model.depths
+  else:
+    sizes = model.stage_sizes
+  return f"stage{len(sizes)}_block{sizes[-1]}"
 
 
 def gradcam(model: nn.Module, variables: dict, images: jax.Array,
@@ -141,7 +153,8 @@ def make_explainer(model: nn.Module, multilabel: bool = False):
   """A jitted (variables, images) -> (logits, {map name: [B, h, w]}) for a ViT, ResNet or RegNet."""
   if is_vit(model):
     return jax.jit(functools.partial(vit_maps, model))
-  if isinstance(model, (resnet_lib.ResNet, bit_lib.BiT, regnet_lib.RegNet)):
+  if isinstance(model, (resnet_lib.ResNet, bit_lib.BiT, regnet_lib.RegNet, convnext_lib.ConvNeXt,
+                        efficientnet_lib.EfficientNet)):
     name = f"Grad-CAM ({last_block_name(model).split('_')[0]})"
 
     def resnet_maps(variables, images):

@@ -265,8 +265,9 @@ def layer_ids(paths: list[str]) -> tuple[dict[str, int], int]:
 
   ViT: patch embedding, class (and DeiT distillation) token and position embedding are layer 0,
   encoder block i is i + 1, the final norm, pre-logits and head L + 1.
-  ResNet and BiT: the stem (conv_init, bn_init) is 0, stage s is s, BiT's
-  norm_pre_head and the head L + 1 (L stages).
+  ResNet, BiT and ConvNeXt: the stem (conv_init, bn_init / norm_init) is 0,
+  stage s is s (ConvNeXt's downsampling opens its stage's first block), the
+  norm_pre_head of BiT and ConvNeXt and the head L + 1 (L stages).
   """
   if any(p.startswith("Transformer/") for p in paths):  # ViT: block i is layer i + 1.
     scan, offset = _VIT_BLOCK, 1
@@ -275,7 +276,10 @@ def layer_ids(paths: list[str]) -> tuple[dict[str, int], int]:
   elif any(p.startswith("conv_init/") for p in paths):  # ResNet: stage s is layer s.
     scan, offset = _RESNET_STAGE, 0
     # BiT's pre-activation ResNet has a GroupNorm before the head (norm_pre_head).
-    bottom, upper = ("conv_init/", "bn_init/"), ("norm_pre_head/", HEAD_PREFIX)
+    # ConvNeXt's stem ends in a LayerNorm (norm_init); its last one is norm_pre_head too.
+    # EfficientNet's 1x1 conv_head/bn_head after the last stage belong with the head.
+    bottom = ("conv_init/", "bn_init/", "norm_init/")
+    upper = ("norm_pre_head/", "conv_head/", "bn_head/", HEAD_PREFIX)
   else:
     raise ValueError("optimizer.layer_decay needs a ViT or ResNet parameter tree; found "
                      f"neither ({', '.join(paths[:3])}, ...).")
