@@ -65,6 +65,18 @@ def test_cli_typo_is_one_line_error_naming_key():
                               "did you mean optimizer.lr, optimizer.b2, optimizer.b1?"]
 
 
+def test_cli_config_file_argument_reaches_get_config():
+  """'FILE:ARG' is FILE's get_config(ARG): a typo is checked against that config."""
+  result = run_main("--config=configs/convnext_skin_cancer.py:convnext_small",
+                    "--workdir=/tmp/unused", "--config.model.depthz=1")
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      "error: unknown config key 'model.depthz' (in configs/convnext_skin_cancer.py)")
+  result = run_main("--config=configs/nonexistent.py:x", "--workdir=/tmp/unused")
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: config file 'configs/nonexistent.py' does not exist")
+
+
 def test_cli_missing_data_names_dataset_and_how_to_get_it(tmp_path):
   result = run_main("--config=configs/resnet_artdl.py", f"--workdir={tmp_path}")
   assert result.returncode != 0

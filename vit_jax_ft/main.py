@@ -59,8 +59,14 @@ def parse_flags(argv: list[str]) -> list[str]:
   mistyped a key gets one line naming it and the closest valid keys instead.
   """
   path = _config_path(argv)
+  # 'FILE:ARG' calls FILE's get_config(ARG), as ml_collections' config flags do
+  # (configs/convnext_skin_cancer.py:convnext_small).
+  arg = None
+  if path and not os.path.exists(path) and ":" in path:
+    path, arg = path.split(":", 1)
   if path and os.path.exists(path):
-    config = runpy.run_path(path)["get_config"]()
+    get_config = runpy.run_path(path)["get_config"]
+    config = get_config() if arg is None else get_config(arg)
     for key, close in unknown_override_keys(argv, config):
       hint = f"; did you mean {', '.join(close)}?" if close else ""
       sys.exit(f"error: unknown config key '{key}' (in {path}){hint}")
