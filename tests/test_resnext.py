@@ -241,3 +241,21 @@ def test_finetune_from_a_torchvision_resnext_checkpoint(tmp_path):
   assert len(written) == 1 and os.path.getsize(written[0]) > 5000
   with pytest.raises(hf_export.ExportError, match="no ResNeXt.*groups=32"):
     hf_export.export_huggingface(str(workdir), str(tmp_path / "hf"))
+
+
+@pytest.mark.parametrize("shape,groups,k,stride,padding", [
+    ((2, 15, 17, 32), 4, 3, 1, "SAME"),
+    ((2, 15, 17, 32), 8, 3, 2, ((1, 1), (1, 1))),
+    ((2, 14, 14, 48), 3, 3, 2, "SAME"),
+    ((2, 9, 9, 16), 2, 1, 1, "VALID"),
+])
+def test_grouped_conv_as_windows_equals_lax(shape, groups, k, stride, padding):
+  """The project's grouped conv (shifted windows x per-group matmul) is lax's grouped conv."""
+  from vit_jax_ft.models import precision  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  w = jax.random.normal(jax.random.PRNGKey(1), (k, k, shape[-1] // groups, 24))
+  ref = jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     feature_group_count=groups)
+  got = precision._grouped_conv(x, w, (stride, stride), padding, groups)  # pylint: disable=protected-access
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4, rtol=1e-5)

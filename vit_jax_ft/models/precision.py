@@ -184,8 +184,13 @@ class Conv(nn.Module):
   (float32 accumulation in every dtype); other windows use `lax` as nn.Conv does.
 
   `feature_group_count` > 1 is a grouped convolution (ResNeXt, RegNet) with
-  nn.Conv's kernel shape [kh, kw, in / groups, out]; it always runs on `lax`
-  (a grouped conv is no single matmul).
+  nn.Conv's kernel shape [kh, kw, in / groups, out]. Between 1 and depthwise it
+  runs as the kh*kw shifted windows against a per-group matmul (`_grouped_conv`):
+  XLA:CPU's grouped-conv gradient is ~30x slower than that (groups=16 on
+  [32, 24, 24, 128]: 6.8 s against 0.22 s), and a RegNetY-400MF train step
+  18x slower (`python benchmarks/train_step.py --model=regnety_400mf --batch=32
+  --image_size=96 --dtype=float32`: 18 s against 1.0 s). Depthwise convs (one
+  channel per group) stay on `lax`, which is fast for them.
   """
 
   features: int
@@ -209,7 +214,12 @@ class Conv(nn.Module):
     kernel = self.param("kernel", self.kernel_init,
                         (kh, kw, x.shape[-1] // groups, self.features), self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    y = None if groups > 1 else _conv_as_matmul(x, kernel, tuple(self.strides), self.padding)
+    if groups == 1:
+      y = _conv_as_matmul(x, kernel, tuple(self.strides), self.padding)
+    elif groups < x.shape[-1]:
+      y = _grouped_conv(x, kernel, tuple(self.strides), self.padding, groups)
+    else:
+      y = None
     if y is None:
       y = lax.conv_general_dilated(x, kernel, tuple(self.strides), self.padding,
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -235,3 +245,24 @@ def _conv_as_matmul(x, kernel, strides, padding) -> jax.Array | None:
   h, w = h // kh, w // kw  # VALID drops the rows and columns no full window covers.
   patches = x[:, :h * kh, :w * kw].reshape(b, h, kh, w, kw, c)
   return einsum("bhiwjc,ijcd->bhwd", patches, kernel)
+
+
+def _grouped_conv(x, kernel, strides, padding, groups: int) -> jax.Array:
+  """A grouped conv as its kh*kw shifted windows times a per-group kernel (one einsum).
+
+  Costs kh*kw copies of the input, which the train step keeps for the
+  gradient; in exchange both gradients are batched matmuls.
+  """
+  kh, kw, cg, out = kernel.shape
+  sh, sw = strides
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
+  (pt, pb), (pl, pr) = map(tuple, padding)
+  x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  n, h, w, c = x.shape
+  ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+  windows = jnp.stack([x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+                       for i in range(kh) for j in range(kw)], axis=3)
+  windows = windows.reshape(n, ho, wo, kh * kw, groups, cg)
+  kernel = kernel.reshape(kh * kw, cg, groups, out // groups)
+  return einsum("nhwkgc,kcgo->nhwgo", windows, kernel).reshape(n, ho, wo, out)
