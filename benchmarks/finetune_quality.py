@@ -31,8 +31,6 @@ are kept under --out; rerunning reuses finished runs.
 
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import time
@@ -40,6 +38,8 @@ import time
 from absl import app
 from absl import flags
 import numpy as np
+
+import machine  # benchmarks/machine.py, beside this script
 from sklearn import linear_model
 from sklearn import metrics as skm
 
@@ -66,17 +66,6 @@ _TTA = flags.DEFINE_string("tta", "dihedral", "Extra rows: ft and lpft evaluated
                            "evaluate --tta ('' for none).")
 _EXTRA = flags.DEFINE_list("overrides", [], "More --config.X=Y for every run, e.g. dtype=float32.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny model on the built-in digits: plumbing only.")
-
-
-def _cpu() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      text = f.read()
-    name = re.search(r"model name\s*:\s*(.*)", text)[1]
-    amx = " with AMX" if "amx_bf16" in text else ""
-    return f"{name}{amx}, {os.cpu_count()} cores"
-  except (OSError, TypeError):
-    return platform.processor() or "unknown CPU"
 
 
 def _overrides(seed: int) -> list[str]:
@@ -252,7 +241,7 @@ def main(argv):
     json.dump(rows, f, indent=2, default=float)
   print(f"\n{'digits (smoke)' if _SMOKE.value else _DATA.value}, config {_config_file()}, "
         f"{_STEPS.value} steps x {_BATCH.value} per fine-tuning run, {_SIZE.value} px, "
-        f"seeds {','.join(_SEEDS.value)}; {_cpu()}")
+        f"seeds {','.join(_SEEDS.value)}; {machine.cpu_description()}")
   print(table(rows))
 
 

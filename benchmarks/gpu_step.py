@@ -36,7 +36,6 @@ import functools
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -52,6 +51,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import machine  # benchmarks/machine.py, beside this script
 
 from vit_jax_ft import base_config
 from vit_jax_ft import models
@@ -462,23 +463,10 @@ def summarize(cells: list) -> list:
   return out
 
 
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      info = f.read()
-  except OSError:
-    return platform.processor() or "unknown CPU"
-  name = next((l.split(":", 1)[1].strip() for l in info.splitlines()
-               if l.startswith("model name")), "unknown CPU")
-  flags_line = next((l for l in info.splitlines() if l.startswith("flags")), "")
-  extras = [f for f in ("amx_bf16", "avx512_bf16") if f" {f}" in flags_line]
-  return f"{name} x{os.cpu_count()} ({', '.join(extras) or 'no AMX/AVX512-BF16'})"
-
-
 def _device_name() -> str:
   dev = jax.devices()[0]
   if dev.platform == "cpu":
-    return f"CPU: {_cpu_name()}"
+    return f"CPU: {machine.cpu_description()}"
   return f"{dev.device_kind} x{jax.device_count()} ({dev.platform})"
 
 

@@ -2,6 +2,7 @@ r"""Train-step (and inference) throughput of a full-size model, with MFU and a P
 
   python benchmarks/train_step.py --model=vit_b16 --batch=8 --dtype=bfloat16
   python benchmarks/train_step.py --table   # the README's four cells in one run
+  python benchmarks/train_step.py --zoo=resnet50,convnext_tiny,efficientnet_b0 --batch=16
 
 Prints images/s, ms/step, achieved TFLOP/s from the compiled step's own cost
 analysis, and that as a fraction of the peak matmul rate measured in the same
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import machine  # benchmarks/machine.py, beside this script
 from vit_jax_ft import base_config
 from vit_jax_ft import models
 from vit_jax_ft.models import convnext as convnext_lib
@@ -42,6 +44,10 @@ _EVAL = flags.DEFINE_bool("eval", True, "Also time inference (eval forward pass)
 _TABLE = flags.DEFINE_bool(
     "table", False, "Run ViT-B/16 batch 8 and ResNet-50 batch 16, each in float32 and bfloat16, "
     "and print a markdown table (ignores --model/--batch/--dtype).")
+_ZOO = flags.DEFINE_list(
+    "zoo", [], "Model names for the README's model zoo table: parameters, forward GMACs at "
+    "--image_size, --dtype train img/s at --batch and its ratio to the first name's (same "
+    "process), and PyTorch where it has the model (ignores --model and --table).")
 _REMAT = flags.DEFINE_bool("remat", True, "Also compile with model.remat=True and compare memory.")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -120,16 +126,19 @@ def jax_train_step(model_name, batch, dtype, image_size):
 
 
 def _torchvision_name(model_name: str) -> str | None:
-  """torchvision's name for a ResNeXt or RegNet model.name ('regnety_400mf' -> 'regnet_y_400mf')."""
+  """torchvision's name for a ResNeXt, RegNet, EfficientNet or ResNet-18/34/152 model.name ('regnety_400mf' -> 'regnet_y_400mf')."""
   if model_name.startswith("resnext"):
     return model_name
   if model_name.startswith(("regnetx_", "regnety_")):
     return f"regnet_{model_name[6]}_{model_name[8:]}"
+  if model_name.startswith("efficientnet_b") or model_name in ("resnet18", "resnet34", "resnet152"):
+    return model_name
   return None
 
 
 def torch_train_step(model_name, batch, dtype, image_size):
-  """Seconds per AdamW step of the Hugging Face (ResNeXt, RegNet: torchvision) model, or None."""
+  """Seconds per AdamW step of the Hugging Face (ResNeXt, RegNet, EfficientNet: torchvision)
+  model, or None."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
@@ -207,9 +216,51 @@ def run_cell(name: str, batch: int, dtype: str) -> dict:
   return cell
 
 
+def forward_gmacs(model_name: str, image_size: int) -> tuple[int, float]:
+  """(parameters, multiply-adds of one image's eval forward pass / 1e9) of a 1000-class model.
+
+  The multiply-adds are XLA's flop count of the compiled float32 forward pass over
+  two, the convention of the published "GFLOPs" figures (4.1 for ResNet-50).
+  """
+  model = models.create_model(base_config.model_config(model_name), 1000, jnp.float32)
+  image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), image, train=False))
+  params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(variables["params"]))
+  forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  flops = forward.lower(variables, image).compile().cost_analysis()["flops"]
+  return params, flops / 2 / 1e9
+
+
+def zoo_table(names: list[str], batch: int, dtype: str) -> None:
+  """Prints one markdown row per model; ratios are against names[0], timed in this process."""
+  rows = []
+  for name in names:
+    params, gmacs = forward_gmacs(name, _IMAGE.value)
+    seconds, _, _ = jax_train_step(name, batch, dtype, _IMAGE.value)
+    torch_seconds = torch_train_step(name, batch, dtype, _IMAGE.value) if _TORCH.value else None
+    rows.append((name, params, gmacs, batch / seconds,
+                 batch / torch_seconds if torch_seconds else None))
+    print(f"{name}: {params:,} parameters, {gmacs:.2f} GMACs, {batch / seconds:.2f} img/s"
+          + (f", pytorch {batch / torch_seconds:.2f} img/s" if torch_seconds else ""), flush=True)
+  print(f"\n{_IMAGE.value} px, batch {batch}, {dtype}, train step with AdamW; "
+        f"{machine.cpu_description()}")
+  print(f"| name | parameters | GMACs | JAX train img/s | vs {names[0]} | PyTorch img/s | "
+        "JAX / PyTorch |")
+  print("| --- | --- | --- | --- | --- | --- | --- |")
+  base = rows[0][3]
+  for name, params, gmacs, rate, torch_rate in rows:
+    torch_cells = (f"{torch_rate:.2f} | {rate / torch_rate:.2f}x" if torch_rate else "- | -")
+    print(f"| `{name}` | {params / 1e6:.1f}M | {gmacs:.2f} | {rate:.2f} | {rate / base:.2f}x | "
+          f"{torch_cells} |")
+
+
 def main(argv):
   del argv
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}; "
+        f"{machine.cpu_description()}")
+  if _ZOO.value:
+    zoo_table(_ZOO.value, _BATCH.value, _DTYPE.value)
+    return
   if not _TABLE.value:
     run_cell(_MODEL.value, _BATCH.value, _DTYPE.value)
     return

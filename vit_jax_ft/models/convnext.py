@@ -115,7 +115,7 @@ class ConvNeXtBlock(nn.Module):
                                     dtype=self.dtype, param_dtype=jnp.float32,
                                     kernel_init=_init, name='downsample_conv')(x)
     y = depthwise.DepthwiseConv((7, 7), padding=((3, 3), (3, 3)), dtype=self.dtype,
-                                kernel_init=_init, name='dwconv')(x)
+                                kernel_init=_init, impl=self.layers.conv, name='dwconv')(x)
     y = ChannelLayerNorm(dtype=self.dtype, name='norm')(y)
     y = dense(4 * self.features, 'mlp_in')(y)
     # Exact GELU in float32 (timm, torchvision and HF use nn.GELU's erf form).

@@ -4,6 +4,13 @@ Parameters are nn.Conv's for `feature_group_count=channels` (kernel
 [kh, kw, 1, C], optional bias [C]), so a PyTorch depthwise weight [C, 1, kh,
 kw] converts with the usual OIHW -> HWIO transpose. The convolution
 accumulates in float32 in every compute dtype and returns `dtype`.
+
+`impl='project'` (the CPU path, models/layer_impl.py) writes it as the kh*kw
+shifted windows of the float32 input times their per-channel tap, summed:
+XLA:CPU fuses that, forward and backward, into a few elementwise loops, where
+its own depthwise convolution's gradient is 3-11x slower (fwd+bwd of
+EfficientNet/ConvNeXt shapes, `python benchmarks/layers.py --depthwise`).
+`impl='flax'` is `lax.conv_general_dilated` with one group per channel.
 """
 
 from collections.abc import Callable, Sequence
@@ -25,6 +32,7 @@ class DepthwiseConv(nn.Module):
       asymmetric at stride 2 on even inputs) or 'VALID'.
     use_bias: add a per-channel bias.
     dtype: compute and output dtype; the kernel is stored in float32.
+    impl: 'project' (shifted windows, float32) or 'flax' (lax's grouped conv).
   """
 
   kernel_size: Sequence[int]
@@ -33,16 +41,48 @@ class DepthwiseConv(nn.Module):
   use_bias: bool = True
   dtype: Any = jnp.float32
   kernel_init: Callable = nn.linear.default_kernel_init
+  impl: str = 'project'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
     kh, kw = self.kernel_size
     kernel = self.param('kernel', self.kernel_init, (kh, kw, 1, c), jnp.float32)
-    y = lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype), tuple(self.strides), self.padding,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=c,
-        preferred_element_type=jnp.float32)
+    if self.impl == 'project':
+      y = shifted_depthwise(x.astype(self.dtype), kernel.astype(self.dtype),
+                            tuple(self.strides), self.padding)
+    elif self.impl == 'flax':
+      y = lax.conv_general_dilated(
+          x.astype(self.dtype), kernel.astype(self.dtype), tuple(self.strides), self.padding,
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=c,
+          preferred_element_type=jnp.float32)
+    else:
+      raise ValueError(f"DepthwiseConv {self.name}: impl must be 'project' or 'flax', "
+                       f"got {self.impl!r}.")
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
     return y.astype(self.dtype)
+
+
+def shifted_depthwise(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                      padding: Any) -> jax.Array:
+  """Depthwise conv of NHWC `x` with an [kh, kw, 1, C] kernel as a float32 sum of shifted taps.
+
+  The operands are rounded to their dtype first (as a bfloat16 conv sees them),
+  then everything runs in float32, so the input's gradient is summed in float32.
+  """
+  kh, kw = kernel.shape[:2]
+  sh, sw = strides
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
+  (pt, pb), (pl, pr) = map(tuple, padding)
+  x = jnp.pad(x.astype(jnp.float32), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  kernel = kernel.astype(jnp.float32)
+  _, h, w, _ = x.shape
+  ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+  y = None
+  for i in range(kh):
+    for j in range(kw):
+      tap = x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw] * kernel[i, j, 0]
+      y = tap if y is None else y + tap
+  return y

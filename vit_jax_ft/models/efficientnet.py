@@ -128,6 +128,7 @@ class MBConv(nn.Module):
   drop_path_rate: float = 0.0
   conv: Any = nn.Conv
   norm: Any = nn.BatchNorm
+  depthwise_impl: str = 'project'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -142,7 +143,7 @@ class MBConv(nn.Module):
     y = depthwise.DepthwiseConv((self.kernel, self.kernel), (self.strides, self.strides),
                                 _pad(self.kernel, self.padding), use_bias=False,
                                 dtype=self.dtype, kernel_init=_conv_kernel_init,
-                                name='dwconv')(y)
+                                impl=self.depthwise_impl, name='dwconv')(y)
     y = nn.silu(self.norm(name='dw_bn')(y))
     dense = functools.partial(nn.Dense, dtype=jnp.float32, param_dtype=jnp.float32)
     y = SqueezeExcite(max(1, cin // 4), dense, name='se')(y)
@@ -212,7 +213,8 @@ class EfficientNet(nn.Module):
       for j in range(blocks):
         x = block_cls(features=features, expansion=expansion, kernel=kernel,
                       strides=stride if j == 0 else 1, padding=self.padding,
-                      drop_path_rate=next(rates), conv=conv, norm=norm, dtype=self.dtype,
+                      drop_path_rate=next(rates), conv=conv, norm=norm,
+                      depthwise_impl=layers.conv, dtype=self.dtype,
                       name=f'stage{i + 1}_block{j + 1}')(x, train)
 
     x = conv(4 * specs[-1][3], (1, 1), name='conv_head')(x)
