@@ -141,3 +141,21 @@ def test_keras_style_resnet_is_refused(tmp_path):
   _make_workdir(workdir, _config(model_config, 32), 32)
   with pytest.raises(hf_export.ExportError, match="conv_bias=True"):
     hf_export.export_huggingface(str(workdir), str(tmp_path / "hf"))
+
+
+@pytest.mark.parametrize("family", ["efficientnet", "bit"])
+def test_families_transformers_lacks_are_refused_naming_what_exports(tmp_path, family):
+  """EfficientNet and BiT runs have no Hugging Face export: a clear error, nothing written."""
+  if family == "efficientnet":
+    model_config = base_config.efficientnet_model_config("efficientnet_b0")
+  else:
+    model_config = base_config.bit_model_config("bit")
+    model_config.update(dict(stage_sizes=(1, 1, 1, 1), width_factor=1))
+  workdir = tmp_path / "run"
+  _make_workdir(workdir, _config(model_config, 32), 32)
+  out = tmp_path / "hf"
+  with pytest.raises(hf_export.ExportError,
+                     match=rf"{model_config.name}\).*exports ViT, ResNet-18/34/50/101/152, "
+                           "RegNet and ConvNeXt"):
+    hf_export.export_huggingface(str(workdir), str(out))
+  assert not out.exists()
