@@ -23,29 +23,24 @@ import pytest
 from vit_jax_ft import base_config
 from vit_jax_ft import models
 from vit_jax_ft import pretrained
-from vit_jax_ft.inputs import normalization as normalization_lib
 from vit_jax_ft.models import bit
 from vit_jax_ft.pretrained import sources
-from vit_jax_ft.pretrained import tensor_files
-from vit_jax_ft.pretrained import testing
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 from timm.layers import StdConv2d  # pylint: disable=g-import-not-at-top,wrong-import-position
 from timm.models import resnetv2  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+import family_helpers  # pylint: disable=g-bad-import-order,wrong-import-position
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-4
 TINY = (1, 1, 1, 1)  # One unit per stage: every kind of unit, projection and stride.
 
 
-def _timm_bit(layers, width_factor=1, num_classes=7, ws_epsilon=1e-8, seed=0):
-  """timm's BiT ResNetV2 (as `_create_resnetv2_bit` builds it), random and perturbed."""
-  torch.manual_seed(seed)
-  model = resnetv2.ResNetV2(layers=list(layers), width_factor=width_factor,
-                            num_classes=num_classes, stem_type="fixed",
-                            conv_layer=functools.partial(StdConv2d, eps=ws_epsilon))
-  gen = torch.Generator().manual_seed(seed + 1)
+def _perturb(model, seed):
+  """Noise on every weight, GroupNorm affine parameters off init (no BatchNorm to calibrate)."""
+  gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for p in model.parameters():
       p.add_(torch.randn(p.shape, generator=gen) * 0.02)
@@ -54,6 +49,15 @@ def _timm_bit(layers, width_factor=1, num_classes=7, ws_epsilon=1e-8, seed=0):
         m.weight.copy_(1.0 + 0.2 * torch.randn(m.weight.shape, generator=gen))
         m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=gen))
   return model.eval()
+
+
+def _timm_bit(layers, width_factor=1, num_classes=7, ws_epsilon=1e-8, seed=0):
+  """timm's BiT ResNetV2 (as `_create_resnetv2_bit` builds it), random and perturbed."""
+  torch.manual_seed(seed)
+  model = resnetv2.ResNetV2(layers=list(layers), width_factor=width_factor,
+                            num_classes=num_classes, stem_type="fixed",
+                            conv_layer=functools.partial(StdConv2d, eps=ws_epsilon))
+  return _perturb(model, seed + 1)
 
 
 def bit_npz_from_timm(model) -> dict:
@@ -93,18 +97,8 @@ def _ours(converted, num_classes, **kw):
                  width_factor=arch["width_factor"], **converted.metadata["model_options"], **kw)
 
 
-def _logits(model, params, images):
-  return np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(
-      params, jnp.asarray(images)))
-
-
 def _images(size=64):
-  return normalization_lib.normalize(testing.photos(size), "minus_one_to_one")
-
-
-def _timm_logits(model, images):
-  with torch.no_grad():
-    return model(testing.torch_nchw(images)).numpy()
+  return family_helpers.images(size, "minus_one_to_one")
 
 
 @pytest.mark.parametrize("name,timm_name", [
@@ -117,7 +111,7 @@ def test_preset_parameter_counts_match_timm(name, timm_name):
   shapes = jax.eval_shape(lambda: bit.BiT(num_classes=1000, **bit.bit_preset(name)).init(
       jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
   assert list(shapes) == ["params"]  # GroupNorm: no batch statistics.
-  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == expected
+  assert family_helpers.num_params(shapes) == expected
 
 
 @pytest.mark.parametrize("layers", [TINY, (3, 4, 6, 3)], ids=["tiny", "r50x1"])
@@ -139,48 +133,29 @@ def test_bit_npz_matches_timm(tmp_path, layers):
   assert meta["architecture"]["stage_sizes"] == list(layers)
   assert meta["architecture"]["name"] == ("bit_r50x1" if layers == (3, 4, 6, 3) else "bit")
   assert meta["num_classes_original"] == 7 and meta["unused_source_keys"] == []
-  images = _images()
-  testing.assert_logits_match(f"BiT npz {layers}", _logits(_ours(converted, 7), converted.params,
-                                                           images),
-                              _timm_logits(reference, images), ATOL)
+  family_helpers.assert_parity(f"BiT npz {layers}", _ours(converted, 7),
+                               {"params": converted.params}, reference, _images(), ATOL)
 
 
 def test_timm_resnetv2_50x1_bit_state_dict_matches_timm(tmp_path):
-  reference = timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=5)
-  gen = torch.Generator().manual_seed(3)
-  with torch.no_grad():
-    for p in reference.parameters():
-      p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    for m in reference.modules():
-      if isinstance(m, torch.nn.GroupNorm):
-        m.weight.copy_(1.0 + 0.2 * torch.randn(m.weight.shape, generator=gen))
-        m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=gen))
-  reference.eval()
-  path = str(tmp_path / "model.safetensors")
-  tensor_files.write_safetensors(path, {k: v.numpy() for k, v in reference.state_dict().items()})
+  reference = _perturb(timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=5), 3)
+  path = family_helpers.save_state_dict(reference, tmp_path / "model.safetensors")
   converted = sources.convert(path)
   meta = converted.metadata
   assert (meta["format"], meta["architecture"]["name"]) == ("timm", "bit_r50x1")
   assert meta["model_options"] == {"ws_epsilon": 1e-8}
   assert meta["normalization"] == "minus_one_to_one"
-  images = _images()
-  testing.assert_logits_match("timm resnetv2_50x1_bit", _logits(
-      _ours(converted, 5), converted.params, images), _timm_logits(reference, images), ATOL)
+  family_helpers.assert_parity("timm resnetv2_50x1_bit", _ours(converted, 5),
+                               {"params": converted.params}, reference, _images(), ATOL)
 
 
 def test_strict_load_report_loads_every_backbone_tensor(tmp_path):
   path = _write_npz(_timm_bit(TINY), tmp_path / "BiT-S-tiny.npz")
   model = bit.BiT(num_classes=3, stage_sizes=TINY)
   params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
-  result = pretrained.load_for_finetuning(path, model, params, {}, image_size=32,
-                                          cache_dir=str(tmp_path / "cache"))
-  report = result.report
-  assert not report.problems()
-  assert sorted(p for p, _ in report.new) == ["params/head/bias", "params/head/kernel"]
+  report = family_helpers.assert_strict_load_loads_the_backbone(
+      path, model, params, {}, str(tmp_path / "cache")).report
   assert sorted(p for p, _ in report.skipped_head) == ["params/head/bias", "params/head/kernel"]
-  backbone = [p for p in pretrained.conversion.flatten(params, "params/")
-              if not p.startswith("params/head/")]
-  assert sorted(p for p, _ in report.loaded) == sorted(backbone)
   # Another width is refused, naming the field to set.
   wide = bit.BiT(num_classes=3, stage_sizes=TINY, width_factor=2)
   wide_params = wide.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
@@ -206,10 +181,7 @@ def test_bfloat16_runs_with_float32_statistics():
   model = bit.BiT(num_classes=4, stage_sizes=TINY, head_init="lecun_normal")
   x = jnp.asarray(_images(32))
   params = model.init(jax.random.key(0), x, train=False)["params"]
-  f32 = model.apply({"params": params}, x, train=False)
-  bf16 = model.clone(dtype=jnp.bfloat16).apply({"params": params}, x, train=False)
-  assert bf16.dtype == jnp.float32
-  assert np.abs(np.asarray(bf16) - np.asarray(f32)).max() < 0.05 * np.abs(np.asarray(f32)).max()
+  family_helpers.assert_bfloat16_close_to_float32(model, {"params": params}, x)
   # GroupNorm normalises in float32 even for bfloat16 inputs: constant-offset inputs that
   # bfloat16 statistics would round away still come out zero-mean, unit-variance.
   gn = bit.GroupNormReLU(groups=1, relu=False, dtype=jnp.bfloat16)

@@ -19,7 +19,6 @@ import pytest
 from vit_jax_ft import base_config
 from vit_jax_ft import models
 from vit_jax_ft import pretrained
-from vit_jax_ft.inputs import normalization as normalization_lib
 from vit_jax_ft.models import convnext
 from vit_jax_ft.pretrained import sources
 from vit_jax_ft.pretrained import tensor_files
@@ -31,6 +30,8 @@ timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
 transformers = pytest.importorskip("transformers")
 from torchvision.models import convnext as tv_convnext  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import family_helpers  # pylint: disable=g-bad-import-order,wrong-import-position
 
 ATOL = 1e-4
 DEPTHS, DIMS = (1, 1, 1, 1), (16, 32, 48, 64)  # Every kind of block, downsampling included.
@@ -67,34 +68,15 @@ def _hf(depths=DEPTHS, dims=DIMS, num_classes=7, seed=0):
   return _perturb(transformers.ConvNextForImageClassification(config), seed)
 
 
-def _images(size=64):
-  return normalization_lib.normalize(testing.photos(size), "imagenet")
-
-
-def _torch_logits(model, images):
-  with torch.no_grad():
-    out = model(testing.torch_nchw(images))
-  return (out.logits if hasattr(out, "logits") else out).numpy()
-
-
 def _ours(converted, num_classes, **kw):
   arch = converted.metadata["architecture"]
   return convnext.ConvNeXt(num_classes=num_classes, depths=tuple(arch["depths"]),
                            dims=tuple(arch["dims"]), **converted.metadata["model_options"], **kw)
 
 
-def _logits(model, params, images):
-  return np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(
-      params, jnp.asarray(images)))
-
-
-def _save_state_dict(model, path):
-  state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-  if str(path).endswith(".safetensors"):
-    tensor_files.write_safetensors(str(path), state)
-  else:
-    torch.save(model.state_dict(), str(path))
-  return str(path)
+def _assert_parity(label, converted, num_classes, reference, size=64):
+  family_helpers.assert_parity(label, _ours(converted, num_classes), {"params": converted.params},
+                               reference, family_helpers.images(size), ATOL)
 
 
 @pytest.mark.parametrize("name", sorted(convnext.CONVNEXT_PRESETS))
@@ -109,14 +91,14 @@ def test_preset_parameter_counts_match_timm_and_torchvision(name):
       num_classes=1000, **convnext.convnext_preset(name)).init(
           jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
   assert list(shapes) == ["params"]  # LayerNorm: no batch statistics.
-  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == expected
+  assert family_helpers.num_params(shapes) == expected
 
 
 @pytest.mark.parametrize("library,ext", [("torchvision", ".pth"), ("timm", ".safetensors"),
                                          ("timm", ".pth")])
 def test_state_dicts_match_the_real_library(tmp_path, library, ext):
   reference = {"torchvision": _torchvision, "timm": _timm}[library]()
-  path = _save_state_dict(reference, tmp_path / f"convnext{ext}")
+  path = family_helpers.save_state_dict(reference, tmp_path / f"convnext{ext}")
   converted = sources.convert(path)
   meta = converted.metadata
   assert (meta["format"], meta["origin"]) == (library, library)
@@ -124,9 +106,7 @@ def test_state_dicts_match_the_real_library(tmp_path, library, ext):
                                   "dims": list(DIMS), "name": "convnext"}
   assert meta["normalization"] == "imagenet" and meta["unused_source_keys"] == []
   assert meta["model_options"] == {"head_norm_eps": 1e-6} and meta["num_classes_original"] == 7
-  images = _images()
-  testing.assert_logits_match(f"{library} {ext} ConvNeXt", _logits(
-      _ours(converted, 7), converted.params, images), _torch_logits(reference, images), ATOL)
+  _assert_parity(f"{library} {ext} ConvNeXt", converted, 7, reference)
 
 
 def test_original_facebook_checkpoint_reads_as_timm_does(tmp_path):
@@ -143,10 +123,7 @@ def test_original_facebook_checkpoint_reads_as_timm_does(tmp_path):
   path = str(tmp_path / "convnext_tiny_1k_224_ema.pth")
   torch.save({"model": fb}, path)
   converted = sources.convert(path)
-  images = _images()
-  testing.assert_logits_match("FB ConvNeXt", _logits(_ours(converted, 7), converted.params,
-                                                     images),
-                              _torch_logits(reference, images), ATOL)
+  _assert_parity("FB ConvNeXt", converted, 7, reference)
 
 
 def test_huggingface_folder_matches_transformers(tmp_path):
@@ -158,10 +135,7 @@ def test_huggingface_folder_matches_transformers(tmp_path):
   assert meta["format"] == "huggingface" and meta["architecture"]["depths"] == list(DEPTHS)
   assert meta["model_options"] == {"head_norm_eps": 1e-12}  # HF's layer_norm_eps default.
   assert meta["class_names"] == [f"LABEL_{i}" for i in range(7)]
-  images = _images()
-  testing.assert_logits_match("HF ConvNext", _logits(_ours(converted, 7), converted.params,
-                                                     images),
-                              _torch_logits(reference, images), ATOL)
+  _assert_parity("HF ConvNext", converted, 7, reference)
   # config.json that disagrees with the weights is refused.
   config = json.loads((folder / "config.json").read_text())
   config["depths"] = [2, 1, 1, 1]
@@ -173,27 +147,19 @@ def test_huggingface_folder_matches_transformers(tmp_path):
 def test_full_size_convnext_tiny_matches_torchvision(tmp_path):
   torch.manual_seed(0)
   reference = _perturb(torchvision.models.convnext_tiny())
-  path = _save_state_dict(reference, tmp_path / "convnext_tiny-983f1562.pth")
+  path = family_helpers.save_state_dict(reference, tmp_path / "convnext_tiny-983f1562.pth")
   converted = sources.convert(path, model_name="convnext_tiny")
   assert converted.metadata["num_classes_original"] == 1000
-  images = _images(64)
-  testing.assert_logits_match("torchvision convnext_tiny", _logits(
-      _ours(converted, 1000), converted.params, images), _torch_logits(reference, images), ATOL)
+  _assert_parity("torchvision convnext_tiny", converted, 1000, reference, 64)
 
 
 def test_strict_load_report_loads_every_backbone_tensor(tmp_path):
-  path = _save_state_dict(_timm(), tmp_path / "model.safetensors")
+  path = family_helpers.save_state_dict(_timm(), tmp_path / "model.safetensors")
   model = convnext.ConvNeXt(num_classes=3, depths=DEPTHS, dims=DIMS)
   params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
-  result = pretrained.load_for_finetuning(path, model, params, {}, image_size=32,
-                                          cache_dir=str(tmp_path / "cache"))
-  report = result.report
-  assert not report.problems()
-  assert sorted(p for p, _ in report.new) == ["params/head/bias", "params/head/kernel"]
+  report = family_helpers.assert_strict_load_loads_the_backbone(
+      path, model, params, {}, str(tmp_path / "cache")).report
   assert sorted(p for p, _ in report.skipped_head) == ["params/head/bias", "params/head/kernel"]
-  backbone = [p for p in pretrained.conversion.flatten(params, "params/")
-              if not p.startswith("params/head/")]
-  assert sorted(p for p, _ in report.loaded) == sorted(backbone)
   wide = convnext.ConvNeXt(num_classes=3, depths=DEPTHS, dims=(16, 32, 48, 96))
   wide_params = wide.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
   with pytest.raises(pretrained.PretrainedMismatchError, match="model.dims"):
@@ -215,14 +181,11 @@ def test_truncated_state_dict_names_the_missing_tensors(tmp_path):
 
 def test_bfloat16_runs_with_float32_layer_norm_statistics():
   model = convnext.ConvNeXt(num_classes=4, depths=DEPTHS, dims=DIMS, head_init="lecun_normal")
-  x = jnp.asarray(_images(32))
+  x = jnp.asarray(family_helpers.images(32))
   params = model.init(jax.random.key(0), x, train=False)["params"]
   params = jax.tree_util.tree_map_with_path(  # Layer scales that let the blocks count.
       lambda p, v: jnp.full_like(v, 0.5) if p[-1].key == "gamma" else v, params)
-  f32 = model.apply({"params": params}, x, train=False)
-  bf16 = model.clone(dtype=jnp.bfloat16).apply({"params": params}, x, train=False)
-  assert bf16.dtype == jnp.float32
-  assert np.abs(np.asarray(bf16) - np.asarray(f32)).max() < 0.05 * np.abs(np.asarray(f32)).max()
+  family_helpers.assert_bfloat16_close_to_float32(model, {"params": params}, x)
   # Channels on a large offset (exact in bfloat16: 256, 258, ..., 286), whose variance
   # E[x^2] - E[x]^2 in bfloat16 would be lost to rounding, still normalise.
   norm = convnext.ChannelLayerNorm(dtype=jnp.bfloat16)
@@ -234,7 +197,7 @@ def test_bfloat16_runs_with_float32_layer_norm_statistics():
 def test_drop_path_and_remat():
   model = convnext.ConvNeXt(num_classes=3, depths=DEPTHS, dims=DIMS, drop_path_rate=0.5,
                             head_init="lecun_normal")
-  x = jnp.asarray(_images(32))
+  x = jnp.asarray(family_helpers.images(32))
   params = model.init(jax.random.key(0), x, train=False)["params"]
   params = jax.tree_util.tree_map_with_path(
       lambda p, v: jnp.full_like(v, 0.5) if p[-1].key == "gamma" else v, params)
@@ -276,7 +239,7 @@ def test_grad_cam_uses_the_last_block():
   model = convnext.ConvNeXt(num_classes=3, depths=(1, 1, 2, 2), dims=DIMS,
                             head_init="lecun_normal")
   assert saliency.last_block_name(model) == "stage4_block2"
-  x = jnp.asarray(_images(64))
+  x = jnp.asarray(family_helpers.images(64))
   variables = model.init(jax.random.key(0), x, train=False)
   logits, maps = saliency.explain_batch(model, variables, x)
   (name, cam), = maps.items()
@@ -316,7 +279,7 @@ def test_export_huggingface_round_trips_through_transformers(tmp_path):
 def test_finetune_through_train_from_a_timm_checkpoint(tmp_path):
   from vit_jax_ft.training import train  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   from test_train import tiny_demo_config  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  path = _save_state_dict(_timm(), tmp_path / "convnext_tiny.safetensors")
+  path = family_helpers.save_state_dict(_timm(), tmp_path / "convnext_tiny.safetensors")
   config = tiny_demo_config(total_steps=2, **{"optimizer.warmup_steps": 1})
   config.model = base_config.convnext_model_config("convnext")
   config.model.depths, config.model.dims = DEPTHS, DIMS

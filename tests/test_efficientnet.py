@@ -16,10 +16,8 @@ import pytest
 from vit_jax_ft import base_config
 from vit_jax_ft import models
 from vit_jax_ft import pretrained
-from vit_jax_ft.inputs import normalization as normalization_lib
 from vit_jax_ft.models import efficientnet
 from vit_jax_ft.pretrained import sources
-from vit_jax_ft.pretrained import tensor_files
 from vit_jax_ft.pretrained import testing
 from vit_jax_ft.reports import saliency
 
@@ -28,6 +26,8 @@ timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
 from timm.models import efficientnet as timm_efficientnet  # pylint: disable=g-import-not-at-top,wrong-import-position
 from torchvision.models import efficientnet as tv_efficientnet  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import family_helpers  # pylint: disable=g-bad-import-order,wrong-import-position
 
 ATOL = 1e-4
 TINY = {"width_mult": 0.25, "depth_mult": 0.1}
@@ -55,15 +55,6 @@ def _timm(variant="efficientnet_b0", width_mult=0.25, depth_mult=0.1, num_classe
   return model
 
 
-def _images(size=64):
-  return normalization_lib.normalize(testing.photos(size), "imagenet")
-
-
-def _torch_logits(model, images):
-  with torch.no_grad():
-    return model(testing.torch_nchw(images)).numpy()
-
-
 def _ours(converted, num_classes, **kw):
   arch = converted.metadata["architecture"]
   return efficientnet.EfficientNet(num_classes=num_classes, width_mult=arch["width_mult"],
@@ -71,19 +62,8 @@ def _ours(converted, num_classes, **kw):
                                    **converted.metadata["model_options"], **kw)
 
 
-def _logits(model, converted, images):
-  variables = {"params": converted.params, "batch_stats": converted.batch_stats}
-  return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(
-      variables, jnp.asarray(images)))
-
-
-def _save(model, path):
-  if str(path).endswith(".safetensors"):
-    tensor_files.write_safetensors(str(path), {k: v.numpy() for k, v in
-                                               model.state_dict().items()})
-  else:
-    torch.save(model.state_dict(), str(path))
-  return str(path)
+def _variables(converted):
+  return {"params": converted.params, "batch_stats": converted.batch_stats}
 
 
 @pytest.mark.parametrize("name", sorted(efficientnet.EFFICIENTNET_PRESETS))
@@ -97,7 +77,7 @@ def test_preset_parameter_counts_match_timm_and_torchvision(name):
   shapes = jax.eval_shape(lambda: efficientnet.EfficientNet(
       num_classes=1000, **efficientnet.efficientnet_preset(name)).init(
           jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
-  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"])) == expected
+  assert family_helpers.num_params(shapes["params"]) == expected
 
 
 @pytest.mark.parametrize("library,file_name,options", [
@@ -108,60 +88,53 @@ def test_preset_parameter_counts_match_timm_and_torchvision(name):
 def test_state_dicts_match_the_real_library(tmp_path, library, file_name, options):
   reference = (_torchvision() if library == "torchvision"
                else _timm("tf_efficientnet_b0" if library == "tf_timm" else "efficientnet_b0"))
-  converted = sources.convert(_save(reference, tmp_path / file_name))
+  converted = sources.convert(family_helpers.save_state_dict(reference, tmp_path / file_name))
   meta = converted.metadata
   assert meta["format"] == library.replace("tf_", "")
   assert meta["model_options"] == options and meta["unused_source_keys"] == []
   assert meta["architecture"]["family"] == "efficientnet"
   assert meta["normalization"] == "imagenet" and meta["num_classes_original"] == 7
-  images = _images()
-  testing.assert_logits_match(f"{library} EfficientNet", _logits(_ours(converted, 7), converted,
-                                                                 images),
-                              _torch_logits(reference, images), ATOL)
+  family_helpers.assert_parity(f"{library} EfficientNet", _ours(converted, 7),
+                               _variables(converted), reference, family_helpers.images(), ATOL)
 
 
 def test_tf_padding_matters(tmp_path):
   # The TF port's weights with PyTorch padding would be off: the option is not cosmetic.
   reference = _timm("tf_efficientnet_b0")
-  converted = sources.convert(_save(reference, tmp_path / "tf_efficientnet_b0.pth"))
-  images = _images()
-  wrong = _logits(_ours(converted, 7).clone(padding="torch"), converted, images)
-  assert np.abs(wrong - _torch_logits(reference, images)).max() > 10 * ATOL
+  converted = sources.convert(family_helpers.save_state_dict(
+      reference, tmp_path / "tf_efficientnet_b0.pth"))
+  images = family_helpers.images()
+  wrong = family_helpers.jax_logits(_ours(converted, 7).clone(padding="torch"),
+                                    _variables(converted), images)
+  assert np.abs(wrong - family_helpers.torch_logits(reference, images)).max() > 10 * ATOL
 
 
 def test_full_size_b0_matches_timm_and_torchvision(tmp_path):
   for reference, name in ((_torchvision(1.0, 1.0, 1000), "efficientnet_b0.pth"),
                           (_timm("efficientnet_b0", 1.0, 1.0, 1000), "model.safetensors")):
-    converted = sources.convert(_save(reference, tmp_path / name), model_name="efficientnet_b0")
-    images = _images(64)
-    theirs = _torch_logits(reference, images)
+    converted = sources.convert(family_helpers.save_state_dict(reference, tmp_path / name),
+                                model_name="efficientnet_b0")
+    images = family_helpers.images(64)
+    theirs = family_helpers.torch_logits(reference, images)
     # Random full-size B0s blow activations up (logits ~1e2 here): float32 rounding over
     # 16 blocks then exceeds 1e-4 absolute, so this check is relative to the logit scale
     # (the width/depth-reduced checks above hold 1e-4 absolute).
-    testing.assert_logits_match(f"{name} B0", _logits(_ours(converted, 1000), converted, images),
-                                theirs, ATOL * np.abs(theirs).max())
+    ours = family_helpers.jax_logits(_ours(converted, 1000), _variables(converted), images)
+    testing.assert_logits_match(f"{name} B0", ours, theirs, ATOL * np.abs(theirs).max())
 
 
 def test_strict_load_report_and_grad_cam(tmp_path):
-  path = _save(_timm(), tmp_path / "model.safetensors")
+  path = family_helpers.save_state_dict(_timm(), tmp_path / "model.safetensors")
   model = efficientnet.EfficientNet(num_classes=3, **TINY)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
-  result = pretrained.load_for_finetuning(path, model, variables["params"],
-                                          variables["batch_stats"], image_size=32,
-                                          cache_dir=str(tmp_path / "cache"))
-  report = result.report
-  assert not report.problems()
-  assert sorted(p for p, _ in report.new) == ["params/head/bias", "params/head/kernel"]
-  backbone = [p for p in pretrained.conversion.flatten(variables["params"], "params/")
-              if not p.startswith("params/head/")]
-  backbone += list(pretrained.conversion.flatten(variables["batch_stats"], "batch_stats/"))
-  assert sorted(p for p, _ in report.loaded) == sorted(backbone)
+  result = family_helpers.assert_strict_load_loads_the_backbone(
+      path, model, variables["params"], variables["batch_stats"], str(tmp_path / "cache"))
   with pytest.raises(pretrained.PretrainedMismatchError, match="model.bn_epsilon"):
     pretrained.load_for_finetuning(path, model.clone(bn_epsilon=1e-3), variables["params"],
                                    variables["batch_stats"], image_size=32,
                                    cache_dir=str(tmp_path / "cache"))
   assert saliency.last_block_name(model) == "stage7_block1"
-  x = jnp.asarray(_images(64))
+  x = jnp.asarray(family_helpers.images(64))
   _, maps = saliency.explain_batch(model.clone(head_init="lecun_normal"), {
       "params": result.params, "batch_stats": result.batch_stats}, x)
   (name, cam), = maps.items()
@@ -172,12 +145,9 @@ def test_bfloat16_and_create_model():
   model = models.create_model(base_config.model_config("efficientnet_b0"), 10, jnp.bfloat16)
   assert isinstance(model, efficientnet.EfficientNet) and model.width_mult == 1.0
   tiny = efficientnet.EfficientNet(num_classes=4, head_init="lecun_normal", **TINY)
-  x = jnp.asarray(_images(32))
+  x = jnp.asarray(family_helpers.images(32))
   variables = tiny.init(jax.random.key(0), x, train=False)
-  f32 = tiny.apply(variables, x, train=False)
-  bf16 = tiny.clone(dtype=jnp.bfloat16).apply(variables, x, train=False)
-  assert bf16.dtype == jnp.float32
-  assert np.abs(np.asarray(bf16) - np.asarray(f32)).max() < 0.05 * np.abs(np.asarray(f32)).max()
+  family_helpers.assert_bfloat16_close_to_float32(tiny, variables, x)
   with pytest.raises(ValueError, match="Unknown model.name .efficientnet_b9.") as e:
     base_config.model_config("efficientnet_b9")
   for name in ("vit_b16", "resnet50", "convnext_tiny", "efficientnet_b0", "efficientnet_b4"):

@@ -32,6 +32,7 @@ from vit_jax_ft.training import train
 
 from test_pretrained_export import CLASSES, TrainState, _check_transformers_parity, _config  # pylint: disable=g-bad-import-order
 from test_train import tiny_demo_config  # pylint: disable=g-bad-import-order
+import family_helpers  # pylint: disable=g-bad-import-order
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -61,20 +62,11 @@ def torchvision_name(name):
   return f"regnet_{name[6]}_{name[8:]}"  # regnety_400mf -> regnet_y_400mf
 
 
-def _num_params(tree):
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
-def _abstract_params(model, size=SIZE):
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
-                                           train=False))["params"]
-
-
 def test_every_preset_has_the_published_parameter_count():
   assert set(regnet.REGNET_PRESETS) == set(PUBLISHED) | set(PUBLISHED_TIMM)
   for name, expected in {**PUBLISHED, **PUBLISHED_TIMM}.items():
     model = regnet.RegNet(num_classes=1000, **regnet.regnet_preset(name))
-    assert _num_params(_abstract_params(model)) == expected, name
+    assert family_helpers.num_params(family_helpers.abstract_params(model)) == expected, name
 
 
 @pytest.mark.parametrize("name", ["regnety_400mf", "regnety_1_6gf", "regnety_3_2gf",
@@ -113,17 +105,9 @@ def _perturbed(model, seed=3):
   return model
 
 
-def _save(sd, path):
-  if str(path).endswith(".pth"):
-    torch.save(sd, str(path))
-  else:
-    import safetensors.torch  # pylint: disable=g-import-not-at-top
-    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-
-
 def _assert_parity(label, torch_model, path, fmt, layer_impl="auto"):
   """Converts torch_model's saved state dict; our RegNet of the detected architecture matches it."""
-  _save(torch_model.state_dict(), path)
+  family_helpers.torch_save(torch_model.state_dict(), path)
   converted = pretrained.convert(str(path))
   meta = converted.metadata
   assert (meta["format"], meta["normalization"]) == (fmt, "imagenet")
@@ -135,12 +119,9 @@ def _assert_parity(label, torch_model, path, fmt, layer_impl="auto"):
                         **{k: arch[k] for k in ("depths", "widths", "group_widths", "se_ratio",
                                                 "bottleneck_ratio", "stem_width")},
                         **meta["model_options"])
-  x = normalization_lib.normalize(testing.photos(SIZE), "imagenet")
-  logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(
-      {"params": converted.params, "batch_stats": converted.batch_stats}, x))
-  with torch.no_grad():
-    ref = torch_model(testing.torch_nchw(x)).numpy()
-  testing.assert_logits_match(label, logits, ref, ATOL)
+  family_helpers.assert_parity(
+      label, model, {"params": converted.params, "batch_stats": converted.batch_stats},
+      torch_model, family_helpers.images(SIZE), ATOL)
   return meta
 
 
@@ -227,7 +208,7 @@ def test_timm_regnet_folder_and_unknown_tensors(tmp_path):
   sd = _tiny_timm(0.25).state_dict()
   folder = tmp_path / "regnety_tiny.pycls_in1k"
   folder.mkdir()
-  _save(sd, folder / "model.safetensors")
+  family_helpers.torch_save(sd, folder / "model.safetensors")
   (folder / "config.json").write_text(json.dumps({
       "architecture": "regnety_004", "num_classes": 4,
       "pretrained_cfg": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}))
@@ -285,7 +266,8 @@ def test_layer_impls_bfloat16_and_remat_agree():
 
 
 def test_parameter_names_follow_the_resnet():
-  params = _abstract_params(regnet.RegNet(num_classes=10, **regnet.regnet_preset("regnety_400mf")))
+  params = family_helpers.abstract_params(
+      regnet.RegNet(num_classes=10, **regnet.regnet_preset("regnety_400mf")))
   assert {"conv_init", "bn_init", "head"} < set(params)
   assert set(params["stage1_block1"]) == {"conv1", "bn1", "conv2", "bn2", "se", "conv3", "bn3",
                                           "proj_conv", "proj_bn"}
@@ -293,8 +275,8 @@ def test_parameter_names_follow_the_resnet():
   # SE width: a quarter of the block input (the stem's 32 for the first block, then 48).
   assert params["stage1_block1"]["se"]["fc1"]["kernel"].shape == (48, 8)
   assert params["stage2_block2"]["se"]["fc1"]["kernel"].shape == (104, 26)
-  x_params = _abstract_params(regnet.RegNet(num_classes=10,
-                                            **regnet.regnet_preset("regnetx_400mf")))
+  x_params = family_helpers.abstract_params(
+      regnet.RegNet(num_classes=10, **regnet.regnet_preset("regnetx_400mf")))
   assert "se" not in x_params["stage1_block1"]
 
 
@@ -342,7 +324,7 @@ def test_finetune_from_a_torchvision_regnet_checkpoint(tmp_path):
                                                  train=False))
   loaded = re.search(r"loaded\s+\d+\s+([\d,]+)", record["report"])
   assert int(loaded[1].replace(",", "")) == (5_495_976 - (400 * 1000 + 1000)
-                                             + _num_params(shapes["batch_stats"]))
+                                             + family_helpers.num_params(shapes["batch_stats"]))
   run_config = workdir_lib.load_config(str(workdir))
   assert run_config.model.bn_epsilon == 1e-5
   assert run_config.data.normalization == "imagenet"

@@ -20,7 +20,6 @@ from vit_jax_ft import base_config
 from vit_jax_ft import explain
 from vit_jax_ft import models
 from vit_jax_ft import pretrained
-from vit_jax_ft.inputs import normalization as normalization_lib
 from vit_jax_ft.models import layer_impl
 from vit_jax_ft.models import resnet
 from vit_jax_ft.pretrained import architecture
@@ -30,6 +29,7 @@ from vit_jax_ft.reports import saliency
 from vit_jax_ft.training import train
 
 from test_train import tiny_demo_config  # pylint: disable=g-bad-import-order
+import family_helpers  # pylint: disable=g-bad-import-order
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -39,15 +39,6 @@ ATOL = 1e-4
 SIZE = 64
 
 
-def _num_params(tree):
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
-def _abstract_params(model, size=SIZE):
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
-                                           train=False))["params"]
-
-
 @pytest.mark.parametrize("name, expected", [
     ("resnext50_32x4d", 25_028_904),
     ("resnext101_32x8d", 88_791_336),
@@ -55,13 +46,14 @@ def _abstract_params(model, size=SIZE):
 ])
 def test_resnext_param_counts_are_the_published_ones(name, expected):
   model = resnet.ResNet(num_classes=1000, **resnet.resnet_preset(name))
-  assert _num_params(_abstract_params(model)) == expected
+  assert family_helpers.num_params(family_helpers.abstract_params(model)) == expected
   # ... which are torchvision's (the figures on its model pages).
   assert sum(p.numel() for p in getattr(torchvision.models, name)().parameters()) == expected
 
 
 def test_resnext_kernels_are_grouped():
-  params = _abstract_params(resnet.ResNet(num_classes=10, **resnet.resnet_preset("resnext50_32x4d")))
+  params = family_helpers.abstract_params(
+      resnet.ResNet(num_classes=10, **resnet.resnet_preset("resnext50_32x4d")))
   # Stage 1: 32 groups of 4 channels; stage 4: 32 groups of 32 (inner width 1024).
   assert params["stage1_block1"]["conv2"]["kernel"].shape == (3, 3, 4, 128)
   assert params["stage4_block1"]["conv2"]["kernel"].shape == (3, 3, 32, 1024)
@@ -81,31 +73,19 @@ def _perturbed(model, seed):
   return model
 
 
-def _parity(label, torch_model, path, save, preset, num_classes):
+def _parity(label, torch_model, path, preset, num_classes):
   """Saves torch_model's state dict, converts it and compares logits on two photos."""
-  save(path, torch_model.state_dict())
+  family_helpers.torch_save(torch_model.state_dict(), path)
   converted = pretrained.convert(str(path), model_name=preset)
   meta = converted.metadata
   assert meta["model_options"] == {"variant": "v1.5", "conv_bias": False, "bn_epsilon": 1e-5}
   assert meta["normalization"] == "imagenet"
-  x = normalization_lib.normalize(testing.photos(SIZE), "imagenet")
   model = resnet.ResNet(num_classes=num_classes, **resnet.resnet_preset(preset),
                         **meta["model_options"])
-  logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(
-      {"params": converted.params, "batch_stats": converted.batch_stats}, x))
-  with torch.no_grad():
-    ref = torch_model(testing.torch_nchw(x)).numpy()
-  testing.assert_logits_match(label, logits, ref, ATOL)
+  family_helpers.assert_parity(
+      label, model, {"params": converted.params, "batch_stats": converted.batch_stats},
+      torch_model, family_helpers.images(SIZE), ATOL)
   return converted
-
-
-def _save_pth(path, sd):
-  torch.save(sd, str(path))
-
-
-def _save_safetensors(path, sd):
-  import safetensors.torch  # pylint: disable=g-import-not-at-top
-  safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
 
 
 @pytest.mark.parametrize("library, name", [
@@ -116,11 +96,11 @@ def _save_safetensors(path, sd):
 def test_converted_weights_match_the_real_library(library, name, tmp_path):
   if library == "torchvision":
     torch_model = getattr(torchvision.models, name)(num_classes=5)
-    path, save = tmp_path / f"{name}.pth", _save_pth
+    path = tmp_path / f"{name}.pth"
   else:
     torch_model = timm.create_model(name, num_classes=5)
-    path, save = tmp_path / f"{name}.safetensors", _save_safetensors
-  converted = _parity(f"{library} {name}", _perturbed(torch_model, 3), path, save, name, 5)
+    path = tmp_path / f"{name}.safetensors"
+  converted = _parity(f"{library} {name}", _perturbed(torch_model, 3), path, name, 5)
   arch = converted.metadata["architecture"]
   assert arch["name"] == name
   assert (arch["groups"], arch["width_per_group"]) == ((32, 4) if "resnext" in name else (1, 64))
@@ -236,7 +216,7 @@ def test_finetune_from_a_torchvision_resnext_checkpoint(tmp_path):
                                              train=False))
   loaded = re.search(r"loaded\s+\d+\s+([\d,]+)", record["report"])
   assert int(loaded[1].replace(",", "")) == (25_028_904 - 2_049_000
-                                             + _num_params(shapes["batch_stats"]))
+                                             + family_helpers.num_params(shapes["batch_stats"]))
   written = explain.explain(str(workdir), str(tmp_path / "explain"), split="test", num_images=1)
   assert len(written) == 1 and os.path.getsize(written[0]) > 5000
   with pytest.raises(hf_export.ExportError, match="no ResNeXt.*groups=32"):

@@ -150,6 +150,17 @@ FIELD_DOCS = {
 }
 
 
+def _common_model_fields() -> dict:
+  """The fields every model family has, at their defaults; each family's config ends with them."""
+  return dict(
+      head_init="zeros",
+      head_bias_init=0.0,
+      remat=False,
+      drop_path_rate=0.0,
+      layer_impl="auto",
+  )
+
+
 def vit_model_config(name: str = "vit_b16") -> config_dict.ConfigDict:
   """Model config for a ViT preset (or name='vit' with explicit sizes)."""
   if name != "vit" and name not in vit_lib.VIT_PRESETS:
@@ -167,11 +178,7 @@ def vit_model_config(name: str = "vit_b16") -> config_dict.ConfigDict:
       layer_norm_eps=1e-6,
       dropout_rate=0.0,
       attention_dropout_rate=0.0,
-      head_init="zeros",
-      head_bias_init=0.0,
-      remat=False,
-      drop_path_rate=0.0,
-      layer_impl="auto",
+      **_common_model_fields(),
   ))
 
 
@@ -187,11 +194,7 @@ def resnet_model_config(name: str = "resnet50") -> config_dict.ConfigDict:
       bn_momentum=0.9,
       padding="torch",
       first_block_projection=False,
-      head_init="zeros",
-      head_bias_init=0.0,
-      remat=False,
-      drop_path_rate=0.0,
-      layer_impl="auto",
+      **_common_model_fields(),
   ))
 
 
@@ -204,11 +207,7 @@ def bit_model_config(name: str = "bit_r50x1") -> config_dict.ConfigDict:
       stage_sizes=placeholder(tuple),
       width_factor=placeholder(int),
       ws_epsilon=1e-10,
-      head_init="zeros",
-      head_bias_init=0.0,
-      remat=False,
-      drop_path_rate=0.0,
-      layer_impl="auto",
+      **_common_model_fields(),
   ))
 
 
@@ -224,11 +223,7 @@ def regnet_model_config(name: str = "regnety_400mf") -> config_dict.ConfigDict:
       name=name,
       bn_epsilon=1e-5,
       bn_momentum=0.9,
-      head_init="zeros",
-      head_bias_init=0.0,
-      remat=False,
-      drop_path_rate=0.0,
-      layer_impl="auto",
+      **_common_model_fields(),
   ))
 
 
@@ -242,11 +237,7 @@ def convnext_model_config(name: str = "convnext_tiny") -> config_dict.ConfigDict
       depths=placeholder(tuple),
       dims=placeholder(tuple),
       head_norm_eps=1e-6,
-      head_init="zeros",
-      head_bias_init=0.0,
-      remat=False,
-      drop_path_rate=0.0,
-      layer_impl="auto",
+      **_common_model_fields(),
   ))
 
 
@@ -260,11 +251,7 @@ def efficientnet_model_config(name: str = "efficientnet_b0") -> config_dict.Conf
       bn_epsilon=1e-5,
       bn_momentum=0.9,
       padding="torch",
-      head_init="zeros",
-      head_bias_init=0.0,
-      remat=False,
-      drop_path_rate=0.0,
-      layer_impl="auto",
+      **_common_model_fields(),
   ))
 
 

@@ -2,7 +2,7 @@
 built from `config.model`."""
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -19,19 +19,47 @@ from vit_jax_ft.models import vit
 _VIT_ARCH = ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim")
 
 
-def vit_architecture(model_config: ml_collections.ConfigDict) -> dict:
-  """The preset's ViT sizes with any non-None overrides from the config."""
+def _architecture(model_config: ml_collections.ConfigDict, family_name: str,
+                  keys: tuple[str, ...], preset_fn: Callable[[str], dict],
+                  tuple_keys: tuple[str, ...] = ()) -> dict:
+  """A preset's sizes (`preset_fn(model.name)`) with any non-None overrides from the config.
+
+  The bare family name (`family_name`, e.g. 'vit') has no preset, so every one of
+  `keys` must be set; the error names the first missing one. Overrides of
+  `tuple_keys` are made tuples, as the presets give them.
+  """
   name = model_config.name
-  if name == "vit":
-    missing = [k for k in _VIT_ARCH if model_config[k] is None]
+  if name == family_name:
+    missing = [k for k in keys if model_config[k] is None]
     if missing:
-      raise ValueError(f"model.name='vit' needs explicit sizes; set model.{missing[0]} "
+      raise ValueError(f"model.name={family_name!r} needs explicit sizes; set model.{missing[0]} "
                        f"(missing: {', '.join(missing)}).")
     arch = {}
   else:
-    arch = dict(vit.VIT_PRESETS[name])
-  arch.update({k: model_config[k] for k in _VIT_ARCH if model_config[k] is not None})
+    arch = preset_fn(name)
+  for key in keys:
+    if model_config[key] is not None:
+      arch[key] = tuple(model_config[key]) if key in tuple_keys else model_config[key]
   return arch
+
+
+def _common_kwargs(model_config: ml_collections.ConfigDict, layers: layer_impl.Layers,
+                   dtype: Any) -> dict:
+  """The constructor arguments every family takes alike (base_config._common_model_fields)."""
+  return dict(
+      head_init=model_config.head_init,
+      head_bias_init=model_config.head_bias_init,
+      remat=model_config.remat,
+      drop_path_rate=model_config.drop_path_rate,
+      layer_impl=layers,
+      dtype=dtype,
+  )
+
+
+def vit_architecture(model_config: ml_collections.ConfigDict) -> dict:
+  """The preset's ViT sizes with any non-None overrides from the config."""
+  # A copy: the preset dicts are module-level and must not see the overrides.
+  return _architecture(model_config, "vit", _VIT_ARCH, lambda name: dict(vit.VIT_PRESETS[name]))
 
 
 def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
@@ -66,12 +94,7 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
         layer_norm_eps=model_config.layer_norm_eps,
         dropout_rate=model_config.dropout_rate,
         attention_dropout_rate=model_config.attention_dropout_rate,
-        head_init=model_config.head_init,
-        head_bias_init=model_config.head_bias_init,
-        remat=model_config.remat,
-        drop_path_rate=model_config.drop_path_rate,
-        layer_impl=layers,
-        dtype=dtype,
+        **_common_kwargs(model_config, layers, dtype),
     )
   if name in resnet.RESNET_PRESETS:
     return resnet.ResNet(
@@ -83,12 +106,7 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
         bn_momentum=model_config.bn_momentum,
         padding=model_config.padding,
         first_block_projection=model_config.first_block_projection,
-        head_init=model_config.head_init,
-        head_bias_init=model_config.head_bias_init,
-        remat=model_config.remat,
-        drop_path_rate=model_config.drop_path_rate,
-        layer_impl=layers,
-        dtype=dtype,
+        **_common_kwargs(model_config, layers, dtype),
     )
   if name in regnet.REGNET_PRESETS:
     return _create_regnet(model_config, num_classes, dtype, layers)
@@ -128,12 +146,7 @@ def _create_regnet(model_config: ml_collections.ConfigDict, num_classes: int, dt
       **regnet.regnet_preset(name),
       bn_epsilon=model_config.bn_epsilon,
       bn_momentum=model_config.bn_momentum,
-      head_init=model_config.head_init,
-      head_bias_init=model_config.head_bias_init,
-      remat=model_config.remat,
-      drop_path_rate=model_config.drop_path_rate,
-      layer_impl=layers,
-      dtype=dtype,
+      **_common_kwargs(model_config, layers, dtype),
   )
 
 
@@ -141,18 +154,8 @@ def _create_regnet(model_config: ml_collections.ConfigDict, num_classes: int, dt
 
 def bit_architecture(model_config: ml_collections.ConfigDict) -> dict:
   """The BiT preset's stage sizes and width factor, with any non-None overrides."""
-  if model_config.name == "bit":
-    missing = [k for k in ("stage_sizes", "width_factor") if model_config[k] is None]
-    if missing:
-      raise ValueError(f"model.name='bit' needs explicit sizes; set model.{missing[0]} "
-                       f"(missing: {', '.join(missing)}).")
-    arch = {}
-  else:
-    arch = bit.bit_preset(model_config.name)
-  for key in ("stage_sizes", "width_factor"):
-    if model_config[key] is not None:
-      arch[key] = tuple(model_config[key]) if key == "stage_sizes" else model_config[key]
-  return arch
+  return _architecture(model_config, "bit", ("stage_sizes", "width_factor"), bit.bit_preset,
+                       tuple_keys=("stage_sizes",))
 
 
 def _create_bit(model_config: ml_collections.ConfigDict, num_classes: int, dtype: Any,
@@ -166,12 +169,7 @@ def _create_bit(model_config: ml_collections.ConfigDict, num_classes: int, dtype
       num_classes=num_classes,
       **bit_architecture(model_config),
       ws_epsilon=model_config.ws_epsilon,
-      head_init=model_config.head_init,
-      head_bias_init=model_config.head_bias_init,
-      remat=model_config.remat,
-      drop_path_rate=model_config.drop_path_rate,
-      layer_impl=layers,
-      dtype=dtype,
+      **_common_kwargs(model_config, layers, dtype),
   )
 
 
@@ -179,18 +177,8 @@ def _create_bit(model_config: ml_collections.ConfigDict, num_classes: int, dtype
 
 def convnext_architecture(model_config: ml_collections.ConfigDict) -> dict:
   """The ConvNeXt preset's depths and dims, with any non-None overrides."""
-  if model_config.name == "convnext":
-    missing = [k for k in ("depths", "dims") if model_config[k] is None]
-    if missing:
-      raise ValueError(f"model.name='convnext' needs explicit sizes; set model.{missing[0]} "
-                       f"(missing: {', '.join(missing)}).")
-    arch = {}
-  else:
-    arch = convnext.convnext_preset(model_config.name)
-  for key in ("depths", "dims"):
-    if model_config[key] is not None:
-      arch[key] = tuple(model_config[key])
-  return arch
+  return _architecture(model_config, "convnext", ("depths", "dims"), convnext.convnext_preset,
+                       tuple_keys=("depths", "dims"))
 
 
 def _create_convnext(model_config: ml_collections.ConfigDict, num_classes: int, dtype: Any,
@@ -204,12 +192,7 @@ def _create_convnext(model_config: ml_collections.ConfigDict, num_classes: int, 
       num_classes=num_classes,
       **convnext_architecture(model_config),
       head_norm_eps=model_config.head_norm_eps,
-      head_init=model_config.head_init,
-      head_bias_init=model_config.head_bias_init,
-      remat=model_config.remat,
-      drop_path_rate=model_config.drop_path_rate,
-      layer_impl=layers,
-      dtype=dtype,
+      **_common_kwargs(model_config, layers, dtype),
   )
 
 
@@ -228,10 +211,5 @@ def _create_efficientnet(model_config: ml_collections.ConfigDict, num_classes: i
       bn_epsilon=model_config.bn_epsilon,
       bn_momentum=model_config.bn_momentum,
       padding=model_config.padding,
-      head_init=model_config.head_init,
-      head_bias_init=model_config.head_bias_init,
-      remat=model_config.remat,
-      drop_path_rate=model_config.drop_path_rate,
-      layer_impl=layers,
-      dtype=dtype,
+      **_common_kwargs(model_config, layers, dtype),
   )
