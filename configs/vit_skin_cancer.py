@@ -2,6 +2,11 @@
 
 224 px, batch 16, AdamW lr 1e-4 with cosine decay, class-weighted
 cross-entropy. Set --config.data.dir to a prepared skin-lesion dataset.
+
+`--config=configs/vit_skin_cancer.py:NAME` runs the same recipe with any
+`model.name` (its family's model config, base_config.model_config), e.g.
+`:efficientnet_b0` or `:regnety_400mf`; the README's from-scratch runs of each
+family use it.
 """
 
 from vit_jax_ft import base_config
@@ -14,10 +19,10 @@ SKIN_HELP = (
     "--config.data.dir=PREPARED_DIR (README: 'Your own data').")
 
 
-def get_config():
+def get_config(model_name=None):
   config = base_config.get_base_config()
   config.data.help = SKIN_HELP
-  config.model = base_config.vit_model_config("vit_b16")
+  config.model = base_config.model_config(model_name or "vit_b16")
   config.loss.name = "weighted_ce"
   config.num_epochs = 10.0
   config.optimizer.warmup_steps = 200

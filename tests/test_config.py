@@ -77,6 +77,18 @@ def test_cli_config_file_argument_reaches_get_config():
       "error: config file 'configs/nonexistent.py' does not exist")
 
 
+def test_skin_cancer_recipe_takes_any_model_name():
+  """configs/vit_skin_cancer.py:NAME is the same recipe with NAME's family config."""
+  get_config = runpy.run_path(os.path.join(REPO, "configs", "vit_skin_cancer.py"))["get_config"]
+  vit, effnet = get_config(), get_config("efficientnet_b0")
+  assert vit.model.name == "vit_b16" and "patch_size" in vit.model
+  assert effnet.model.to_dict() == base_config.efficientnet_model_config("efficientnet_b0").to_dict()
+  for key in ("loss", "optimizer", "data"):
+    assert effnet[key].to_dict() == vit[key].to_dict()
+  with pytest.raises(ValueError, match="Unknown model.name 'efficientnet_b9'"):
+    get_config("efficientnet_b9")
+
+
 def test_cli_missing_data_names_dataset_and_how_to_get_it(tmp_path):
   result = run_main("--config=configs/resnet_artdl.py", f"--workdir={tmp_path}")
   assert result.returncode != 0
