@@ -39,7 +39,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
-import machine  # benchmarks/machine.py, beside this script
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # runpy does not
+import machine  # benchmarks/machine.py, beside this script  # pylint: disable=g-bad-import-order
 from sklearn import linear_model
 from sklearn import metrics as skm
 

@@ -52,7 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import machine  # benchmarks/machine.py, beside this script
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # runpy does not
+import machine  # benchmarks/machine.py, beside this script  # pylint: disable=g-bad-import-order
 
 from vit_jax_ft import base_config
 from vit_jax_ft import models

@@ -14,6 +14,7 @@ compare the ratios, which come from one run.
 
 import functools
 import os
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -24,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import machine  # benchmarks/machine.py, beside this script
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # runpy does not
+import machine  # benchmarks/machine.py, beside this script  # pylint: disable=g-bad-import-order
 from vit_jax_ft import base_config
 from vit_jax_ft import models
 from vit_jax_ft.models import convnext as convnext_lib
