@@ -116,8 +116,6 @@ def main(argv):
     _compare(f"batch norm + relu {side}px {channels}", 0, {
         "nn.BatchNorm": (_grad_fn(_train_apply(ref, variables, nn.relu)), variables["params"], x),
         "batch_norm": (_grad_fn(_train_apply(ours, variables)), variables["params"], x)})
-
-
   for side, channels, k, s in DEPTHWISE if "depthwise" in _PARTS.value else []:
     x = jnp.asarray(rng.normal(size=(b, side, side, channels)), dtype)
     make = functools.partial(depthwise.DepthwiseConv, (k, k), (s, s),

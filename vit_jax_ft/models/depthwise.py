@@ -21,6 +21,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from vit_jax_ft.models import precision
+
 
 class DepthwiseConv(nn.Module):
   """kxk depthwise convolution over NHWC inputs.
@@ -72,17 +74,9 @@ def shifted_depthwise(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   then everything runs in float32, so the input's gradient is summed in float32.
   """
   kh, kw = kernel.shape[:2]
-  sh, sw = strides
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
-  (pt, pb), (pl, pr) = map(tuple, padding)
-  x = jnp.pad(x.astype(jnp.float32), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  kernel = kernel.astype(jnp.float32)
-  _, h, w, _ = x.shape
-  ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
-  y = None
-  for i in range(kh):
-    for j in range(kw):
-      tap = x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw] * kernel[i, j, 0]
-      y = tap if y is None else y + tap
+  windows = precision.shifted_windows(x.astype(jnp.float32), (kh, kw), strides, padding)
+  taps = kernel.astype(jnp.float32)[:, :, 0].reshape(kh * kw, -1)
+  y = windows[0] * taps[0]
+  for window, tap in zip(windows[1:], taps[1:]):
+    y = y + window * tap
   return y

@@ -247,6 +247,25 @@ def _conv_as_matmul(x, kernel, strides, padding) -> jax.Array | None:
   return einsum("bhiwjc,ijcd->bhwd", patches, kernel)
 
 
+def shifted_windows(x: jax.Array, window: Sequence[int], strides: Sequence[int],
+                    padding: Any) -> list[jax.Array]:
+  """The kh*kw strided views of padded NHWC `x` that a conv's taps see, row-major.
+
+  Window (i, j) is what tap (i, j) of every output position multiplies; `padding`
+  is 'SAME', 'VALID' or explicit ((top, bottom), (left, right)).
+  """
+  kh, kw = window
+  sh, sw = strides
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
+  (pt, pb), (pl, pr) = map(tuple, padding)
+  x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  _, h, w, _ = x.shape
+  ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+  return [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+          for i in range(kh) for j in range(kw)]
+
+
 def _grouped_conv(x, kernel, strides, padding, groups: int) -> jax.Array:
   """A grouped conv as its kh*kw shifted windows times a per-group kernel (one einsum).
 
@@ -254,15 +273,8 @@ def _grouped_conv(x, kernel, strides, padding, groups: int) -> jax.Array:
   gradient; in exchange both gradients are batched matmuls.
   """
   kh, kw, cg, out = kernel.shape
-  sh, sw = strides
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
-  (pt, pb), (pl, pr) = map(tuple, padding)
-  x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  n, h, w, c = x.shape
-  ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
-  windows = jnp.stack([x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
-                       for i in range(kh) for j in range(kw)], axis=3)
+  windows = jnp.stack(shifted_windows(x, (kh, kw), strides, padding), axis=3)
+  n, ho, wo = windows.shape[:3]
   windows = windows.reshape(n, ho, wo, kh * kw, groups, cg)
   kernel = kernel.reshape(kh * kw, cg, groups, out // groups)
   return einsum("nhwkgc,kcgo->nhwgo", windows, kernel).reshape(n, ho, wo, out)
