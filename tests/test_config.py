@@ -13,7 +13,7 @@ from vit_jax_ft import main as main_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ["demo", "vit_artdl", "vit_skin_cancer", "resnet_artdl", "resnet_skin_cancer",
-           "convnext_skin_cancer",
+           "convnext_skin_cancer", "resnet_multilabel_csv",
            "vit_multilabel_csv", "vit_food101"]
 
 
@@ -160,5 +160,10 @@ def test_shipped_optimizer_controls_resolve_on_their_model(name):
       lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False))
   groups = optim.param_groups(config.optimizer, variables["params"],
                               variables.get("batch_stats"))
-  if config.optimizer.freeze == "bn":  # Every BatchNorm layer in inference mode.
+  if config.model.name == "resnet50" and config.optimizer.freeze:  # resnet_small_data
+    # Every BatchNorm layer in inference mode; only stages 3-4 and the head train.
     assert len(groups.frozen_batch_norms(variables["batch_stats"])) == 53
+    trained = sorted(set(groups.shapes) - groups.frozen)
+    assert trained and all(p.startswith(("stage3_", "stage4_", "head/")) for p in trained)
+    assert any(p.startswith("stage3_") for p in trained) and "head/kernel" in trained
+    assert not any("bn" in p for p in trained)

@@ -274,6 +274,26 @@ def model_config(name: str) -> config_dict.ConfigDict:
   raise ValueError(f"Unknown model.name {name!r}; valid names: {', '.join(valid)}.")
 
 
+def resnet_small_data(config: config_dict.ConfigDict,
+                      name: str = "resnet50") -> config_dict.ConfigDict:
+  """Turns an experiment config into the ResNet small-data recipe, in place.
+
+  The controls that beat a linear probe on ISIC (README: 'Linear probe and
+  LP-FT'): the stem and stages 1-2 frozen with every BatchNorm in inference
+  mode (batch 16 is too small for batch statistics, and the low stages hold
+  generic edges and textures, so 2.6x fewer weights train and a step costs
+  about half), 150 head-only steps at 10x lr before the body joins (LP-FT in
+  one run), layer-wise lr decay 0.7 and an EMA of the weights.
+  """
+  config.model = resnet_model_config(name)
+  config.optimizer.freeze = "bn,^conv_init/,^stage1_,^stage2_"
+  config.optimizer.head_only_steps = 150
+  config.optimizer.lr_mults = "head/=10"
+  config.optimizer.layer_decay = 0.7
+  config.ema_decay = 0.998
+  return config
+
+
 def get_base_config() -> config_dict.ConfigDict:
   """Defaults shared by all experiments; see FIELD_DOCS for each field."""
   c = config_dict.ConfigDict()
