@@ -158,10 +158,11 @@ def _probe_features(workdir: str) -> tuple[dict, bool]:
 
 
 def _logistic_regression(c: float, multilabel: bool):
-  """Class-balanced logistic regression, as the weighted (or per-label) loss."""
-  clf = linear_model.LogisticRegression(C=c, max_iter=3000, class_weight="balanced")
-  # Multi-label: one independent sigmoid per label, as the project's sigmoid head.
-  return multiclass.OneVsRestClassifier(clf) if multilabel else clf
+  """As the shipped configs' losses: class-balanced softmax (weighted_ce), or one
+  unweighted sigmoid per label (sigmoid_bce, the project's multi-label head)."""
+  if multilabel:
+    return multiclass.OneVsRestClassifier(linear_model.LogisticRegression(C=c, max_iter=3000))
+  return linear_model.LogisticRegression(C=c, max_iter=3000, class_weight="balanced")
 
 
 def _sklearn_probe(probe_workdir: str) -> tuple[dict, float]:
