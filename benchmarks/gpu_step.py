@@ -174,11 +174,19 @@ def _model_config(name: str, impl: str):
 
 @functools.cache
 def model_flops(name: str, batch: int) -> float | None:
-  """3x the forward pass's FLOPs (XLA's cost analysis before optimisation), or None."""
+  """3x the forward pass's FLOPs (XLA:CPU's cost analysis before optimisation), or None.
+
+  Counted on the CPU backend whatever the accelerator: on the H200 (jax 0.11.2) the GPU
+  backend's analysis of the same lowered forward missed most of the matmuls and
+  convolutions (0.8 of ViT-B/16's 35.3 GFLOP per image), which made every MFU ~40x too low.
+  """
   model = models.create_model(_model_config(name, "flax"), NUM_CLASSES, jnp.float32)
-  x = jax.ShapeDtypeStruct((batch, _IMAGE.value, _IMAGE.value, 3), jnp.float32)
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  x = jax.ShapeDtypeStruct((batch, _IMAGE.value, _IMAGE.value, 3), jnp.float32, sharding=cpu)
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape),
                                                 train=False))
+  variables = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=cpu),
+                           variables)
   lowered = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x)
   try:
     forward = _flops(lowered.cost_analysis())

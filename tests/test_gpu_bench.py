@@ -144,3 +144,28 @@ def test_gpu_benchmark_skips_with_reasons_without_torch_and_past_its_budget(tmp_
   assert result["cells"] and all("time budget" in c["skipped"] for c in result["cells"]
                                  if c["framework"] == "jax")
   assert all(r["skipped"].startswith("time budget") for r in result["layers"])
+
+
+def test_model_flops_match_a_hand_count_of_vit_b16():
+  """The MFU's FLOPs: ViT-B/16's forward at 224 px counted by hand (2 FLOPs per multiply-add).
+
+  Tokens T=197, width D=768, MLP 3072, 12 blocks: per block q, k, v and the output
+  projection 4*T*D^2, the scores and their weighted sum 2*T^2*D, the MLP 2*T*D*3072
+  multiply-adds; plus the patch embedding 196*768*768 and the 1000-class head. XLA also
+  counts the elementwise work (LayerNorm, softmax, GELU, biases), well under 1%.
+  """
+  code = f"""
+import sys
+sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r})
+from absl import flags
+import gpu_step
+flags.FLAGS(["gpu_step", "--out=unused"])
+print("FLOPS", gpu_step.model_flops("vit_b16", 2))
+"""
+  out = _python(code, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  measured = float(out.stdout.split("FLOPS")[-1])
+  t, d, mlp = 197, 768, 3072
+  forward = 12 * (4 * t * d * d + 2 * t * t * d + 2 * t * d * mlp) + 196 * 768 * d + d * 1000
+  expected = 3 * 2 * 2 * forward  # 3x forward for the train step, batch 2, 2 FLOPs per MAC
+  assert expected <= measured < 1.01 * expected, (measured, expected)
