@@ -144,7 +144,13 @@ def _probe_features(workdir: str) -> tuple[dict, bool]:
     records = json.load(f)["features"]
   with open(os.path.join(workdir, "config.json")) as f:
     data = json.load(f)["data"]
-  with open(os.path.join(data["dir"], "dataset_info.json")) as f:
+  data_dir = data["dir"]
+  if data["source"] == "digits" and not data_dir:  # Prepared inside the workdir.
+    data_dir = os.path.join(workdir, "data")
+  if not data_dir:
+    raise ValueError(f"{workdir}: data.source={data['source']!r} without data.dir; the "
+                     "benchmark reads prepared data (vit_jax_ft.data.prepare) or digits.")
+  with open(os.path.join(data_dir, "dataset_info.json")) as f:
     multilabel = bool(json.load(f)["multilabel"])
   out = {}
   for role in ("train", "val", "test"):

@@ -57,8 +57,6 @@ def test_finetune_quality_benchmark_runs_every_recipe_and_prints_the_table(tmp_p
 
 def test_finetune_quality_sklearn_probe_fits_one_sigmoid_per_label_on_multilabel_data(tmp_path):
   """Multi-label probe caches get one-vs-rest logistic regressions, scored per label at p=0.5."""
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  import finetune_quality  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   # Label j is on when feature j is positive: separable per label, and about 1 in 3
   # examples carries two or more labels (an argmax over labels could not fit it).
@@ -71,11 +69,26 @@ def test_finetune_quality_sklearn_probe_fits_one_sigmoid_per_label_on_multilabel
     records[split] = {"path": str(tmp_path / f"{split}.npz")}
   (tmp_path / "probe.json").write_text(json.dumps({"features": records}))
   (tmp_path / "config.json").write_text(json.dumps({"data": {
-      "dir": str(data), "train_split": "train", "val_split": "val", "test_split": "test"}}))
+      "source": "tfrecord", "dir": str(data), "train_split": "train", "val_split": "val",
+      "test_split": "test"}}))
+  # In a subprocess: the benchmark's absl flags (--config, ...) would clash with those of
+  # vit_jax_ft.main that other tests import into the same interpreter.
+  code = f"""
+import json, sys
+sys.path.insert(0, {os.path.join(ROOT, "benchmarks")!r})
+import finetune_quality
+results, _ = finetune_quality._sklearn_probe({str(tmp_path)!r})
+open({str(data / "dataset_info.json")!r}, "w").write(json.dumps({{"multilabel": False}}))
+features, multilabel = finetune_quality._probe_features({str(tmp_path)!r})
+print("RESULT", json.dumps({{"results": results, "multilabel": multilabel,
+                             "ndim": features["test"][1].ndim}}))
+"""
   (data / "dataset_info.json").write_text(json.dumps({"multilabel": True}))
-  results, _ = finetune_quality._sklearn_probe(str(tmp_path))
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+  assert out.returncode == 0, out.stderr[-3000:]
+  found = json.loads(out.stdout.split("RESULT", 1)[1])
+  results = found["results"]
   assert results["test_macro_f1"] > 0.95 and results["test_accuracy"] > 0.85, results
   # Single-label data keeps the softmax regression over class indices.
-  (data / "dataset_info.json").write_text(json.dumps({"multilabel": False}))
-  features, multilabel = finetune_quality._probe_features(str(tmp_path))
-  assert not multilabel and features["test"][1].ndim == 1
+  assert not found["multilabel"] and found["ndim"] == 1

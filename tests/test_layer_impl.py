@@ -92,7 +92,9 @@ def test_project_and_flax_layers_give_the_same_model(family):
   _assert_close(grads[0], grads[1], 1e-3, 1e-5, "grads (train=False)")
   results = [_loss_and_grads(m, variables, images, labels) for m in (project, flax_model)]
   (loss_p, _, stats_p, grads_p), (loss_f, _, stats_f, grads_f) = results
-  np.testing.assert_allclose(loss_p, loss_f, rtol=1e-5)
+  # Train-mode BatchNorm over 12 values, as for the logits above (1.9e-5 apart on an AMD
+  # EPYC).
+  np.testing.assert_allclose(loss_p, loss_f, rtol=1e-4)
   _assert_close(stats_p, stats_f, 1e-3, 1e-4, "batch_stats")
   # Training mode: ResNet-50's backward pass through 16 blocks of batch statistics over few
   # values amplifies float32 rounding towards the stem: at 64 px both paths' stem gradients
