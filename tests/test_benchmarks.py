@@ -60,17 +60,16 @@ def test_finetune_quality_sklearn_probe_fits_one_sigmoid_per_label_on_multilabel
   rng = np.random.default_rng(0)
   # Label j is on when feature j is positive: separable per label, and about 1 in 3
   # examples carries two or more labels (an argmax over labels could not fit it).
-  records, data = {}, tmp_path / "data"
-  data.mkdir()
+  records = {}
   for split, n in (("train", 300), ("val", 100), ("test", 100)):
     x = rng.normal(size=(n, 6)).astype(np.float32)
     y = (x[:, :3] > 0).astype(np.float32)
     np.savez(tmp_path / f"{split}.npz", features=x, targets=y)
     records[split] = {"path": str(tmp_path / f"{split}.npz")}
-  (tmp_path / "probe.json").write_text(json.dumps({"features": records}))
+  probe = tmp_path / "probe.json"
+  probe.write_text(json.dumps({"features": records, "multilabel": True}))
   (tmp_path / "config.json").write_text(json.dumps({"data": {
-      "source": "tfrecord", "dir": str(data), "train_split": "train", "val_split": "val",
-      "test_split": "test"}}))
+      "train_split": "train", "val_split": "val", "test_split": "test"}}))
   # In a subprocess: the benchmark's absl flags (--config, ...) would clash with those of
   # vit_jax_ft.main that other tests import into the same interpreter.
   code = f"""
@@ -78,12 +77,11 @@ import json, sys
 sys.path.insert(0, {os.path.join(ROOT, "benchmarks")!r})
 import finetune_quality
 results, _ = finetune_quality._sklearn_probe({str(tmp_path)!r})
-open({str(data / "dataset_info.json")!r}, "w").write(json.dumps({{"multilabel": False}}))
+open({str(probe)!r}, "w").write(json.dumps({{"features": {records!r}, "multilabel": False}}))
 features, multilabel = finetune_quality._probe_features({str(tmp_path)!r})
 print("RESULT", json.dumps({{"results": results, "multilabel": multilabel,
                              "ndim": features["test"][1].ndim}}))
 """
-  (data / "dataset_info.json").write_text(json.dumps({"multilabel": True}))
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
   assert out.returncode == 0, out.stderr[-3000:]

@@ -355,6 +355,7 @@ def run_probe(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "best_metric": config.best_metric, "best_mode": config.best_mode,
       "chosen_l2": chosen["l2"], "chosen_at_grid_edge": edge or None, "chosen": chosen,
       "grid": rows,
+      "multilabel": bool(multilabel),
       "class_weight": "balanced" if balanced else "none", "flip": config.probe.flip,
       "feature_dim": int(x_train.shape[1]), "standardized": True,
       "note": ("Features are standardised with the train mean/std before the fit (the penalty "
