@@ -74,14 +74,20 @@ _TINY = flags.DEFINE_bool("tiny", False, "Tiny models, 32 px, batch 2, 2 steps: 
 _MODELS = flags.DEFINE_list("models", ["vit_b16", "resnet50"], "Models (vit_b16, resnet50, ...).")
 _BATCHES = flags.DEFINE_list("batches", ["128", "256"], "Batch sizes, in priority order.")
 _DTYPES = flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Compute dtypes, in priority order.")
-_IMPLS = flags.DEFINE_list("impls", ["flax", "project"], "model.layer_impl values to time.")
+_IMPLS = flags.DEFINE_list("impls", ["auto", "flax", "project"],
+                           "model.layer_impl values to time ('auto' on a GPU: plain Flax with "
+                           "cuDNN's fused attention).")
 _IMAGE = flags.DEFINE_integer("image_size", 224, "Input side in pixels.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Repeats of --steps steps; the median is kept.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.")
 _TORCH = flags.DEFINE_bool("torch", True, "Time PyTorch too.")
 _COMPILE = flags.DEFINE_bool("torch_compile", True, "Also time torch.compile'd PyTorch.")
+_TORCH_MODES = flags.DEFINE_list("torch_modes", ["eager", "compile"],
+                                 "PyTorch variants to time (eager, compile).")
 _LAYERS = flags.DEFINE_bool("layers", True, "Time each project layer against plain Flax.")
+_LAYER_KINDS = flags.DEFINE_list("layer_kinds", list(layer_impl.LAYER_KINDS),
+                                 "Kinds of layer the --layers section times.")
 _BUDGET = flags.DEFINE_float("budget_s", 420.0, "Start no new cell after this many seconds.")
 _F32 = flags.DEFINE_enum("f32_precision", "default", ["default", "highest"],
                          "float32 matmuls: 'default' (TF32 on GPUs, both frameworks) or "
@@ -195,6 +201,36 @@ def model_flops(name: str, batch: int) -> float | None:
   if forward is None:  # Older JAX: only the compiled executable has a cost analysis.
     forward = _flops(lowered.compile().cost_analysis())
   return None if forward is None else 3 * forward
+
+
+def attention_check(name: str, batch: int = 8) -> dict:
+  """ViT `name` in bfloat16 with Flax's attention and with 'auto''s layers, same weights.
+
+  Says whether cuDNN's fused attention is in the compiled 'auto' program, and how far
+  its logits and parameter gradients are from Flax's (relative to their largest value).
+  """
+  cfg = _model_config(name, "flax")
+  cfg.head_init = "lecun_normal"  # Zero-initialised logits would compare nothing.
+  flax_model = models.create_model(cfg, NUM_CLASSES, jnp.bfloat16)
+  auto_model = flax_model.clone(layer_impl=layer_impl.resolve("auto"))
+  x = jax.random.normal(jax.random.PRNGKey(5), (batch, _IMAGE.value, _IMAGE.value, 3))
+  variables = jax.jit(lambda x: flax_model.init(jax.random.PRNGKey(0), x, train=False))(x)
+  results = {}
+  for label, model in (("flax", flax_model), ("auto", auto_model)):
+    def loss(params, model=model):
+      logits = model.apply({**variables, "params": params}, x, train=False)
+      return jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)), logits
+    compiled = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(
+        variables["params"]).compile()
+    (_, logits), grads = compiled(variables["params"])
+    results[label] = (np.asarray(logits, np.float32),
+                      np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)]),
+                      "cudnn$fmha" in compiled.as_text())
+  rel = lambda a, b: float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+  return {"model": name, "batch": batch, "auto_layers": auto_model.layer_impl.name,
+          "fused_kernel_in_auto": results["auto"][2], "fused_kernel_in_flax": results["flax"][2],
+          "logits_rel_diff": rel(results["auto"][0], results["flax"][0]),
+          "grads_rel_diff": rel(results["auto"][1], results["flax"][1])}
 
 
 def jax_cell(name: str, batch: int, dtype: str, impl: str) -> dict:
@@ -346,8 +382,8 @@ def plan():
       for name in _MODELS.value:
         for impl in _IMPLS.value:
           yield ("jax", name, batch, dtype, impl)
-        yield ("torch", name, batch, dtype, "eager")
-        yield ("torch", name, batch, dtype, "compile")
+        for mode in _TORCH_MODES.value:
+          yield ("torch", name, batch, dtype, mode)
 
 
 # Layer microbenchmarks: (label, kind, input shape at batch 1, module kwargs).
@@ -362,16 +398,24 @@ LAYER_SHAPES = [
     ("batch norm + relu 14px 1024", "batch_norm", (14, 14, 1024), {}),
     ("max-pool 3x3/2 112px 64", "max_pool", (112, 112, 64), {}),
     ("dense 197x768->3072", "dense", (197, 768), dict(features=3072)),
+    ("attention 197 tokens 12x64", "attention", (197, 12, 64), {}),
 ]
+
 
 
 def _layer_fn(kind: str, impl: str, kwargs: dict, dtype, x):
   """(jitted grad of sum(f(x)^2) w.r.t. params and x, params)."""
-  layers = layer_impl.resolve(impl)
   if kind == "max_pool":
     pool = (resnet.max_pool_3x3_s2 if impl == "project" else layer_impl.flax_max_pool_3x3_s2)
     apply, params = (lambda p, x: pool(x)), {}
+  elif kind == "attention":  # x is the query; key and value are "params" (their grads too).
+    attend = layer_impl.Layers(attention=impl).attention_fn(dtype)
+    kk, kv = jax.random.split(jax.random.PRNGKey(4))
+    params = {"key": jax.random.normal(kk, x.shape, x.dtype),
+              "value": jax.random.normal(kv, x.shape, x.dtype)}
+    apply = lambda p, x: attend(x, p["key"], p["value"], dtype=dtype)
   else:
+    layers = layer_impl.resolve(impl)
     if kind == "conv":
       module = layers.conv_module()(use_bias=False, dtype=dtype, **kwargs)
     elif kind == "dense":
@@ -399,8 +443,8 @@ def layer_row(batch: int, dtype: str, kind: str, shape: tuple, kwargs: dict) -> 
     if kwargs.get("kernel_size") == (16, 16):
       kwargs.update(kernel_size=(2, 2), strides=(2, 2))
   x = jax.random.normal(jax.random.PRNGKey(2), (batch,) + shape, _JNP_DTYPES[dtype])
-  times = {}
-  for impl in ("project", "flax"):
+  times, row = {}, {}
+  for impl in layer_impl.KIND_CHOICES[kind]:  # Attention also has cuDNN's.
     grad, params = _layer_fn(kind, impl, kwargs, _JNP_DTYPES[dtype], x)
 
     def run_steps(n, grad=grad, params=params):
@@ -408,9 +452,20 @@ def layer_row(batch: int, dtype: str, kind: str, shape: tuple, kwargs: dict) -> 
         out = grad(params, x)
       jax.block_until_ready(out)
 
-    times[impl] = _median_step_seconds(run_steps, _STEPS.value)
-  return {"project_ms": times["project"] * 1e3, "flax_ms": times["flax"] * 1e3,
-          "flax_over_project": times["project"] / times["flax"]}
+    try:
+      times[impl] = _median_step_seconds(run_steps, _STEPS.value)
+      row[f"{impl}_ms"] = times[impl] * 1e3
+    except Exception as e:  # pylint: disable=broad-except
+      # E.g. XLA:CPU has no bf16 x bf16 -> f32 kernel for the dot layouts it picks for the
+      # project's attention gradient taken alone (inside a ViT it picks others).
+      row[f"{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+  if not times:
+    raise RuntimeError("; ".join(row.values()))
+  ratio = lambda a, b: times[a] / times[b] if a in times and b in times else None
+  row["flax_over_project"] = ratio("project", "flax")
+  if "cudnn" in layer_impl.KIND_CHOICES[kind]:
+    row["cudnn_over_flax"] = ratio("flax", "cudnn")
+  return row
 
 
 def _fmt(value, spec, suffix=""):
@@ -424,6 +479,8 @@ def markdown(result: dict) -> str:
            f"{result['date']}; image {result['image_size']} px, {result['steps']} steps x "
            f"{result['repeats']} (median); float32 = {result['f32_note']}.",
            f"Measured matmul peaks (TFLOP/s): {result['peaks']}.", "",
+           *([f"Attention check ('auto' against Flax's attention, bf16): "
+              f"{result['attention_check']}.", ""] if "attention_check" in result else []),
            "| framework | model | batch | dtype | variant | img/s | ms/step | model TFLOP/s | "
            "MFU (bf16 peak) | XLA GFLOP/step | compile s | note |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -436,20 +493,26 @@ def markdown(result: dict) -> str:
         f"{c.get('skipped') or c.get('layers', '')} |")
   summary = summarize(result["cells"])
   if summary:
-    lines += ["", "| model | batch | dtype | flax / project | best JAX / torch eager | "
-              "best JAX / torch.compile |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| model | batch | dtype | flax / project | auto / flax | "
+              "best JAX / torch eager | best JAX / torch.compile |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for s in summary:
       lines.append(f"| {s['model']} | {s['batch']} | {s['dtype']} | "
                    f"{_fmt(s['flax_over_project'], '.2f', 'x')} | "
+                   f"{_fmt(s['auto_over_flax'], '.2f', 'x')} | "
                    f"{_fmt(s['jax_over_torch_eager'], '.2f', 'x')} | "
                    f"{_fmt(s['jax_over_torch_compile'], '.2f', 'x')} |")
   if result["layers"]:
     lines += ["", "| layer (forward + backward) | batch | dtype | project ms | flax ms | "
-              "flax speed-up |", "| --- | --- | --- | --- | --- | --- |"]
+              "flax speed-up | cudnn ms | cudnn / flax |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["layers"]:
       lines.append(f"| {r['layer']} | {r['batch']} | {r['dtype']} | "
                    f"{_fmt(r.get('project_ms'), '.2f')} | {_fmt(r.get('flax_ms'), '.2f')} | "
-                   f"{_fmt(r.get('flax_over_project'), '.2f', 'x')} {r.get('skipped', '')} |")
+                   f"{_fmt(r.get('flax_over_project'), '.2f', 'x')} {r.get('skipped', '')}"
+                   f"{' project: ' + r['project_error'] if 'project_error' in r else ''} | "
+                   f"{_fmt(r.get('cudnn_ms'), '.2f')} | "
+                   f"{_fmt(r.get('cudnn_over_flax'), '.2f', 'x')} |")
   return "\n".join(lines) + "\n"
 
 
@@ -467,6 +530,7 @@ def summarize(cells: list) -> list:
     out.append({"model": name, "batch": batch, "dtype": dtype,
                 "flax_over_project": ratio(rates.get(("jax", "flax")),
                                            rates.get(("jax", "project"))),
+                "auto_over_flax": ratio(rates.get(("jax", "auto")), rates.get(("jax", "flax"))),
                 "jax_over_torch_eager": ratio(best_jax, rates.get(("torch", "eager"))),
                 "jax_over_torch_compile": ratio(best_jax, rates.get(("torch", "compile")))})
   return out
@@ -534,6 +598,14 @@ def main(argv):
       "repeats": _REPEATS.value, "f32_note": f32_note, "auto_layers": layer_impl.resolve(
           "auto").name, "peaks": {k: round(v, 2) for k, v in peaks.items()},
       "argv": sys.argv[1:]})
+  vits = [name for name in _MODELS.value if name.startswith("vit")]
+  if vits:
+    try:
+      run.result["attention_check"] = attention_check(vits[0])
+    except Exception as e:  # pylint: disable=broad-except
+      traceback.print_exc()
+      run.result["attention_check"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    print("attention check:", json.dumps(run.result["attention_check"]), flush=True)
   layers_done = not _LAYERS.value
   first_group = (int(_BATCHES.value[0]), _DTYPES.value[0])
   for framework, name, batch, dtype, variant in plan():
@@ -578,6 +650,8 @@ def _time_layers(run: Run, group) -> None:
   """A row per LAYER_SHAPES entry at (batch, dtype) = group; errors and the budget skip."""
   batch, dtype = group
   for label, kind, shape, kwargs in LAYER_SHAPES:
+    if kind not in _LAYER_KINDS.value:
+      continue
     _record(run, "layers", {"layer": label, "batch": batch, "dtype": dtype},
             functools.partial(layer_row, batch, dtype, kind, shape, kwargs))
 

@@ -17,6 +17,7 @@ from vit_jax_ft import models
 from vit_jax_ft.models import batch_norm
 from vit_jax_ft.models import layer_impl
 from vit_jax_ft.models import precision
+from vit_jax_ft.reports import saliency
 
 
 def _tiny_vit():
@@ -136,7 +137,10 @@ def test_auto_resolves_per_backend_as_documented():
   project = layer_impl.Layers()
   flax_layers = layer_impl.Layers(**{k: "flax" for k in layer_impl.LAYER_KINDS})
   assert layer_impl.resolve("auto", "cpu") == project
-  for backend in ("gpu", "cuda", "rocm", "tpu"):
+  # GPUs: plain Flax with cuDNN's fused attention (which falls back off CUDA).
+  assert layer_impl.resolve("auto", "gpu") == layer_impl.Layers(
+      **{**{k: "flax" for k in layer_impl.LAYER_KINDS}, "attention": "cudnn"})
+  for backend in ("tpu", "metal"):
     assert layer_impl.resolve("auto", backend) == flax_layers
   assert layer_impl.resolve("auto") == layer_impl.resolve("auto", jax.default_backend())
   assert layer_impl.resolve("flax", "cpu") == flax_layers
@@ -182,3 +186,81 @@ def test_tf_same_padding_agrees_across_layer_impls(size):
   torch_style = _models(_tiny_resnet("resnet18"), first_block_projection=True)[1]
   # The padding really is different (else this test could not fail).
   assert not np.allclose(torch_style.apply(variables, images, train=False), outs[1], atol=1e-3)
+
+
+def _qkv(dtype, shape=(2, 197, 3, 64)):
+  keys = jax.random.split(jax.random.PRNGKey(3), 3)
+  return [jax.random.normal(k, shape, jnp.float32).astype(dtype) for k in keys]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_attention_computes_flax_attention(dtype):
+  """jax.nn.dot_product_attention as called for cuDNN (here its XLA form, same arguments):
+  [batch, tokens, heads, head_dim] in, 1/sqrt(head_dim) scale, the same result as Flax's
+  and the project's attention at ViT-B/16's 197 tokens and head size 64."""
+  q, k, v = _qkv(dtype)
+  fused = layer_impl.fused_attention(q, k, v, implementation="xla")
+  flax_out = layer_impl._flax_attention(q, k, v, dtype=dtype)
+  project = precision.attention(q, k, v, dtype=dtype)
+  assert fused.shape == flax_out.shape == q.shape and fused.dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(flax_out, np.float32),
+                             rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.asarray(project, np.float32), np.asarray(flax_out, np.float32),
+                             rtol=tol, atol=tol)
+
+
+def test_cudnn_attention_says_when_it_cannot_run():
+  ok = dict(dropout=False, sow=False)
+  assert "attention maps" in layer_impl.cudnn_unsupported(64, jnp.bfloat16, dropout=False,
+                                                          sow=True)
+  assert "dropout" in layer_impl.cudnn_unsupported(64, jnp.bfloat16, dropout=True, sow=False)
+  assert "float32" in layer_impl.cudnn_unsupported(64, jnp.float32, **ok)
+  assert "head size 12" in layer_impl.cudnn_unsupported(12, jnp.bfloat16, **ok)
+  assert "head size 256" in layer_impl.cudnn_unsupported(256, jnp.float16, **ok)
+  if not layer_impl.on_cuda():
+    assert "not CUDA" in layer_impl.cudnn_unsupported(64, jnp.bfloat16, **ok)
+  with pytest.raises(ValueError, match=r"Layers.conv must be one of 'project', 'flax', got "
+                                       r"'cudnn'"):
+    layer_impl.Layers(conv="cudnn")
+
+
+def _vit_pair(attention_layers, dtype=jnp.bfloat16):
+  cfg = _tiny_vit()
+  cfg.update(dict(hidden_size=32, num_heads=2))  # head size 16: one cuDNN takes
+  cfg.layer_impl = "flax"
+  flax_model = models.create_model(cfg, 5, dtype)
+  return flax_model, flax_model.clone(layer_impl=attention_layers)
+
+
+def test_cudnn_attention_in_a_vit_is_flax_attention(monkeypatch):
+  """The ViT wired to cuDNN attention: off CUDA it is Flax's attention, bit for bit; with
+  the CUDA check passed (and the fused call in its XLA form) the same model to bf16
+  rounding, so the q/k/v layout handed to the fused kernel is the right one."""
+  cudnn_layers = layer_impl.Layers(**{**{k: "flax" for k in layer_impl.LAYER_KINDS},
+                                      "attention": "cudnn"})
+  flax_model, cudnn_model = _vit_pair(cudnn_layers)
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  variables = flax_model.init(jax.random.PRNGKey(0), images[:1], train=False)
+  reference = np.asarray(flax_model.apply(variables, images, train=False), np.float32)
+  if not layer_impl.on_cuda():
+    np.testing.assert_array_equal(
+        np.asarray(cudnn_model.apply(variables, images, train=False), np.float32), reference)
+  calls = []
+
+  def fused_in_xla(q, k, v, implementation="cudnn"):
+    calls.append((q.shape, implementation))
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+  monkeypatch.setattr(layer_impl, "on_cuda", lambda: True)
+  monkeypatch.setattr(layer_impl, "fused_attention", fused_in_xla)
+  fused = np.asarray(cudnn_model.apply(variables, images, train=False), np.float32)
+  assert calls == [((2, 17, 2, 16), "cudnn")] * 2  # two blocks, 16 patches + the class token
+  np.testing.assert_allclose(fused, reference, atol=0.03 * np.abs(reference).max())
+  # Attention maps (sow) and float32 keep Flax's path even on CUDA.
+  calls.clear()
+  _, maps = saliency.vit_attentions(cudnn_model, variables, images)
+  assert calls == [] and len(maps) == 2 and maps[0].shape == (2, 2, 17, 17)
+  _, cudnn_f32 = _vit_pair(cudnn_layers, jnp.float32)
+  cudnn_f32.apply(variables, images, train=False)
+  assert calls == []

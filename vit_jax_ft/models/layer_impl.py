@@ -14,7 +14,13 @@ benchmark').
   (the ReLU, drop-path scale and residual add as plain jnp after it),
   `nn.max_pool` and `nn.dot_product_attention` (softmax in float32).
 * 'auto': per layer and backend from `AUTO`, resolved when the model is built
-  (`models.create_model`) from `jax.default_backend()`.
+  (`models.create_model`) from `jax.default_backend()`. On GPUs that is plain
+  Flax, except attention: cuDNN's fused (flash) attention
+  (`jax.nn.dot_product_attention(implementation='cudnn')`), which never
+  materialises the [tokens x tokens] scores. It runs where cuDNN can (a CUDA
+  device, bfloat16/float16, head size a multiple of 8 up to 128, no attention
+  dropout, no attention maps requested); elsewhere `cudnn_attention` falls
+  back to Flax's.
 
 Both give the same parameters (names, shapes and initial values), so
 checkpoints and converters are shared, and the same outputs and gradients up to
@@ -25,8 +31,10 @@ times both on an accelerator; `AUTO` is the place to record what it finds.
 import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
+from absl import logging
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 from vit_jax_ft.models import batch_norm
@@ -34,14 +42,21 @@ from vit_jax_ft.models import precision
 
 LAYER_IMPLS = ("auto", "project", "flax")
 LAYER_KINDS = ("conv", "dense", "batch_norm", "max_pool", "attention")
+# What each kind of layer can be; attention has a third, GPU-only form.
+KIND_CHOICES = {**{kind: ("project", "flax") for kind in LAYER_KINDS},
+                "attention": ("project", "flax", "cudnn")}
 
 # What 'auto' picks, per backend and kind of layer; backends not listed take
 # AUTO_DEFAULT. CPU: the project's layers, each measured faster on XLA:CPU
 # (benchmarks/layers.py and benchmarks/train_step.py, on AMX and non-AMX CPUs).
 # GPU: plain Flax, measured on an H200 (benchmarks/gpu_step.py, README 'GPU
-# benchmark'): 1.07-1.11x faster for ViT-B/16 bf16, a tie for ResNet-50. TPU
-# takes the same default, unmeasured.
-AUTO: dict[str, dict[str, str]] = {"cpu": {kind: "project" for kind in LAYER_KINDS}}
+# benchmark'): 1.07-1.11x faster for ViT-B/16 bf16, a tie for ResNet-50; and
+# cuDNN's fused attention (README 'GPU benchmark'). TPU takes plain Flax,
+# unmeasured.
+AUTO: dict[str, dict[str, str]] = {
+    "cpu": {kind: "project" for kind in LAYER_KINDS},
+    "gpu": {**{kind: "flax" for kind in LAYER_KINDS}, "attention": "cudnn"},
+}
 AUTO_DEFAULT = "flax"
 
 
@@ -57,9 +72,9 @@ class Layers:
 
   def __post_init__(self):
     for kind in LAYER_KINDS:
-      if getattr(self, kind) not in ("project", "flax"):
-        raise ValueError(f"Layers.{kind} must be 'project' or 'flax', got "
-                         f"{getattr(self, kind)!r}.")
+      if getattr(self, kind) not in KIND_CHOICES[kind]:
+        raise ValueError(f"Layers.{kind} must be one of {', '.join(map(repr, KIND_CHOICES[kind]))}"
+                         f", got {getattr(self, kind)!r}.")
 
   @property
   def name(self) -> str:
@@ -82,9 +97,11 @@ class Layers:
     return batch_norm.BatchNorm if self.batch_norm == "project" else FlaxBatchNorm
 
   def attention_fn(self, dtype: Any) -> Callable:
-    """The project's attention in low precision (float32 uses Flax's there too), or Flax's."""
+    """The project's attention in low precision (float32 uses Flax's there too), Flax's or cuDNN's."""
     if self.attention == "project" and jnp.dtype(dtype) != jnp.float32:
       return precision.attention
+    if self.attention == "cudnn":
+      return cudnn_attention
     return _flax_attention
 
 
@@ -140,3 +157,54 @@ def flax_max_pool_3x3_s2(x: jax.Array, padding: str = 'torch') -> jax.Array:
 def _flax_attention(query, key, value, **kwargs):
   """nn.dot_product_attention with the softmax in float32 (as the project's)."""
   return nn.dot_product_attention(query, key, value, force_fp32_for_softmax=True, **kwargs)
+
+
+def on_cuda() -> bool:
+  """Whether JAX's default backend is CUDA (JAX's own test before it calls cuDNN)."""
+  return "cuda" in jax.extend.backend.get_backend().platform_version.lower()
+
+
+def cudnn_unsupported(head_dim: int, dtype: Any, *, dropout: bool,
+                      sow: bool) -> Optional[str]:
+  """Why cuDNN's fused attention cannot run a call (None when it can)."""
+  dtype = jnp.dtype(dtype)
+  if sow:
+    return "attention maps requested (the fused kernel never forms the weights)"
+  if dropout:
+    return "attention dropout"
+  if dtype not in (jnp.bfloat16, jnp.float16):
+    return f"dtype {dtype} (cuDNN's fused attention takes bfloat16/float16)"
+  if head_dim % 8 or head_dim > 128:
+    return f"head size {head_dim} (cuDNN needs a multiple of 8, at most 128)"
+  if not on_cuda():
+    return f"backend {jax.default_backend()!r} is not CUDA"
+  return None
+
+
+def fused_attention(query, key, value, implementation: Optional[str] = "cudnn"):
+  """jax.nn.dot_product_attention on [batch, tokens, heads, head_dim], scale 1/sqrt(head_dim).
+
+  implementation='cudnn' is the fused kernel (CUDA only); 'xla' the same
+  function in plain XLA, which is how tests check the call on a CPU.
+  """
+  return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
+
+
+def cudnn_attention(query, key, value, dropout_rng=None, dropout_rate=0.0,
+                    deterministic=True, dtype=None, module=None, **kwargs):
+  """cuDNN's fused attention where it can run (`cudnn_unsupported`), else Flax's.
+
+  Same signature and result as `_flax_attention` (the softmax in float32 in
+  both); the fallback is decided while tracing, from static shapes and dtypes,
+  and logged.
+  """
+  dtype = dtype or query.dtype
+  reason = cudnn_unsupported(query.shape[-1], dtype,
+                             dropout=not deterministic and dropout_rate > 0.0,
+                             sow=module is not None)
+  if reason:
+    logging.log_first_n(logging.INFO, "cuDNN attention falls back to Flax's: %s.", 4, reason)
+    return _flax_attention(query, key, value, dropout_rng=dropout_rng,
+                           dropout_rate=dropout_rate, deterministic=deterministic,
+                           dtype=dtype, module=module, **kwargs)
+  return fused_attention(query.astype(dtype), key.astype(dtype), value.astype(dtype))
