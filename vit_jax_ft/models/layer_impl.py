@@ -185,9 +185,21 @@ def fused_attention(query, key, value, implementation: Optional[str] = "cudnn"):
   """jax.nn.dot_product_attention on [batch, tokens, heads, head_dim], scale 1/sqrt(head_dim).
 
   implementation='cudnn' is the fused kernel (CUDA only); 'xla' the same
-  function in plain XLA, which is how tests check the call on a CPU.
+  function in plain XLA, which is how tests check the call on a CPU. The
+  tokens are padded to a multiple of 8 with the padding masked (cuDNN's
+  training kernels refuse odd lengths, e.g. ViT-B/16's 197 on jax 0.11) and
+  the padded rows dropped from the result.
   """
-  return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
+  batch, tokens = query.shape[:2]
+  padded = -(-tokens // 8) * 8
+  if padded == tokens:
+    return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
+  pad = ((0, 0), (0, padded - tokens), (0, 0), (0, 0))
+  lengths = jnp.full((batch,), tokens, jnp.int32)
+  out = jax.nn.dot_product_attention(
+      jnp.pad(query, pad), jnp.pad(key, pad), jnp.pad(value, pad),
+      query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=implementation)
+  return out[:, :tokens]
 
 
 def cudnn_attention(query, key, value, dropout_rng=None, dropout_rate=0.0,
