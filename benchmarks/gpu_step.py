@@ -15,8 +15,8 @@ limit still leaves what it measured.
 
 For each (model, batch, dtype) it times the project's full train step
 (steps.train_step with the base config's AdamW, softmax cross-entropy,
-1000 classes, donated state) with `model.layer_impl='project'` and 'flax',
-and the same architecture in PyTorch: AdamW (fused on CUDA), torch.autocast
+1000 classes, donated state) with each `model.layer_impl` in --impls ('auto':
+on a GPU plain Flax with cuDNN's fused attention; 'flax'; 'project'), and the same architecture in PyTorch: AdamW (fused on CUDA), torch.autocast
 bfloat16 for bfloat16, channels_last for ResNet, with and without
 torch.compile. The step time is the median over --repeats runs of --steps
 back-to-back steps (asynchronous dispatch included, as in training), after
@@ -29,7 +29,10 @@ lowered forward), the same for JAX and PyTorch cells; XLA's own count of the
 compiled train step is listed beside. MFU is model FLOP/s over the bfloat16
 matmul peak measured here (a large random matmul, float32 accumulation). A
 per-layer section (--layers) times forward+backward of each CPU-motivated layer
-against its plain Flax form at ResNet-50's and ViT-B/16's shapes.
+against its plain Flax form at ResNet-50's and ViT-B/16's shapes (attention
+also in cuDNN's form). Before the cells, a ViT's 'auto' layers are checked
+against Flax's attention on the same weights (`attention_check`): is cuDNN's
+fused kernel in the compiled program, and how far apart are logits and grads.
 """
 
 import functools

@@ -194,11 +194,13 @@ def _qkv(dtype, shape=(2, 197, 3, 64)):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_fused_attention_computes_flax_attention(dtype):
+@pytest.mark.parametrize("tokens", [197, 64])
+def test_fused_attention_computes_flax_attention(dtype, tokens):
   """jax.nn.dot_product_attention as called for cuDNN (here its XLA form, same arguments):
   [batch, tokens, heads, head_dim] in, 1/sqrt(head_dim) scale, the same result as Flax's
-  and the project's attention at ViT-B/16's 197 tokens and head size 64."""
-  q, k, v = _qkv(dtype)
+  and the project's attention at ViT-B/16's 197 tokens (padded to 200, masked) and head
+  size 64, and at 64 tokens (no padding)."""
+  q, k, v = _qkv(dtype, (2, tokens, 3, 64))
   fused = layer_impl.fused_attention(q, k, v, implementation="xla")
   flax_out = layer_impl._flax_attention(q, k, v, dtype=dtype)
   project = precision.attention(q, k, v, dtype=dtype)
