@@ -137,3 +137,36 @@ def test_conv_matches_flax_conv(side, kernel, strides, padding):
   y16 = precision.Conv(**kw, dtype=jnp.bfloat16).apply(params, x)
   assert y16.dtype == jnp.bfloat16 and params["params"]["kernel"].dtype == jnp.float32
   np.testing.assert_allclose(y16.astype(np.float32), ref.apply(params, x), rtol=3e-2, atol=3e-2)
+
+
+FLAT_SPECS = [  # (spec, a's shape, b's shape, whether b's gradient takes the 2-D form)
+    ("bhwc,cd->bhwd", (2, 5, 5, 7), (7, 3), True),          # 1x1 conv
+    ("bhwpqc,pqcd->bhwd", (2, 3, 3, 2, 2, 3), (2, 2, 3, 6), True),  # patchify
+    ("btc,chd->bthd", (2, 6, 8), (8, 2, 4), True),          # query/key/value
+    ("bthd,hdc->btc", (2, 6, 2, 4), (2, 4, 8), True),       # attention output
+    ("bc,cd->bd", (3, 4), (4, 5), True),                    # the head
+    ("bqhd,bkhd->bhqk", (2, 5, 2, 4), (2, 7, 2, 4), False),  # attention logits
+    ("bhqk,bkhd->bqhd", (2, 2, 5, 7), (2, 7, 2, 4), False),
+]
+
+
+@pytest.mark.parametrize("spec,sa,sb,flat", FLAT_SPECS)
+def test_float32_weight_gradients_as_one_flat_matmul(spec, sa, sb, flat):
+  """In float32 a kernel's gradient over the positions is one 2-D matmul (no transposing copy
+  on XLA:CPU); both gradients still match jnp.einsum's at HIGHEST precision."""
+  rng = np.random.default_rng(1)
+  a, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (sa, sb))
+  inputs, out = spec.split("->")
+  s_a, s_b = inputs.split(",")
+  w = jnp.asarray(rng.normal(size=jnp.einsum(spec, a, b).shape), jnp.float32)
+  direct = precision._flat_weight_grad(w, out, a, s_a, s_b)
+  assert (direct is not None) == flat
+  reference = jax.grad(lambda x, y: jnp.sum(jnp.einsum(spec, x, y, precision="highest") * w),
+                       argnums=(0, 1))(a, b)
+  if flat:
+    np.testing.assert_allclose(direct, reference[1], rtol=1e-5, atol=1e-5)
+  got = jax.jit(jax.grad(lambda x, y: jnp.sum(precision.einsum(spec, x, y) * w),
+                         argnums=(0, 1)))(a, b)
+  for g, want in zip(got, reference):
+    assert g.dtype == jnp.float32 and g.shape == want.shape
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5)
