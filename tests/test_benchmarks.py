@@ -90,3 +90,21 @@ print("RESULT", json.dumps({{"results": results, "multilabel": multilabel,
   assert results["test_macro_f1"] > 0.95 and results["test_accuracy"] > 0.85, results
   # Single-label data keeps the softmax regression over class indices.
   assert not found["multilabel"] and found["ndim"] == 1
+
+
+def test_ab_step_benchmark_times_both_steps_alternately_and_prints_the_ratio():
+  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "ab_step.py"), "--model=resnet18",
+         "--image_size=32", "--batch=2", "--rounds=2", "--dtype=float32"]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  text = out.stdout
+  assert re.search(r"^CPU: .+; resnet18 batch 2 float32 32 px; B = without flat_weight_grad$",
+                   text, re.M), text
+  medians = {}
+  for label in ("A (as shipped)", "B (without)"):
+    assert re.search(rf"^{re.escape(label)}: \d+ copy ops in the compiled step$", text, re.M), text
+    m = re.search(rf"^{re.escape(label)}: median ([\d.]+) ms/step \(([\d., ]+)\)$", text, re.M)
+    assert m and len(m[2].split(", ")) == 2, text  # --rounds timed steps each
+    medians[label] = float(m[1])
+  ratio = float(re.search(r"^A / B speed: ([\d.]+)x$", text, re.M)[1])
+  assert abs(ratio - medians["B (without)"] / medians["A (as shipped)"]) < 0.01 + 0.05 * ratio
