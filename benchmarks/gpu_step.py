@@ -16,8 +16,9 @@ limit still leaves what it measured.
 For each (model, batch, dtype) it times the project's full train step
 (steps.train_step with the base config's AdamW, softmax cross-entropy,
 1000 classes, donated state) with each `model.layer_impl` in --impls ('auto':
-on a GPU plain Flax with cuDNN's fused attention; 'flax'; 'project'), and the same architecture in PyTorch: AdamW (fused on CUDA), torch.autocast
-bfloat16 for bfloat16, channels_last for ResNet, with and without
+on a GPU plain Flax with cuDNN's fused attention; 'flax'; 'project'), and the
+same architecture in PyTorch: AdamW (fused on CUDA), torch.autocast bfloat16
+for bfloat16, channels_last for ResNet, with and without
 torch.compile. The step time is the median over --repeats runs of --steps
 back-to-back steps (asynchronous dispatch included, as in training), after
 warm-up steps; compile time is reported apart. float32 means TF32 matmuls and

@@ -72,9 +72,10 @@ class Layers:
 
   def __post_init__(self):
     for kind in LAYER_KINDS:
-      if getattr(self, kind) not in KIND_CHOICES[kind]:
-        raise ValueError(f"Layers.{kind} must be one of {', '.join(map(repr, KIND_CHOICES[kind]))}"
-                         f", got {getattr(self, kind)!r}.")
+      choices = KIND_CHOICES[kind]
+      if getattr(self, kind) not in choices:
+        raise ValueError(f"Layers.{kind} must be one of {', '.join(map(repr, choices))}, "
+                         f"got {getattr(self, kind)!r}.")
 
   @property
   def name(self) -> str:
@@ -97,7 +98,7 @@ class Layers:
     return batch_norm.BatchNorm if self.batch_norm == "project" else FlaxBatchNorm
 
   def attention_fn(self, dtype: Any) -> Callable:
-    """The project's attention in low precision (float32 uses Flax's there too), Flax's or cuDNN's."""
+    """The project's attention in low precision (float32: Flax's), Flax's or cuDNN's."""
     if self.attention == "project" and jnp.dtype(dtype) != jnp.float32:
       return precision.attention
     if self.attention == "cudnn":
