@@ -406,7 +406,6 @@ LAYER_SHAPES = [
 ]
 
 
-
 def _layer_fn(kind: str, impl: str, kwargs: dict, dtype, x):
   """(jitted grad of sum(f(x)^2) w.r.t. params and x, params)."""
   if kind == "max_pool":
