@@ -10,10 +10,13 @@ rewrite that the B step switches off:
 
 * flat_weight_grad: `precision._flat_weight_grad` (float32 kernel gradients as
   one 2-D matmul over the flattened positions).
+* ynn_conv: `layer_impl.CPU_COMPILER_OPTIONS` (B compiles with XLA's default
+  options, which hand convolutions to YNNPACK).
 """
 
 import contextlib
 import os
+import re
 import statistics
 import sys
 import time
@@ -28,23 +31,37 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # runpy does not
 import machine  # benchmarks/machine.py  # pylint: disable=g-bad-import-order
 import train_step  # Its step set-up and its --model, --batch, --dtype, --image_size flags.
 
+from vit_jax_ft.models import layer_impl
 from vit_jax_ft.models import precision
 
 _ROUNDS = flags.DEFINE_integer("rounds", 4, "Timed (A, B) rounds after one untimed round.")
-_CHANGE = flags.DEFINE_enum("change", "flat_weight_grad", ["flat_weight_grad"],
+# Each change: (module, attribute, what replaces it in the B step).
+CHANGES = {
+    "flat_weight_grad": (precision, "_flat_weight_grad", lambda *args: None),
+    "ynn_conv": (layer_impl, "compiler_options", lambda *args, **kwargs: None),
+}
+_CHANGE = flags.DEFINE_enum("change", "flat_weight_grad", list(CHANGES),
                             "The rewrite the B step runs without.")
 
 
 @contextlib.contextmanager
 def without(change: str):
-  """While tracing inside this context, `change` is switched off."""
-  assert change == "flat_weight_grad", change
-  real = precision._flat_weight_grad  # pylint: disable=protected-access
-  precision._flat_weight_grad = lambda *args: None  # pylint: disable=protected-access
+  """While tracing and compiling inside this context, `change` is switched off."""
+  module, name, replacement = CHANGES[change]
+  real = getattr(module, name)
+  setattr(module, name, replacement)
   try:
     yield
   finally:
-    precision._flat_weight_grad = real  # pylint: disable=protected-access
+    setattr(module, name, real)
+
+
+def ynn_convolutions(hlo_text: str) -> int:
+  """How many convolutions of a compiled program's text run as YNNPACK fusions."""
+  callees = set(re.findall(r"kind=kCustom, calls=%([\w.\-]+).*__ynn_fusion", hlo_text))
+  blocks = re.split(r"^(?=\S)", hlo_text, flags=re.M)
+  return sum(1 for block in blocks
+             if block.split(" ", 1)[0][1:] in callees and " convolution(" in block)
 
 
 def compiled_step():
@@ -63,8 +80,10 @@ def main(argv):
   with without(_CHANGE.value):
     variants["B (without)"] = compiled_step()
   for label, (step, _, _) in variants.items():  # Evidence that the two programs differ.
-    copies = sum(line.lstrip().startswith("%copy") for line in step.as_text().splitlines())
-    print(f"{label}: {copies} copy ops in the compiled step", flush=True)
+    text = step.as_text()
+    copies = sum(line.lstrip().startswith("%copy") for line in text.splitlines())
+    print(f"{label}: {copies} copy ops, {ynn_convolutions(text)} YNNPACK convolutions in the "
+          "compiled step", flush=True)
   times = {label: [] for label in variants}
   for round_ in range(_ROUNDS.value + 1):
     for label, (step, state, batch) in variants.items():

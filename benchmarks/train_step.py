@@ -30,6 +30,7 @@ import machine  # benchmarks/machine.py, beside this script  # pylint: disable=g
 from vit_jax_ft import base_config
 from vit_jax_ft import models
 from vit_jax_ft.models import convnext as convnext_lib
+from vit_jax_ft.models import layer_impl
 from vit_jax_ft.training import losses
 from vit_jax_ft.training import optim
 from vit_jax_ft.training import steps
@@ -90,7 +91,8 @@ def _setup(model_name, batch, dtype, image_size, remat=False):
   loss_fn = losses.get_loss_fn(base_config.get_base_config().loss)
   scaling = steps.LossScaling(enabled=dtype == "float16")
   step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, loss_fn=loss_fn,
-                                   scaling=scaling), donate_argnums=0)
+                                   scaling=scaling), donate_argnums=0,
+                 compiler_options=layer_impl.compiler_options(model.layer_impl))
   state = steps.create_train_state(model, tx, image_size, seed=0)
   rng = np.random.default_rng(0)
   data = {"image": jnp.asarray(rng.normal(size=(batch, image_size, image_size, 3)), jnp.float32),

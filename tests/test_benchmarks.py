@@ -102,9 +102,22 @@ def test_ab_step_benchmark_times_both_steps_alternately_and_prints_the_ratio():
                    text, re.M), text
   medians = {}
   for label in ("A (as shipped)", "B (without)"):
-    assert re.search(rf"^{re.escape(label)}: \d+ copy ops in the compiled step$", text, re.M), text
+    assert re.search(rf"^{re.escape(label)}: \d+ copy ops, \d+ YNNPACK convolutions in the "
+                     "compiled step$", text, re.M), text
     m = re.search(rf"^{re.escape(label)}: median ([\d.]+) ms/step \(([\d., ]+)\)$", text, re.M)
     assert m and len(m[2].split(", ")) == 2, text  # --rounds timed steps each
     medians[label] = float(m[1])
   ratio = float(re.search(r"^A / B speed: ([\d.]+)x$", text, re.M)[1])
   assert abs(ratio - medians["B (without)"] / medians["A (as shipped)"]) < 0.01 + 0.05 * ratio
+
+
+def test_ab_step_without_the_cpu_compiler_options_hands_convolutions_back_to_ynnpack():
+  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "ab_step.py"), "--model=resnet18",
+         "--image_size=32", "--batch=2", "--rounds=1", "--dtype=float32", "--change=ynn_conv"]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  counts = dict(re.findall(r"^(A|B) \(.*?\): \d+ copy ops, (\d+) YNNPACK convolutions",
+                           out.stdout, re.M))
+  # As shipped (layer_impl.CPU_COMPILER_OPTIONS) no convolution runs on YNNPACK; with
+  # XLA's defaults ResNet-18's 3x3 convs (forward, input and kernel gradients) do.
+  assert counts["A"] == "0" and int(counts["B"]) >= 3 * 8, out.stdout

@@ -5,6 +5,9 @@ and gradients (float32 tolerance) for ResNet and ViT, and 'auto' resolves per
 backend as models/layer_impl.py documents.
 """
 
+import collections
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,6 +17,7 @@ import pytest
 from vit_jax_ft import base_config
 from vit_jax_ft import config_ranges
 from vit_jax_ft import models
+from vit_jax_ft import workdir
 from vit_jax_ft.models import batch_norm
 from vit_jax_ft.models import layer_impl
 from vit_jax_ft.models import precision
@@ -266,3 +270,61 @@ def test_cudnn_attention_in_a_vit_is_flax_attention(monkeypatch):
   _, cudnn_f32 = _vit_pair(cudnn_layers, jnp.float32)
   cudnn_f32.apply(variables, images, train=False)
   assert calls == []
+
+
+def _ynn_fusions(compiled) -> collections.Counter:
+  """Kinds of the YNNPACK fusions in a compiled program: 'convolution', 'dot', 'reduce'."""
+  text = compiled.as_text()
+  blocks = {b.split(" ", 1)[0][1:]: b for b in re.split(r"^(?=\S)", text, flags=re.M)}
+  kinds = collections.Counter()
+  for callee in re.findall(r"kind=kCustom, calls=%([\w.\-]+).*__ynn_fusion", text):
+    body = blocks[callee]
+    kinds[next((k for k in ("convolution", "dot", "reduce") if f" {k}(" in body), "other")] += 1
+  return kinds
+
+
+def test_cpu_compiler_options_are_xla_defaults_less_ynnpack_convolutions():
+  assert layer_impl.compiler_options("project", "cpu") == layer_impl.CPU_COMPILER_OPTIONS
+  assert layer_impl.compiler_options("auto", "cpu") == layer_impl.CPU_COMPILER_OPTIONS
+  for impl, backend in (("flax", "cpu"), ("auto", "gpu"), ("project", "gpu"), ("auto", "tpu")):
+    assert layer_impl.compiler_options(impl, backend) is None, (impl, backend)
+  assert layer_impl.compiler_options(layer_impl.Layers(conv="flax"), "cpu") is None
+
+  def fn(x, w, m):  # A 3x3 conv, a matmul and a sum: one of each YNNPACK fusion kind.
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y, y.reshape(-1, 32) @ m, jnp.sum(y, axis=(0, 1, 2))
+
+  rng = np.random.default_rng(0)
+  args = [jnp.asarray(rng.normal(size=s), jnp.float32)
+          for s in ((2, 12, 12, 32), (3, 3, 32, 32), (32, 64))]
+  lowered = jax.jit(fn).lower(*args)
+  default = lowered.compile()
+  tuned = lowered.compile(compiler_options=layer_impl.CPU_COMPILER_OPTIONS)
+  # If a jaxlib changes XLA:CPU's defaults this fails: re-measure and update the list.
+  assert _ynn_fusions(default) == {"convolution": 1, "dot": 1, "reduce": 1}
+  assert _ynn_fusions(tuned) == {"dot": 1, "reduce": 1}
+  # The same numbers, and the right ones: float64 taps over the zero-padded input.
+  x, w, m = (np.asarray(a, np.float64) for a in args)
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  conv = sum(np.einsum("nhwc,cd->nhwd", xp[:, i:i + 12, j:j + 12], w[i, j])
+             for i in range(3) for j in range(3))
+  for got_default, got_tuned, want in zip(default(*args), tuned(*args),
+                                          (conv, conv.reshape(-1, 32) @ m, conv.sum((0, 1, 2)))):
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(np.asarray(got_tuned), want, atol=1e-5 * scale)
+    np.testing.assert_allclose(np.asarray(got_tuned), np.asarray(got_default), atol=1e-5 * scale)
+
+
+def test_the_compiled_model_functions_take_the_cpu_compiler_options():
+  cfg = _tiny_resnet()
+  project, flax_model = _models(cfg)
+  images = jnp.zeros((2, 32, 32, 3))
+  for model, ynn_convs in ((project, 0), (flax_model, None)):
+    variables = model.init(jax.random.PRNGKey(0), images, train=False)
+    compiled = workdir.make_apply(model, multilabel=False).lower(variables, images).compile()
+    counts = _ynn_fusions(compiled)
+    if ynn_convs is None:  # 'flax' keeps XLA's defaults: its 3x3 convs on YNNPACK.
+      assert counts["convolution"] > 0, counts
+    else:
+      assert counts["convolution"] == ynn_convs and counts["dot"] > 0, counts

@@ -31,6 +31,7 @@ from vit_jax_ft import checkpoints
 from vit_jax_ft import models
 from vit_jax_ft.inputs import dataset
 from vit_jax_ft.inputs import pipeline
+from vit_jax_ft.models import layer_impl
 from vit_jax_ft.models import tta as tta_lib
 
 CONFIG_FILE = "config.json"
@@ -362,7 +363,8 @@ def from_state(state: Any, ema: bool = False) -> Checkpoint:
 def make_apply(model: nn.Module, multilabel: bool):
   """jitted (variables, images) -> probabilities (sigmoid or softmax, float32)."""
   activation = jax.nn.sigmoid if multilabel else jax.nn.softmax
-  return jax.jit(lambda v, x: activation(model.apply(v, x, train=False)))
+  return jax.jit(lambda v, x: activation(model.apply(v, x, train=False)),
+                 compiler_options=layer_impl.compiler_options(model.layer_impl))
 
 
 def _batches(run: Run, split: str, batch_size: int) -> Iterator[dict]:

@@ -22,6 +22,10 @@ benchmark').
   dropout, no attention maps requested); elsewhere `cudnn_attention` falls
   back to Flax's.
 
+With the project's convs on a CPU the compiled train and eval steps also take
+`CPU_COMPILER_OPTIONS` (`compiler_options`): XLA:CPU's own convolution kernels
+instead of YNNPACK's, measured faster for ResNet's 3x3 convs.
+
 Both give the same parameters (names, shapes and initial values), so
 checkpoints and converters are shared, and the same outputs and gradients up to
 float rounding (tests/test_layer_impl.py). `python benchmarks/gpu_step.py`
@@ -58,6 +62,20 @@ AUTO: dict[str, dict[str, str]] = {
     "gpu": {**{kind: "flax" for kind in LAYER_KINDS}, "attention": "cudnn"},
 }
 AUTO_DEFAULT = "flax"
+
+# XLA options for the compiled train and eval steps when the project's convs run
+# on a CPU. jax 0.10's XLA:CPU hands dots, reductions and convolutions to
+# YNNPACK (its default `xla_cpu_experimental_ynn_fusion_type`); for
+# convolutions its own kernels are faster: ResNet-50's 3x3 convs fwd+bwd
+# 1.1-1.65x, the ResNet-50 train step 1.06x (bfloat16) and 1.07x (float32) in
+# an interleaved A/B on an AMD EPYC (`python benchmarks/ab_step.py
+# --change=ynn_conv`); EfficientNet and ConvNeXt unchanged (their convs are
+# depthwise or matmuls). The list is the default less convolutions
+# (tests/test_layer_impl.py checks that on the pinned jaxlib).
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type":
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +135,19 @@ def resolve(layer_impl: "str | Layers", backend: Optional[str] = None) -> Layers
     backend = backend or jax.default_backend()
     return Layers(**AUTO.get(backend, {k: AUTO_DEFAULT for k in LAYER_KINDS}))
   return Layers(**{k: layer_impl for k in LAYER_KINDS})
+
+
+def compiler_options(layer_impl: "str | Layers",
+                     backend: Optional[str] = None) -> Optional[dict[str, str]]:
+  """`jax.jit(compiler_options=...)` for a model's steps: CPU_COMPILER_OPTIONS or None.
+
+  Only for the project's convs on a CPU; 'flax' layers keep XLA's defaults,
+  so they stay the plain baseline they are compared against.
+  """
+  backend = backend or jax.default_backend()
+  if backend == "cpu" and resolve(layer_impl, backend).conv == "project":
+    return dict(CPU_COMPILER_OPTIONS)
+  return None
 
 
 def flax_dense(features: "int | Sequence[int]", axis: "int | Sequence[int]" = -1,

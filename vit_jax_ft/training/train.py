@@ -21,6 +21,7 @@ from vit_jax_ft import workdir as workdir_lib
 from vit_jax_ft.data import class_weights as class_weights_lib
 from vit_jax_ft.inputs import dataset
 from vit_jax_ft.inputs import pipeline
+from vit_jax_ft.models import layer_impl
 from vit_jax_ft.reports import writer as report_writer
 from vit_jax_ft.training import init_from
 from vit_jax_ft.training import losses
@@ -256,7 +257,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   train_fn = _train_fns(config, model, groups, schedule, abstract_vars, loss_fn=loss_fn,
                         accum_steps=config.optimizer.accum_steps, scaling=scaling, ema=ema)
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, loss_fn=loss_fn,
-                                      multilabel=multilabel))
+                                      multilabel=multilabel),
+                    compiler_options=layer_impl.compiler_options(model.layer_impl))
   run_eval = functools.partial(evaluate, eval_fn, config=config, data_dir=data_dir, info=info,
                                sharding=data_sharding)
   checkpoints.recover_best(last_ckpt, best_ckpt, state, config,
@@ -292,7 +294,8 @@ def _train_fns(config, model, groups, schedule, abstract_vars, **step_kwargs):
         steps.train_step, model=model.clone(frozen_bn=frozen_bn) if frozen_bn else model,
         tx=optim.make_optimizer(config.optimizer, schedule, groups, head_only=head_only),
         frozen=groups.frozen_mask(abstract_vars["params"], head_only), **step_kwargs),
-                       donate_argnums=0))
+                       donate_argnums=0,
+                       compiler_options=layer_impl.compiler_options(model.layer_impl)))
   return lambda step: fns[0] if step <= groups.head_only_steps else fns[-1]
 
 
