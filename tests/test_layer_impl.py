@@ -22,6 +22,7 @@ from vit_jax_ft.models import batch_norm
 from vit_jax_ft.models import layer_impl
 from vit_jax_ft.models import precision
 from vit_jax_ft.reports import saliency
+from vit_jax_ft.training import probe
 
 
 def _tiny_vit():
@@ -322,9 +323,11 @@ def test_the_compiled_model_functions_take_the_cpu_compiler_options():
   images = jnp.zeros((2, 32, 32, 3))
   for model, ynn_convs in ((project, 0), (flax_model, None)):
     variables = model.init(jax.random.PRNGKey(0), images, train=False)
-    compiled = workdir.make_apply(model, multilabel=False).lower(variables, images).compile()
-    counts = _ynn_fusions(compiled)
-    if ynn_convs is None:  # 'flax' keeps XLA's defaults: its 3x3 convs on YNNPACK.
-      assert counts["convolution"] > 0, counts
-    else:
-      assert counts["convolution"] == ynn_convs and counts["dot"] > 0, counts
+    for compiled in (
+        workdir.make_apply(model, multilabel=False).lower(variables, images).compile(),
+        probe.features_fn(model).lower(model, variables, images, flip=True).compile()):
+      counts = _ynn_fusions(compiled)
+      if ynn_convs is None:  # 'flax' keeps XLA's defaults: its 3x3 convs on YNNPACK.
+        assert counts["convolution"] > 0, counts
+      else:
+        assert counts["convolution"] == ynn_convs and counts["dot"] > 0, counts

@@ -32,6 +32,7 @@ from vit_jax_ft import config_ranges
 from vit_jax_ft import workdir as workdir_lib
 from vit_jax_ft.inputs import dataset
 from vit_jax_ft.inputs import pipeline
+from vit_jax_ft.models import layer_impl
 from vit_jax_ft.reports import writer as report_writer
 from vit_jax_ft.training import init_from
 from vit_jax_ft.training import linear_fit
@@ -56,8 +57,16 @@ def backbone_features(model, variables: dict, images: jax.Array, flip: bool) -> 
   return features
 
 
-# One compilation for every split of a run (the model and flip are static).
+# One compilation for every split of a run (the model and flip are static); the
+# project's convs on a CPU take XLA's own conv kernels (layer_impl.compiler_options).
 _jit_features = jax.jit(backbone_features, static_argnums=0, static_argnames="flip")
+_jit_features_cpu = jax.jit(backbone_features, static_argnums=0, static_argnames="flip",
+                            compiler_options=layer_impl.CPU_COMPILER_OPTIONS)
+
+
+def features_fn(model):
+  """The jitted `backbone_features` for `model` (CPU options for the project's convs)."""
+  return _jit_features_cpu if layer_impl.compiler_options(model.layer_impl) else _jit_features
 
 
 def backbone_variables(state: steps.TrainState) -> dict:
@@ -110,7 +119,7 @@ def extract_split(model, variables: dict, config: ml_collections.ConfigDict, dat
   """(features [N, D] float32, targets [N, C]) of every example of `split`, in order."""
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  apply = functools.partial(_jit_features, model, flip=config.probe.flip)
+  apply = functools.partial(features_fn(model), model, flip=config.probe.flip)
   total = info["splits"][split]["num_examples"]
   features, targets, pending = [], [], None
   done, t0, last_log = 0, time.time(), time.time()
