@@ -67,7 +67,7 @@ AUTO_DEFAULT = "flax"
 # on a CPU. jax 0.10's XLA:CPU hands dots, reductions and convolutions to
 # YNNPACK (its default `xla_cpu_experimental_ynn_fusion_type`); for
 # convolutions its own kernels are faster: ResNet-50's 3x3 convs fwd+bwd
-# 1.1-1.65x, the ResNet-50 train step 1.06x (bfloat16) and 1.07x (float32) in
+# 1.1-1.65x, the ResNet-50 train step 1.05x (bfloat16) and 1.08x (float32) in
 # an interleaved A/B on an AMD EPYC (`python benchmarks/ab_step.py
 # --change=ynn_conv`); EfficientNet and ConvNeXt unchanged (their convs are
 # depthwise or matmuls). The list is the default less convolutions
