@@ -16,7 +16,6 @@ rewrite that the B step switches off:
 
 import contextlib
 import os
-import re
 import statistics
 import sys
 import time
@@ -56,14 +55,6 @@ def without(change: str):
     setattr(module, name, real)
 
 
-def ynn_convolutions(hlo_text: str) -> int:
-  """How many convolutions of a compiled program's text run as YNNPACK fusions."""
-  callees = set(re.findall(r"kind=kCustom, calls=%([\w.\-]+).*__ynn_fusion", hlo_text))
-  blocks = re.split(r"^(?=\S)", hlo_text, flags=re.M)
-  return sum(1 for block in blocks
-             if block.split(" ", 1)[0][1:] in callees and " convolution(" in block)
-
-
 def compiled_step():
   """(compiled train step, [state], batch) for the flags' model, batch, dtype and size."""
   step, state, batch, _ = train_step._setup(  # pylint: disable=protected-access
@@ -82,8 +73,9 @@ def main(argv):
   for label, (step, _, _) in variants.items():  # Evidence that the two programs differ.
     text = step.as_text()
     copies = sum(line.lstrip().startswith("%copy") for line in text.splitlines())
-    print(f"{label}: {copies} copy ops, {ynn_convolutions(text)} YNNPACK convolutions in the "
-          "compiled step", flush=True)
+    convs = layer_impl.ynn_fusion_kinds(text)["convolution"]
+    print(f"{label}: {copies} copy ops, {convs} YNNPACK convolutions in the compiled step",
+          flush=True)
   times = {label: [] for label in variants}
   for round_ in range(_ROUNDS.value + 1):
     for label, (step, state, batch) in variants.items():

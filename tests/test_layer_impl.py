@@ -5,9 +5,6 @@ and gradients (float32 tolerance) for ResNet and ViT, and 'auto' resolves per
 backend as models/layer_impl.py documents.
 """
 
-import collections
-import re
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -273,17 +270,6 @@ def test_cudnn_attention_in_a_vit_is_flax_attention(monkeypatch):
   assert calls == []
 
 
-def _ynn_fusions(compiled) -> collections.Counter:
-  """Kinds of the YNNPACK fusions in a compiled program: 'convolution', 'dot', 'reduce'."""
-  text = compiled.as_text()
-  blocks = {b.split(" ", 1)[0][1:]: b for b in re.split(r"^(?=\S)", text, flags=re.M)}
-  kinds = collections.Counter()
-  for callee in re.findall(r"kind=kCustom, calls=%([\w.\-]+).*__ynn_fusion", text):
-    body = blocks[callee]
-    kinds[next((k for k in ("convolution", "dot", "reduce") if f" {k}(" in body), "other")] += 1
-  return kinds
-
-
 def test_cpu_compiler_options_are_xla_defaults_less_ynnpack_convolutions():
   assert layer_impl.compiler_options("project", "cpu") == layer_impl.CPU_COMPILER_OPTIONS
   assert layer_impl.compiler_options("auto", "cpu") == layer_impl.CPU_COMPILER_OPTIONS
@@ -303,8 +289,8 @@ def test_cpu_compiler_options_are_xla_defaults_less_ynnpack_convolutions():
   default = lowered.compile()
   tuned = lowered.compile(compiler_options=layer_impl.CPU_COMPILER_OPTIONS)
   # If a jaxlib changes XLA:CPU's defaults this fails: re-measure and update the list.
-  assert _ynn_fusions(default) == {"convolution": 1, "dot": 1, "reduce": 1}
-  assert _ynn_fusions(tuned) == {"dot": 1, "reduce": 1}
+  assert layer_impl.ynn_fusion_kinds(default.as_text()) == {"convolution": 1, "dot": 1, "reduce": 1}
+  assert layer_impl.ynn_fusion_kinds(tuned.as_text()) == {"dot": 1, "reduce": 1}
   # The same numbers, and the right ones: float64 taps over the zero-padded input.
   x, w, m = (np.asarray(a, np.float64) for a in args)
   xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -326,7 +312,7 @@ def test_the_compiled_model_functions_take_the_cpu_compiler_options():
     for compiled in (
         workdir.make_apply(model, multilabel=False).lower(variables, images).compile(),
         probe.features_fn(model).lower(model, variables, images, flip=True).compile()):
-      counts = _ynn_fusions(compiled)
+      counts = layer_impl.ynn_fusion_kinds(compiled.as_text())
       if ynn_convs is None:  # 'flax' keeps XLA's defaults: its 3x3 convs on YNNPACK.
         assert counts["convolution"] > 0, counts
       else:

@@ -32,7 +32,9 @@ float rounding (tests/test_layer_impl.py). `python benchmarks/gpu_step.py`
 times both on an accelerator; `AUTO` is the place to record what it finds.
 """
 
+import collections
 import dataclasses
+import re
 from typing import Any, Callable, Optional, Sequence
 
 from absl import logging
@@ -148,6 +150,22 @@ def compiler_options(layer_impl: "str | Layers",
   if backend == "cpu" and resolve(layer_impl, backend).conv == "project":
     return dict(CPU_COMPILER_OPTIONS)
   return None
+
+
+def ynn_fusion_kinds(hlo_text: str) -> collections.Counter:
+  """What the YNNPACK fusions of a compiled program (`compiled.as_text()`) compute.
+
+  Counts 'convolution', 'dot', 'reduce' or 'other' per fusion: how
+  CPU_COMPILER_OPTIONS shows in a program (benchmarks/ab_step.py, tests).
+  """
+  # Computations start at column 0; a fusion's body is the one its `calls=` names.
+  bodies = {b.split(" ", 1)[0].lstrip("%"): b
+            for b in re.split(r"^(?=\S)", hlo_text, flags=re.M)}
+  kinds = collections.Counter()
+  for callee in re.findall(r"kind=kCustom, calls=%([\w.\-]+).*__ynn_fusion", hlo_text):
+    body = bodies[callee]
+    kinds[next((k for k in ("convolution", "dot", "reduce") if f" {k}(" in body), "other")] += 1
+  return kinds
 
 
 def flax_dense(features: "int | Sequence[int]", axis: "int | Sequence[int]" = -1,
